@@ -1,0 +1,474 @@
+//! The native backend: the real instructions, for bare hardware and for hypervisors that offer
+//! no paravirtual interface (QEMU's TCG, or a hypervisor whose backend was not asked for).
+//!
+//! Every callee-save op has one byte sequence, defined once in [`native_ops!`]: it is both the
+//! inline replacement the patch engine copies into call sites and the body of the function the
+//! table slot points at, so the inline, direct and indirect paths execute the same
+//! instructions. The host tests decode each sequence to check it is what its comment says.
+
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use pvops::ops::{Clobbers, CpuidResult, IrqOps, MmuOps, Op, PvOps};
+use pvops::{arch, Backend, BackendId, Inline, InlineSource};
+
+/// `-EIO`, returned by the `_safe` MSR ops when the access faults.
+pub const EIO: i32 = 5;
+/// `-EINVAL`.
+pub const EINVAL: i32 = 22;
+/// IA32_TSC_DEADLINE.
+pub const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
+/// CR4.PGE (global pages).
+pub const X86_CR4_PGE: u64 = 1 << 7;
+
+/// Defines, for each callee-save op the native backend runs inline, its bytes (`INLINE_*`), a
+/// naked function executing exactly those bytes, and the [`Inline`] table.
+macro_rules! native_ops {
+    ($(
+        $(#[$doc:meta])*
+        $Op:ident => $fn:ident($($arg:ident: $ty:ty),*) $(-> $ret:ty)?,
+            [$($byte:literal),*], clobbers $clob:expr;
+    )*) => {
+        $(
+            $(#[$doc])*
+            ///
+            /// # Safety
+            ///
+            /// The op's contract (see [`pvops::ops`]).
+            #[unsafe(naked)]
+            pub unsafe extern "C" fn $fn($($arg: $ty),*) $(-> $ret)? {
+                core::arch::naked_asm!(
+                    "endbr64",
+                    concat!(".byte ", stringify!($($byte),*)),
+                    pvops::__asm_ret!(),
+                )
+            }
+        )*
+
+        /// The native inline replacement for `op`, if it has one.
+        pub fn inline(op: Op) -> Option<Inline> {
+            match op {
+                $(Op::$Op => Some(Inline { bytes: &[$($byte),*], clobbers: $clob }),)*
+                Op::AllocPt | Op::ReleasePt | Op::LazyModeEnter | Op::LazyModeLeave => {
+                    Some(Inline { bytes: &[], clobbers: Clobbers::empty() })
+                }
+                _ => None,
+            }
+        }
+    };
+}
+
+native_ops! {
+    /// `mov rax, cr0`
+    ReadCr0 => read_cr0() -> u64, [0x0f, 0x20, 0xc0], clobbers Clobbers::RAX;
+    /// `mov cr0, rdi`
+    WriteCr0 => write_cr0(value: u64), [0x0f, 0x22, 0xc7], clobbers Clobbers::empty();
+    /// `mov rax, cr4`
+    ReadCr4 => read_cr4() -> u64, [0x0f, 0x20, 0xe0], clobbers Clobbers::RAX;
+    /// `mov cr4, rdi`
+    WriteCr4 => write_cr4(value: u64), [0x0f, 0x22, 0xe7], clobbers Clobbers::empty();
+    /// `wbinvd`
+    Wbinvd => wbinvd(), [0x0f, 0x09], clobbers Clobbers::empty();
+    /// `lidt [rdi]`
+    LoadIdt => load_idt(desc: *const pvops::ops::DescriptorPointer), [0x0f, 0x01, 0x1f],
+        clobbers Clobbers::empty();
+    /// `lgdt [rdi]`
+    LoadGdt => load_gdt(desc: *const pvops::ops::DescriptorPointer), [0x0f, 0x01, 0x17],
+        clobbers Clobbers::empty();
+    /// `str rax`
+    StoreTr => store_tr() -> u64, [0x48, 0x0f, 0x00, 0xc8], clobbers Clobbers::RAX;
+    /// `out 0x80, al`
+    IoDelay => io_delay(), [0xe6, 0x80], clobbers Clobbers::empty();
+    /// `pushfq; pop rax`
+    SaveFl => save_fl() -> u64, [0x9c, 0x58], clobbers Clobbers::RAX;
+    /// `push rdi; popfq`
+    RestoreFl => restore_fl(flags: u64), [0x57, 0x9d], clobbers Clobbers::FLAGS;
+    /// `cli`
+    IrqDisable => irq_disable(), [0xfa], clobbers Clobbers::empty();
+    /// `sti`
+    IrqEnable => irq_enable(), [0xfb], clobbers Clobbers::empty();
+    /// `sti; hlt`
+    SafeHalt => safe_halt(), [0xfb, 0xf4], clobbers Clobbers::empty();
+    /// `hlt`
+    Halt => halt(), [0xf4], clobbers Clobbers::empty();
+    /// `mov rax, cr2`
+    ReadCr2 => read_cr2() -> u64, [0x0f, 0x20, 0xd0], clobbers Clobbers::RAX;
+    /// `mov cr2, rdi`
+    WriteCr2 => write_cr2(value: u64), [0x0f, 0x22, 0xd7], clobbers Clobbers::empty();
+    /// `mov rax, cr3`
+    ReadCr3 => read_cr3() -> u64, [0x0f, 0x20, 0xd8], clobbers Clobbers::RAX;
+    /// `mov cr3, rdi`
+    WriteCr3 => write_cr3(value: u64), [0x0f, 0x22, 0xdf], clobbers Clobbers::empty();
+    /// `mov rax, cr3; mov cr3, rax`
+    FlushTlbUser => flush_tlb_user(), [0x0f, 0x20, 0xd8, 0x0f, 0x22, 0xd8], clobbers Clobbers::RAX;
+    /// `invlpg [rdi]`
+    FlushTlbOneUser => flush_tlb_one_user(address: u64), [0x0f, 0x01, 0x3f],
+        clobbers Clobbers::empty();
+    /// `mov [rdi], rsi`
+    SetPte => set_pte(ptep: *mut u64, value: u64), [0x48, 0x89, 0x37], clobbers Clobbers::empty();
+    /// `mov [rdi], rsi`
+    SetPmd => set_pmd(pmdp: *mut u64, value: u64), [0x48, 0x89, 0x37], clobbers Clobbers::empty();
+    /// `mov [rdi], rsi`
+    SetPud => set_pud(pudp: *mut u64, value: u64), [0x48, 0x89, 0x37], clobbers Clobbers::empty();
+}
+
+/// `cpuid(leaf, subleaf, out)`: the instruction.
+///
+/// # Safety
+///
+/// `out` is valid for writes.
+pub unsafe extern "C" fn cpuid(leaf: u32, subleaf: u32, out: *mut CpuidResult) {
+    // SAFETY: the caller guarantees `out` is writable.
+    unsafe { out.write(arch::raw_cpuid(leaf, subleaf)) }
+}
+
+/// `rdmsr`.
+///
+/// # Safety
+///
+/// Ring 0 and the MSR exists.
+pub unsafe extern "C" fn read_msr(msr: u32) -> u64 {
+    let (lo, hi): (u32, u32);
+    // SAFETY: forwarded contract.
+    unsafe { core::arch::asm!("rdmsr", in("ecx") msr, out("eax") lo, out("edx") hi, options(nostack)) };
+    (u64::from(hi) << 32) | u64::from(lo)
+}
+
+/// `wrmsr`.
+///
+/// # Safety
+///
+/// Ring 0, the MSR exists and the value is consistent.
+pub unsafe extern "C" fn write_msr(msr: u32, value: u64) {
+    // SAFETY: forwarded contract.
+    unsafe {
+        core::arch::asm!("wrmsr", in("ecx") msr, in("eax") value as u32, in("edx") (value >> 32) as u32,
+                         options(nostack))
+    };
+}
+
+/// An exception-table entry that resumes a faulting instruction at label `773:` (Linux
+/// `EX_TYPE_DEFAULT`), so the kernel turns the fault into the `-EIO` path.
+#[cfg(pvops_kernel)]
+macro_rules! extable_resume {
+    () => {
+        ".pushsection __ex_table, \"a\"\n.balign 4\n.long 772b - .\n.long 773b - .\n.long 1\n.popsection"
+    };
+}
+
+/// Outside the kernel a faulting MSR access is not recoverable (nothing runs them in ring 3).
+#[cfg(not(pvops_kernel))]
+macro_rules! extable_resume {
+    () => {
+        ""
+    };
+}
+
+/// `rdmsr` that reports a fault as `-EIO`.
+///
+/// # Safety
+///
+/// Ring 0; `out` is valid for writes.
+pub unsafe extern "C" fn read_msr_safe(msr: u32, out: *mut u64) -> i32 {
+    let (lo, hi): (u32, u32);
+    let rc: i32;
+    // SAFETY: ring 0 (forwarded); a fault resumes at `773:` with rc = -EIO.
+    unsafe {
+        core::arch::asm!(
+            "xor {rc:e}, {rc:e}",
+            "772: rdmsr",
+            "jmp 774f",
+            "773: mov {rc:e}, {eio}",
+            "774:",
+            extable_resume!(),
+            rc = out(reg) rc,
+            eio = const -EIO,
+            in("ecx") msr, out("eax") lo, out("edx") hi,
+            options(nostack),
+        )
+    };
+    if rc == 0 {
+        // SAFETY: the caller guarantees `out` is writable.
+        unsafe { out.write((u64::from(hi) << 32) | u64::from(lo)) };
+    }
+    rc
+}
+
+/// `wrmsr` that reports a fault as `-EIO`.
+///
+/// # Safety
+///
+/// Ring 0; the value is consistent.
+pub unsafe extern "C" fn write_msr_safe(msr: u32, value: u64) -> i32 {
+    let rc: i32;
+    // SAFETY: ring 0 (forwarded); a fault resumes at `773:` with rc = -EIO.
+    unsafe {
+        core::arch::asm!(
+            "xor {rc:e}, {rc:e}",
+            "772: wrmsr",
+            "jmp 774f",
+            "773: mov {rc:e}, {eio}",
+            "774:",
+            extable_resume!(),
+            rc = out(reg) rc,
+            eio = const -EIO,
+            in("ecx") msr, in("eax") value as u32, in("edx") (value >> 32) as u32,
+            options(nostack),
+        )
+    };
+    rc
+}
+
+/// Flush every translation, global ones included: toggle CR4.PGE twice with interrupts off.
+///
+/// # Safety
+///
+/// Ring 0.
+pub unsafe extern "C" fn flush_tlb_kernel() {
+    // SAFETY: ring 0 (forwarded). Interrupts are off around the two CR4 writes so nothing runs
+    // with PGE flipped; the flags (and IF) are restored afterwards.
+    unsafe {
+        core::arch::asm!(
+            "pushfq",
+            "cli",
+            "mov {cr4}, cr4",
+            "xor {cr4}, {pge}",
+            "mov cr4, {cr4}",
+            "xor {cr4}, {pge}",
+            "mov cr4, {cr4}",
+            "popfq",
+            cr4 = out(reg) _,
+            pge = const X86_CR4_PGE,
+        )
+    };
+}
+
+/// Page-table notifications and lazy mode: nothing to do on hardware.
+extern "C" fn nothing_pt(_pfn: u64, _level: u32) {}
+extern "C" fn nothing() {}
+
+/// The TSC frequency and the fixed-point factor sched_clock scales with.
+struct TscScale {
+    khz: AtomicU64,
+    /// ns = cycles * mult >> MULT_SHIFT
+    mult: AtomicU64,
+}
+
+const MULT_SHIFT: u32 = 32;
+static TSC: TscScale = TscScale {
+    khz: AtomicU64::new(0),
+    mult: AtomicU64::new(0),
+};
+
+/// Nanoseconds from TSC cycles (0 until [`init`] gave the frequency). No division.
+pub extern "C" fn sched_clock() -> u64 {
+    let mult = TSC.mult.load(Ordering::Relaxed);
+    ((u128::from(arch::rdtsc_ordered()) * u128::from(mult)) >> MULT_SHIFT) as u64
+}
+
+extern "C" fn steal_clock(_cpu: u32) -> u64 {
+    0
+}
+
+extern "C" fn tsc_khz() -> u64 {
+    TSC.khz.load(Ordering::Relaxed)
+}
+
+/// The CMOS real-time clock, read with the update-in-progress protocol, as ns since 1970.
+///
+/// # Safety
+///
+/// Ring 0 (port I/O); nobody else accesses the RTC index port at the same time.
+unsafe extern "C" fn wall_clock() -> u64 {
+    // SAFETY: forwarded contract.
+    unsafe { rtc::read_ns() }
+}
+
+/// Arm the TSC-deadline timer `delta_ns` from now.
+///
+/// # Safety
+///
+/// Ring 0; this CPU's local APIC timer is in TSC-deadline mode and owned by the caller.
+unsafe extern "C" fn set_next_event(delta_ns: u64) -> i32 {
+    let khz = TSC.khz.load(Ordering::Relaxed);
+    if khz == 0 {
+        return -EINVAL;
+    }
+    let cycles = delta_ns.saturating_mul(khz) / 1_000_000;
+    // SAFETY: forwarded contract; the MSR exists when the APIC is in TSC-deadline mode.
+    unsafe { write_msr_safe(MSR_IA32_TSC_DEADLINE, arch::rdtsc_ordered().saturating_add(cycles)) }
+}
+
+mod rtc {
+    //! The MC146818 CMOS clock behind ports 0x70/0x71.
+
+    const INDEX: u16 = 0x70;
+    const DATA: u16 = 0x71;
+
+    /// # Safety
+    ///
+    /// Ring 0; exclusive use of the RTC index port.
+    unsafe fn read(reg: u8) -> u8 {
+        let v: u8;
+        // SAFETY: forwarded contract; ports 0x70/0x71 are the RTC on every PC.
+        unsafe {
+            core::arch::asm!("out dx, al", in("dx") INDEX, in("al") reg, options(nostack, nomem));
+            core::arch::asm!("in al, dx", in("dx") DATA, out("al") v, options(nostack, nomem));
+        }
+        v
+    }
+
+    fn bcd(v: u8) -> u64 {
+        u64::from(v & 0x0f) + u64::from(v >> 4) * 10
+    }
+
+    /// Days from 1970-01-01 to the given civil date (Howard Hinnant's algorithm, integers only).
+    pub(super) fn days_from_civil(y: i64, m: u64, d: u64) -> i64 {
+        let y = if m <= 2 { y - 1 } else { y };
+        let era = y.div_euclid(400);
+        let yoe = y - era * 400;
+        let mp = (m + 9) % 12;
+        let doy = (153 * mp + 2) / 5 + d - 1;
+        let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy as i64;
+        era * 146_097 + doe - 719_468
+    }
+
+    /// # Safety
+    ///
+    /// As [`read`].
+    pub(super) unsafe fn read_ns() -> u64 {
+        // SAFETY (whole function): forwarded contract.
+        let snapshot = || unsafe {
+            // Wait for "update in progress" (register A bit 7) to clear; bounded.
+            for _ in 0..1_000_000 {
+                if read(0x0a) & 0x80 == 0 {
+                    break;
+                }
+            }
+            [read(0x00), read(0x02), read(0x04), read(0x07), read(0x08), read(0x09), read(0x0b)]
+        };
+        let mut t = snapshot();
+        // Read until two snapshots agree, so no field is torn by an update.
+        for _ in 0..10 {
+            let u = snapshot();
+            if u == t {
+                break;
+            }
+            t = u;
+        }
+        let [s, mi, h, d, mo, y, status_b] = t;
+        let binary = status_b & 0x04 != 0;
+        let conv = |v: u8| if binary { u64::from(v) } else { bcd(v) };
+        let hour = if status_b & 0x02 == 0 && h & 0x80 != 0 {
+            (conv(h & 0x7f) % 12) + 12 // 12-hour mode, PM
+        } else {
+            conv(h & 0x7f)
+        };
+        let days = days_from_civil(2000 + conv(y) as i64, conv(mo), conv(d));
+        let secs = days * 86_400 + (hour * 3600 + conv(mi) * 60 + conv(s)) as i64;
+        (secs.max(0) as u64) * 1_000_000_000
+    }
+}
+
+/// The native backend.
+#[derive(Debug)]
+pub struct Native;
+
+/// The one instance.
+pub static NATIVE: Native = Native;
+
+/// Set the TSC frequency sched_clock and the timer use (the kernel's `tsc_khz`, or a value a
+/// test calibrated). 0 leaves the clock unscaled (it reads 0).
+pub fn init(tsc_khz: u64) {
+    let mult = if tsc_khz == 0 {
+        0
+    } else {
+        (1_000_000u64 << MULT_SHIFT) / tsc_khz
+    };
+    TSC.khz.store(tsc_khz, Ordering::Relaxed);
+    TSC.mult.store(mult, Ordering::Relaxed);
+}
+
+impl InlineSource for Native {
+    fn inline(&self, op: Op) -> Option<Inline> {
+        inline(op)
+    }
+}
+
+impl Backend for Native {
+    fn id(&self) -> BackendId {
+        BackendId::Native
+    }
+
+    fn ops(&self) -> PvOps {
+        use pvops::ops::{CpuOps, TimerOps};
+        PvOps {
+            cpu: CpuOps {
+                cpuid,
+                read_cr0,
+                write_cr0,
+                read_cr4,
+                write_cr4,
+                read_msr,
+                write_msr,
+                read_msr_safe,
+                write_msr_safe,
+                wbinvd,
+                load_idt,
+                load_gdt,
+                store_tr,
+                io_delay,
+            },
+            irq: IrqOps {
+                save_fl,
+                restore_fl,
+                irq_disable,
+                irq_enable,
+                safe_halt,
+                halt,
+            },
+            mmu: MmuOps {
+                read_cr2,
+                write_cr2,
+                read_cr3,
+                write_cr3,
+                flush_tlb_user,
+                flush_tlb_kernel,
+                flush_tlb_one_user,
+                set_pte,
+                set_pmd,
+                set_pud,
+                alloc_pt: nothing_pt,
+                release_pt: nothing_pt,
+                lazy_mode_enter: nothing,
+                lazy_mode_leave: nothing,
+            },
+            timer: TimerOps {
+                sched_clock,
+                steal_clock,
+                tsc_khz,
+                wall_clock,
+                set_next_event,
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn civil_dates() {
+        assert_eq!(rtc::days_from_civil(1970, 1, 1), 0);
+        assert_eq!(rtc::days_from_civil(2000, 3, 1), 11_017);
+        assert_eq!(rtc::days_from_civil(2026, 11, 27), 20_784);
+    }
+
+    #[test]
+    fn sched_clock_scale() {
+        init(2_000_000); // 2 GHz: 0.5 ns per cycle
+        assert_eq!(TSC.mult.load(Ordering::Relaxed), 1u64 << 31);
+        init(0);
+        assert_eq!(sched_clock(), 0);
+    }
+}

@@ -1,0 +1,106 @@
+//! The few raw instructions pvops itself executes, outside any call site.
+
+use crate::detect::CpuidSource;
+use crate::ops::CpuidResult;
+
+/// The CPUID instruction itself (for detection, which runs before any backend is installed).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NativeCpuid;
+
+impl CpuidSource for NativeCpuid {
+    fn cpuid(&self, leaf: u32, subleaf: u32) -> CpuidResult {
+        raw_cpuid(leaf, subleaf)
+    }
+}
+
+/// Execute CPUID. Works in every ring; exits to the hypervisor in a VM.
+pub fn raw_cpuid(leaf: u32, subleaf: u32) -> CpuidResult {
+    let (eax, ebx, ecx, edx);
+    // SAFETY: CPUID has no side effects beyond the four registers. RBX is reserved by LLVM, so
+    // it is saved in another register around the instruction.
+    unsafe {
+        core::arch::asm!(
+            "mov {tmp:r}, rbx",
+            "cpuid",
+            "xchg {tmp:r}, rbx",
+            tmp = out(reg) ebx,
+            inout("eax") leaf => eax,
+            inout("ecx") subleaf => ecx,
+            out("edx") edx,
+            options(nostack, preserves_flags, nomem),
+        )
+    };
+    CpuidResult { eax, ebx, ecx, edx }
+}
+
+/// Read the time-stamp counter, ordered after every earlier instruction (`lfence; rdtsc`).
+#[inline(always)]
+pub fn rdtsc_ordered() -> u64 {
+    let (lo, hi): (u32, u32);
+    // SAFETY: RDTSC is allowed in every ring unless CR4.TSD is set, which no supported
+    // environment does; LFENCE has no effect on memory.
+    unsafe {
+        core::arch::asm!("lfence", "rdtsc", out("eax") lo, out("edx") hi,
+                         options(nostack, preserves_flags, nomem))
+    };
+    (u64::from(hi) << 32) | u64::from(lo)
+}
+
+/// The instruction that returns from an assembly function: a plain `ret`, or a jump to the
+/// kernel's return thunk when the kernel is built with return-thunk mitigations.
+#[cfg(pvops_rethunk)]
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __asm_ret {
+    () => {
+        "jmp __x86_return_thunk"
+    };
+}
+
+/// The instruction that returns from an assembly function (plain `ret`: no return thunks here).
+#[cfg(not(pvops_rethunk))]
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __asm_ret {
+    () => {
+        "ret"
+    };
+}
+
+/// Define a callee-save thunk: an assembly function with an op's signature that preserves every
+/// register but RAX and calls the ordinary `extern "C"` function `$target` with the same
+/// arguments. This is how a Rust function fills a [`Convention::CalleeSave`] slot
+/// (Linux's `PV_CALLEE_SAVE_REGS_THUNK`).
+///
+/// [`Convention::CalleeSave`]: crate::ops::Convention::CalleeSave
+///
+/// ```ignore
+/// extern "C" fn xen_save_fl() -> u64 { ... }
+/// pvops::callee_save_thunk!(pub fn xen_save_fl_thunk() -> u64 => xen_save_fl);
+/// ```
+#[macro_export]
+macro_rules! callee_save_thunk {
+    ($(#[$m:meta])* $vis:vis fn $thunk:ident($($arg:ident: $ty:ty),*) $(-> $ret:ty)? => $target:path) => {
+        $(#[$m])*
+        ///
+        /// # Safety
+        ///
+        /// As for the function it wraps.
+        #[unsafe(naked)]
+        $vis unsafe extern "C" fn $thunk($($arg: $ty),*) $(-> $ret)? {
+            // Nine pushes after the return address keep the stack 16-byte aligned at the call.
+            core::arch::naked_asm!(
+                "endbr64",
+                "push rbp",
+                "push rcx", "push rdx", "push rsi", "push rdi",
+                "push r8", "push r9", "push r10", "push r11",
+                "call {target}",
+                "pop r11", "pop r10", "pop r9", "pop r8",
+                "pop rdi", "pop rsi", "pop rdx", "pop rcx",
+                "pop rbp",
+                $crate::__asm_ret!(),
+                target = sym $target,
+            )
+        }
+    };
+}

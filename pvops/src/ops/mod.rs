@@ -1,0 +1,380 @@
+//! The ops table: four groups of low-level operations a backend fills in.
+//!
+//! Every op is described once, in the [`define_ops!`] invocation below: its table slot, its
+//! [`Op`] identifier, its C signature, its calling [`Convention`] and the length of its call
+//! sites. The call-site wrappers (what kernel code calls) live in one file per group:
+//! [`cpu`], [`irq`], [`mmu`], [`timer`].
+//!
+//! # Differences from Linux 6.12's `pv_ops`
+//!
+//! - **Timer group.** Linux keeps `sched_clock` and `steal_clock` as static calls outside
+//!   `pv_ops` (and hides them from modules). Here they are ordinary ops, with `tsc_khz`,
+//!   `wall_clock` and `set_next_event`, so one backend owns all of a guest's time.
+//! - **No `lock` group.** Spinlock slow paths belong to the kernel's locking code; a module
+//!   cannot take over the kernel's locks. `kick`/`wait` hypercalls are reachable through the
+//!   backends' own APIs instead.
+//! - **Page-table notifications** are two ops, `alloc_pt`/`release_pt` with a level argument,
+//!   instead of Linux's eight `alloc_*`/`release_*`; plus the lazy-mode pair for batching.
+//! - **MSR ops** come in a plain and a `_safe` variant, as in Linux, but the safe variant
+//!   returns an errno instead of a `bool`/`int` pair.
+//! - **Descriptor ops** are the subset a guest needs to bring a CPU up and to check its state:
+//!   `load_idt`, `load_gdt`, `store_tr`. LDT, TLS and per-entry GDT/IDT writes stay native in
+//!   every backend this project targets except Xen PV, where the kernel itself already owns them.
+
+pub mod cpu;
+pub mod irq;
+pub mod mmu;
+pub mod timer;
+
+use core::cell::UnsafeCell;
+
+pub use cpu::{CpuidResult, DescriptorPointer};
+
+bitflags::bitflags! {
+    /// A set of general-purpose registers (and the flags register) an instruction sequence may
+    /// change. Call sites record what they tolerate; inline replacements declare what they touch.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+    pub struct Clobbers: u16 {
+        /// RAX (the result register).
+        const RAX = 1 << 0;
+        /// RCX.
+        const RCX = 1 << 1;
+        /// RDX.
+        const RDX = 1 << 2;
+        /// RSI.
+        const RSI = 1 << 3;
+        /// RDI.
+        const RDI = 1 << 4;
+        /// R8.
+        const R8 = 1 << 5;
+        /// R9.
+        const R9 = 1 << 6;
+        /// R10.
+        const R10 = 1 << 7;
+        /// R11.
+        const R11 = 1 << 8;
+        /// RFLAGS arithmetic flags (not IF: no op may change IF unless that is its purpose).
+        const FLAGS = 1 << 9;
+    }
+}
+
+/// How a table slot is called.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Convention {
+    /// The SysV C ABI: arguments in RDI, RSI, RDX, RCX; result in RAX; every caller-saved
+    /// register (RAX, RCX, RDX, RSI, RDI, R8–R11) and the flags may be changed.
+    C,
+    /// Linux's `PV_CALLEE_SAVE` convention for hot ops: arguments in RDI, RSI; result in RAX;
+    /// only RAX and the flags may be changed. A Rust implementation is reached through a
+    /// register-saving thunk ([`callee_save_thunk!`](crate::callee_save_thunk)); an inline
+    /// replacement only has to leave the other registers alone.
+    CalleeSave,
+}
+
+impl Convention {
+    /// The registers a call through this convention may change.
+    pub const fn clobbers(self) -> Clobbers {
+        match self {
+            Convention::C => Clobbers::all(),
+            Convention::CalleeSave => Clobbers::RAX.union(Clobbers::FLAGS),
+        }
+    }
+}
+
+/// The four op groups.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Group {
+    /// Privileged CPU instructions: CPUID, control registers, MSRs, descriptor tables.
+    Cpu,
+    /// The interrupt flag and halting.
+    Irq,
+    /// Page faults' CR2, page-table roots, TLB flushes and page-table writes.
+    Mmu,
+    /// Clocks and the one-shot timer.
+    Timer,
+}
+
+/// Length in bytes of the indirect call every call site starts as: `ff 15 <rel32>`.
+pub const INDIRECT_CALL_LEN: u8 = 6;
+
+/// The longest call site any op has; bounds every byte buffer of the patch engine.
+pub const MAX_SITE_LEN: usize = 16;
+
+/// Defines the ops table from one list: the group structs, [`PvOps`], [`Op`] with its metadata,
+/// and the "unfilled" stubs a fresh table holds.
+macro_rules! define_ops {
+    ($(
+        $(#[$gdoc:meta])*
+        $group:ident : $Group:ident => $GroupTag:ident {
+            $(
+                $(#[$doc:meta])*
+                $op:ident => $Variant:ident : fn($($arg:ident : $ty:ty),*) $(-> $ret:ty)?,
+                    $conv:ident, site $len:literal;
+            )*
+        }
+    )*) => {
+        $(
+            $(#[$gdoc])*
+            #[repr(C)]
+            #[derive(Clone, Copy)]
+            pub struct $Group {
+                $(
+                    $(#[$doc])*
+                    pub $op: unsafe extern "C" fn($($ty),*) $(-> $ret)?,
+                )*
+            }
+        )*
+
+        /// The whole table: one slot per op, grouped as in Linux's `pv_ops`.
+        #[repr(C)]
+        #[derive(Clone, Copy)]
+        pub struct PvOps {
+            $(
+                $(#[$gdoc])*
+                pub $group: $Group,
+            )*
+        }
+
+        /// Names one op of the table. Stored as a byte in every call-site record.
+        #[repr(u8)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        pub enum Op {
+            $($(
+                $(#[$doc])*
+                $Variant,
+            )*)*
+        }
+
+        impl Op {
+            /// Every op, in table order.
+            pub const ALL: &'static [Op] = &[$($(Op::$Variant,)*)*];
+
+            /// `group.op`, as in Linux (`irq.save_fl`).
+            pub const fn name(self) -> &'static str {
+                match self { $($(Op::$Variant => concat!(stringify!($group), ".", stringify!($op)),)*)* }
+            }
+
+            /// The group the op belongs to.
+            pub const fn group(self) -> Group {
+                match self { $($(Op::$Variant => Group::$GroupTag,)*)* }
+            }
+
+            /// How the op's slot is called.
+            pub const fn convention(self) -> Convention {
+                match self { $($(Op::$Variant => Convention::$conv,)*)* }
+            }
+
+            /// Length of the op's call sites: the indirect call plus room for the longest
+            /// inline replacement a backend ships.
+            pub const fn site_len(self) -> u8 {
+                match self { $($(Op::$Variant => $len,)*)* }
+            }
+
+            /// Byte offset of the op's slot in [`PvOps`].
+            pub const fn slot(self) -> usize {
+                match self { $($(Op::$Variant => core::mem::offset_of!(PvOps, $group.$op),)*)* }
+            }
+
+            /// The op with this record byte, if any.
+            pub const fn from_u8(n: u8) -> Option<Op> {
+                if (n as usize) < Op::ALL.len() { Some(Op::ALL[n as usize]) } else { None }
+            }
+        }
+
+        impl PvOps {
+            /// The address a slot holds: where an indirect call through it lands.
+            pub fn target(&self, op: Op) -> usize {
+                match op { $($(Op::$Variant => self.$group.$op as usize,)*)* }
+            }
+
+            /// A table whose every slot stops the machine with the op's name: what
+            /// [`PV_OPS`] holds until a backend is installed.
+            pub const UNFILLED: PvOps = PvOps {
+                $($group: $Group { $($op: unfilled::$group::$op,)* },)*
+            };
+        }
+
+        mod unfilled {
+            $(
+                pub(super) mod $group {
+                    use super::super::*;
+                    $(
+                        #[allow(unused_variables)]
+                        pub(in crate::ops) unsafe extern "C" fn $op($($arg: $ty),*) $(-> $ret)? {
+                            super::unfilled(Op::$Variant)
+                        }
+                    )*
+                }
+            )*
+
+            /// Calling an op before a backend is installed is a bug in the caller.
+            #[cold]
+            pub(super) fn unfilled(op: super::Op) -> ! {
+                panic!("pvops: {} called before a backend filled the table", op.name())
+            }
+        }
+    };
+}
+
+define_ops! {
+    /// CPU ops. Context: any, unless noted; none of them sleeps.
+    cpu: CpuOps => Cpu {
+        /// `cpuid(leaf, subleaf, out)`: execute CPUID for `leaf`/`subleaf` and store EAX–EDX in
+        /// `*out`. Exits to the hypervisor in every VM; backends may filter leaves.
+        cpuid => Cpuid: fn(leaf: u32, subleaf: u32, out: *mut CpuidResult), C, site 6;
+        /// `read_cr0() -> cr0`. Ring 0.
+        read_cr0 => ReadCr0: fn() -> u64, CalleeSave, site 6;
+        /// `write_cr0(value)`. Ring 0.
+        write_cr0 => WriteCr0: fn(value: u64), CalleeSave, site 6;
+        /// `read_cr4() -> cr4`. Ring 0.
+        read_cr4 => ReadCr4: fn() -> u64, CalleeSave, site 6;
+        /// `write_cr4(value)`. Ring 0; interrupts off when PGE or PCIDE change.
+        write_cr4 => WriteCr4: fn(value: u64), CalleeSave, site 6;
+        /// `read_msr(msr) -> value`. Ring 0; an MSR that does not exist faults (#GP): use
+        /// `read_msr_safe` for anything not architecturally guaranteed.
+        read_msr => ReadMsr: fn(msr: u32) -> u64, C, site 6;
+        /// `write_msr(msr, value)`. Ring 0; faults like `read_msr`.
+        write_msr => WriteMsr: fn(msr: u32, value: u64), C, site 6;
+        /// `read_msr_safe(msr, out) -> 0 | -EIO`: a fault is caught (kernel builds) and reported
+        /// as `-EIO`, leaving `*out` untouched.
+        read_msr_safe => ReadMsrSafe: fn(msr: u32, out: *mut u64) -> i32, C, site 6;
+        /// `write_msr_safe(msr, value) -> 0 | -EIO`.
+        write_msr_safe => WriteMsrSafe: fn(msr: u32, value: u64) -> i32, C, site 6;
+        /// `wbinvd()`: write back and invalidate caches. Ring 0; slow (microseconds).
+        wbinvd => Wbinvd: fn(), CalleeSave, site 6;
+        /// `load_idt(desc)`: load the IDT register from `*desc`. Ring 0, interrupts off.
+        load_idt => LoadIdt: fn(desc: *const DescriptorPointer), CalleeSave, site 6;
+        /// `load_gdt(desc)`: load the GDT register from `*desc`. Ring 0, interrupts off.
+        load_gdt => LoadGdt: fn(desc: *const DescriptorPointer), CalleeSave, site 6;
+        /// `store_tr() -> selector`: the task register's selector.
+        store_tr => StoreTr: fn() -> u64, CalleeSave, site 6;
+        /// `io_delay()`: the short delay legacy port I/O needs (native: a write to port 0x80).
+        io_delay => IoDelay: fn(), CalleeSave, site 6;
+    }
+    /// Interrupt-flag ops. All callee-save (they sit on the hottest paths). Context: any.
+    irq: IrqOps => Irq {
+        /// `save_fl() -> flags`: the current RFLAGS; only bit 9 (IF) is meaningful.
+        save_fl => SaveFl: fn() -> u64, CalleeSave, site 6;
+        /// `restore_fl(flags)`: set IF from bit 9 of `flags` (a value `save_fl` returned).
+        restore_fl => RestoreFl: fn(flags: u64), CalleeSave, site 6;
+        /// `irq_disable()`: clear IF.
+        irq_disable => IrqDisable: fn(), CalleeSave, site 6;
+        /// `irq_enable()`: set IF; a pending interrupt may be delivered before it returns.
+        irq_enable => IrqEnable: fn(), CalleeSave, site 6;
+        /// `safe_halt()`: enable interrupts and halt, atomically (no wake-up can be lost).
+        safe_halt => SafeHalt: fn(), CalleeSave, site 6;
+        /// `halt()`: halt with the interrupt flag as it is.
+        halt => Halt: fn(), CalleeSave, site 6;
+    }
+    /// MMU ops. Ring 0; TLB and CR3 ops with preemption off.
+    mmu: MmuOps => Mmu {
+        /// `read_cr2() -> address`: the last page-fault address.
+        read_cr2 => ReadCr2: fn() -> u64, CalleeSave, site 6;
+        /// `write_cr2(address)`.
+        write_cr2 => WriteCr2: fn(value: u64), CalleeSave, site 6;
+        /// `read_cr3() -> cr3`: the page-table root (and PCID).
+        read_cr3 => ReadCr3: fn() -> u64, CalleeSave, site 6;
+        /// `write_cr3(cr3)`: switch page tables; flushes non-global TLB entries.
+        write_cr3 => WriteCr3: fn(value: u64), CalleeSave, site 6;
+        /// `flush_tlb_user()`: flush this CPU's non-global TLB entries.
+        flush_tlb_user => FlushTlbUser: fn(), CalleeSave, site 6;
+        /// `flush_tlb_kernel()`: flush this CPU's TLB including global entries.
+        flush_tlb_kernel => FlushTlbKernel: fn(), C, site 6;
+        /// `flush_tlb_one_user(address)`: flush one page's translation on this CPU.
+        flush_tlb_one_user => FlushTlbOneUser: fn(address: u64), CalleeSave, site 6;
+        /// `set_pte(ptep, value)`: store a level-1 entry (one 8-byte store; a shadow-paging
+        /// backend also tells the hypervisor).
+        set_pte => SetPte: fn(ptep: *mut u64, value: u64), CalleeSave, site 6;
+        /// `set_pmd(pmdp, value)`: store a level-2 entry.
+        set_pmd => SetPmd: fn(pmdp: *mut u64, value: u64), CalleeSave, site 6;
+        /// `set_pud(pudp, value)`: store a level-3 entry.
+        set_pud => SetPud: fn(pudp: *mut u64, value: u64), CalleeSave, site 6;
+        /// `alloc_pt(pfn, level)`: page `pfn` is about to become a page table of `level`
+        /// (1 = PTE … 4 = PGD). Shadow-paging hosts (VMI, lguest) pin or track it; native: nothing.
+        alloc_pt => AllocPt: fn(pfn: u64, level: u32), C, site 6;
+        /// `release_pt(pfn, level)`: page `pfn` stops being a page table.
+        release_pt => ReleasePt: fn(pfn: u64, level: u32), C, site 6;
+        /// `lazy_mode_enter()`: page-table updates until `lazy_mode_leave` may be batched.
+        lazy_mode_enter => LazyModeEnter: fn(), C, site 6;
+        /// `lazy_mode_leave()`: flush any batched updates; they are all visible on return.
+        lazy_mode_leave => LazyModeLeave: fn(), C, site 6;
+    }
+    /// Time ops. Context: any, including NMI for `sched_clock`.
+    timer: TimerOps => Timer {
+        /// `sched_clock() -> ns`: a per-CPU monotonic nanosecond clock, fast and cheap.
+        sched_clock => SchedClock: fn() -> u64, C, site 6;
+        /// `steal_clock(cpu) -> ns`: time `cpu` was runnable but the host ran something else.
+        steal_clock => StealClock: fn(cpu: u32) -> u64, C, site 6;
+        /// `tsc_khz() -> kHz`: the TSC frequency, 0 when unknown.
+        tsc_khz => TscKhz: fn() -> u64, C, site 6;
+        /// `wall_clock() -> ns`: nanoseconds since the Unix epoch, 0 when unknown.
+        wall_clock => WallClock: fn() -> u64, C, site 6;
+        /// `set_next_event(delta_ns) -> 0 | -errno`: program this CPU's one-shot timer to fire
+        /// `delta_ns` from now. Only the clock-event device that owns the CPU's timer may call it.
+        set_next_event => SetNextEvent: fn(delta_ns: u64) -> i32, C, site 6;
+    }
+}
+
+// The record format stores an op in a byte and every slot is one pointer wide.
+const _: () = assert!(Op::ALL.len() <= 256);
+static_assertions::const_assert_eq!(
+    core::mem::size_of::<PvOps>(),
+    Op::ALL.len() * core::mem::size_of::<usize>()
+);
+const _: () = {
+    let mut i = 0;
+    while i < Op::ALL.len() {
+        let op = Op::ALL[i];
+        assert!(op as usize == i);
+        assert!(op.slot() == i * core::mem::size_of::<usize>());
+        assert!(op.site_len() >= INDIRECT_CALL_LEN && op.site_len() as usize <= MAX_SITE_LEN);
+        i += 1;
+    }
+};
+
+/// The table every call site calls through: a `static` so that sites can address their slot
+/// RIP-relative (`call *PV_OPS+slot(%rip)`).
+#[repr(transparent)]
+pub struct Table(UnsafeCell<PvOps>);
+
+// SAFETY: the table is written only by `install`, whose contract makes the caller exclude
+// concurrent callers of ops; every other access is a read of a pointer-sized slot.
+unsafe impl Sync for Table {}
+
+/// The live ops table.
+pub static PV_OPS: Table = Table(UnsafeCell::new(PvOps::UNFILLED));
+
+impl Table {
+    /// Replace the whole table.
+    ///
+    /// # Safety
+    ///
+    /// No op may be running or called concurrently (on any CPU) while the table is written, and
+    /// every function in `ops` must honour its op's contract and convention for as long as it is
+    /// installed.
+    pub unsafe fn install(&self, ops: &PvOps) {
+        // SAFETY: the caller excludes concurrent readers and writers (see above).
+        unsafe { self.0.get().write_volatile(*ops) }
+    }
+
+    /// A copy of the current table.
+    pub fn get(&self) -> PvOps {
+        // SAFETY: slots are pointer-sized and only written under `install`'s exclusion rule.
+        unsafe { self.0.get().read_volatile() }
+    }
+
+    /// Address of the table, as call sites see it.
+    pub fn addr(&self) -> usize {
+        self.0.get() as usize
+    }
+
+    /// Put the unfilled stubs back (after a backend was torn down).
+    ///
+    /// # Safety
+    ///
+    /// As for [`Table::install`].
+    pub unsafe fn clear(&self) {
+        // SAFETY: forwarded contract.
+        unsafe { self.install(&PvOps::UNFILLED) }
+    }
+}

@@ -1,0 +1,239 @@
+//! Detection and selection against CPUID tables modelled on each hypervisor, and against the
+//! real CPUID of the machine running the tests.
+
+use std::cell::Cell;
+
+use pvops::detect::{CpuVendor, HypervisorKind};
+use pvops::select::SelectError;
+use pvops::{detect, select, BackendId, Candidate, Presence, Reason, Request};
+use pvops_host_tests::models;
+
+/// Candidates as a build with these backends present (native always is).
+fn present(ids: &[(BackendId, Option<u32>)]) -> Vec<Candidate> {
+    BackendId::ALL
+        .iter()
+        .map(|&id| Candidate {
+            id,
+            presence: match ids.iter().find(|(i, _)| *i == id) {
+                Some(&(_, base)) => Presence::Present { base },
+                None if id == BackendId::Native => Presence::Present { base: None },
+                None => Presence::Absent,
+            },
+        })
+        .collect()
+}
+
+#[test]
+fn bare_hardware_is_not_scanned() {
+    let m = models::bare();
+    let calls = Cell::new(0u32);
+    let src = |leaf: u32, sub: u32| {
+        if leaf >= 0x4000_0000 {
+            calls.set(calls.get() + 1);
+        }
+        m.get(leaf, sub)
+    };
+    let d = detect(&src);
+    assert!(!d.hypervisor_bit);
+    assert_eq!(d.interfaces().count(), 0);
+    assert_eq!(calls.get(), 0, "hypervisor leaves must not be read without the hypervisor bit");
+    assert_eq!(d.vendor, CpuVendor::Intel);
+    let s = select(Request::Auto, &d, &present(&[])).unwrap();
+    assert_eq!((s.backend, s.reason), (BackendId::Native, Reason::NoHypervisor));
+}
+
+#[test]
+fn scan_covers_every_base() {
+    let m = models::kvm();
+    let bases = Cell::new(0u32);
+    let src = |leaf: u32, sub: u32| {
+        if leaf >= 0x4000_0000 && leaf & 0xff == 0 {
+            bases.set(bases.get() + 1);
+        }
+        m.get(leaf, sub)
+    };
+    detect(&src);
+    assert_eq!(bases.get(), 256);
+}
+
+#[test]
+fn kvm() {
+    let m = models::kvm();
+    let d = detect(&m.source());
+    let kvm = d.find(HypervisorKind::Kvm).expect("KVM found");
+    assert_eq!((kvm.base, kvm.max_leaf, kvm.leaves()), (0x4000_0000, 0x4000_0001, 1));
+    assert_eq!(kvm.signature_str().to_string(), "KVMKVMKVM");
+    assert_eq!(d.interfaces().count(), 1);
+    assert!(d.vendor.uses_vmmcall());
+
+    // This build: the KVM backend is not built, and the report says so.
+    let c = pvops_backends::candidates(&d, &NoPlatform);
+    let s = select(Request::Auto, &d, &c).unwrap();
+    assert_eq!(s.backend, BackendId::Native);
+    assert_eq!(s.reason, Reason::NotBuilt(BackendId::Kvm));
+    assert_eq!(
+        s.to_string(),
+        "backend=native reason=\"kvm backend not built\" hypervisor=KVMKVMKVM@0x40000000"
+    );
+
+    // With the KVM backend present, auto picks it.
+    let s = select(Request::Auto, &d, &present(&[(BackendId::Kvm, Some(0x4000_0000))])).unwrap();
+    assert_eq!((s.backend, s.reason), (BackendId::Kvm, Reason::Detected));
+    assert_eq!(s.interface.unwrap().base, 0x4000_0000);
+}
+
+#[test]
+fn old_kvm_with_zero_max_leaf() {
+    let d = detect(&models::old_kvm().source());
+    let kvm = d.find(HypervisorKind::Kvm).unwrap();
+    assert_eq!(kvm.max_leaf, 0x4000_0001);
+}
+
+#[test]
+fn hyperv_compatibility_interface_below_kvm() {
+    let d = detect(&models::kvm_with_hyperv().source());
+    let kinds: Vec<_> = d.interfaces().map(|i| (i.kind, i.base)).collect();
+    assert_eq!(
+        kinds,
+        [(HypervisorKind::HyperV, 0x4000_0000), (HypervisorKind::Kvm, 0x4000_0100)]
+    );
+    assert_eq!(d.primary().unwrap().kind, HypervisorKind::Kvm);
+    let s = select(Request::Auto, &d, &present(&[(BackendId::Kvm, Some(0x4000_0100))])).unwrap();
+    assert_eq!(s.backend, BackendId::Kvm);
+    assert_eq!(s.interface.unwrap().base, 0x4000_0100);
+    // raw-cpuid would have said Hyper-V: it reads only 0x4000_0000.
+}
+
+#[test]
+fn hyperv_compatibility_interface_below_xen() {
+    let d = detect(&models::xen_with_viridian().source());
+    let xen = d.find(HypervisorKind::Xen).unwrap();
+    assert_eq!((xen.base, xen.leaves()), (0x4000_0100, 5));
+    assert_eq!(d.find(HypervisorKind::HyperV).unwrap().base, 0x4000_0000);
+    let s = select(Request::Auto, &d, &present(&[(BackendId::Xen, Some(0x4000_0100))])).unwrap();
+    assert_eq!((s.backend, s.interface.unwrap().base), (BackendId::Xen, 0x4000_0100));
+}
+
+#[test]
+fn xen_hvm_as_qemu_emulates_it() {
+    let d = detect(&models::xen_hvm_qemu().source());
+    let xen = d.find(HypervisorKind::Xen).unwrap();
+    assert_eq!((xen.base, xen.max_leaf), (0x4000_0000, 0x4000_0004));
+    let s = select(Request::Auto, &d, &pvops_backends::candidates(&d, &NoPlatform)).unwrap();
+    assert_eq!((s.backend, s.reason), (BackendId::Native, Reason::NotBuilt(BackendId::Xen)));
+}
+
+#[test]
+fn tcg_means_native_and_leftovers_are_ignored() {
+    let d = detect(&models::tcg().source());
+    let all: Vec<_> = d.interfaces().map(|i| i.kind).collect();
+    assert_eq!(all, [HypervisorKind::Tcg], "leftover basic-leaf values are no interface");
+    let s = select(Request::Auto, &d, &present(&[])).unwrap();
+    assert_eq!((s.backend, s.reason), (BackendId::Native, Reason::Unsupported(HypervisorKind::Tcg)));
+    assert_eq!(
+        s.to_string(),
+        "backend=native reason=\"no backend for tcg\" hypervisor=TCGTCGTCGTCG@0x40000000"
+    );
+}
+
+#[test]
+fn other_hypervisors_are_named() {
+    for (m, kind) in [
+        (models::vmware(), HypervisorKind::VMware),
+        (models::bhyve(), HypervisorKind::Bhyve),
+        (models::acrn(), HypervisorKind::Acrn),
+        (models::unknown(), HypervisorKind::Unknown),
+    ] {
+        let d = detect(&m.source());
+        let i = d.primary().unwrap();
+        assert_eq!(i.kind, kind);
+        let s = select(Request::Auto, &d, &present(&[])).unwrap();
+        assert_eq!((s.backend, s.reason), (BackendId::Native, Reason::Unsupported(kind)));
+    }
+    let d = detect(&models::unknown().source());
+    let i = d.primary().unwrap();
+    assert_eq!(&i.signature, b"NoSuchHyper\x01");
+    assert_eq!(i.signature_str().as_str(), "NoSuchHyper.");
+}
+
+#[test]
+fn hidden_hypervisor() {
+    let d = detect(&models::hidden().source());
+    assert!(d.hypervisor_bit);
+    let s = select(Request::Auto, &d, &present(&[])).unwrap();
+    assert_eq!((s.backend, s.reason), (BackendId::Native, Reason::NoInterface));
+}
+
+#[test]
+fn platform_hooks_win_over_cpuid() {
+    // An lguest or VMI host announces itself outside CPUID; it is exclusive.
+    let d = detect(&models::kvm().source());
+    let c = present(&[(BackendId::Kvm, Some(0x4000_0000)), (BackendId::Lguest, None)]);
+    assert_eq!(select(Request::Auto, &d, &c).unwrap().backend, BackendId::Lguest);
+}
+
+#[test]
+fn requests() {
+    assert_eq!(Request::parse("auto"), Ok(Request::Auto));
+    assert_eq!(Request::parse("kvm\n"), Ok(Request::Backend(BackendId::Kvm)));
+    assert_eq!(Request::parse("native"), Ok(Request::Backend(BackendId::Native)));
+    assert!(Request::parse("qemu").is_err());
+    assert!(Request::parse("KVM").is_err());
+
+    let d = detect(&models::kvm().source());
+    // native can always be forced
+    let s = select(Request::Backend(BackendId::Native), &d, &present(&[])).unwrap();
+    assert_eq!((s.backend, s.reason), (BackendId::Native, Reason::Requested));
+    // a backend whose hypervisor is absent is refused
+    let c = present(&[(BackendId::Kvm, Some(0x4000_0000))]);
+    assert_eq!(
+        select(Request::Backend(BackendId::Xen), &d, &c),
+        Err(SelectError::Absent(BackendId::Xen))
+    );
+    // and so is one this build lacks
+    let c = pvops_backends::candidates(&d, &NoPlatform);
+    assert_eq!(
+        select(Request::Backend(BackendId::Kvm), &d, &c),
+        Err(SelectError::NotBuilt(BackendId::Kvm))
+    );
+}
+
+struct NoPlatform;
+impl pvops_backends::Platform for NoPlatform {
+    fn tsc_khz(&self) -> u64 {
+        0
+    }
+}
+
+/// This machine kind is itself a KVM guest: the real CPUID must show KVM. Elsewhere (bare
+/// metal, another hypervisor) the test says what it saw and checks the native path instead.
+#[test]
+fn real_cpuid() {
+    let d = detect(&pvops::arch::NativeCpuid);
+    let raw = pvops::arch::raw_cpuid(1, 0);
+    assert_eq!(d.hypervisor_bit, raw.ecx & (1 << 31) != 0);
+    let seen: Vec<String> = d
+        .interfaces()
+        .map(|i| format!("{}@{:#x}", i.signature_str(), i.base))
+        .collect();
+    eprintln!("real CPUID: hypervisor bit {}, interfaces {:?}", d.hypervisor_bit, seen);
+    let s = select(Request::Auto, &d, &pvops_backends::candidates(&d, &NoPlatform)).unwrap();
+    eprintln!("selection: {s}");
+    if !d.hypervisor_bit {
+        eprintln!("no hypervisor here: checking the native path");
+        assert_eq!((s.backend, s.reason), (BackendId::Native, Reason::NoHypervisor));
+        return;
+    }
+    match d.primary().map(|i| i.kind) {
+        Some(HypervisorKind::Kvm) => {
+            let kvm = d.find(HypervisorKind::Kvm).unwrap();
+            let features = pvops::arch::raw_cpuid(kvm.base + 1, 0).eax;
+            eprintln!("KVM at {:#x}, features {features:#x}", kvm.base);
+            assert_eq!(s.reason, Reason::NotBuilt(BackendId::Kvm));
+        }
+        other => {
+            eprintln!("not KVM ({other:?}): checking the native path");
+            assert_eq!(s.backend, BackendId::Native);
+        }
+    }
+}

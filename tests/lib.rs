@@ -1,0 +1,227 @@
+//! Shared pieces of the host tests: CPUID tables modelled on real hypervisors (from
+//! `shared/docs/abi-*.md`), a [`pvops::Text`] that patches this process's own code with
+//! `mprotect`, and an x86 decoder for checking what a site holds.
+
+use std::collections::HashMap;
+
+use iced_x86::{Decoder, DecoderOptions, Formatter, Instruction, IntelFormatter};
+use pvops::ops::CpuidResult;
+
+/// A CPU's CPUID answers as a table; absent leaves read as zero.
+#[derive(Clone, Debug, Default)]
+pub struct CpuidModel {
+    leaves: HashMap<u32, CpuidResult>,
+    /// Answer unused hypervisor bases with leftover basic-leaf values, as QEMU TCG `-cpu max`
+    /// was seen to do.
+    pub leftovers: bool,
+}
+
+/// EBX, ECX, EDX of a 12-byte signature.
+pub fn sig_regs(sig: &[u8; 12]) -> (u32, u32, u32) {
+    let w = |i: usize| u32::from_le_bytes(sig[i..i + 4].try_into().unwrap());
+    (w(0), w(4), w(8))
+}
+
+impl CpuidModel {
+    /// A CPU of `vendor` with the hypervisor bit as given.
+    pub fn cpu(vendor: &[u8; 12], hypervisor_bit: bool) -> CpuidModel {
+        let mut m = CpuidModel::default();
+        // leaf 0 spells the vendor in EBX, EDX, ECX
+        let (b, d, c) = sig_regs(vendor);
+        m.set(0, CpuidResult { eax: 0xd, ebx: b, ecx: c, edx: d });
+        m.set(1, CpuidResult { eax: 0x00a2_0f12, ebx: 0, ecx: if hypervisor_bit { 1 << 31 } else { 0 }, edx: 0 });
+        m
+    }
+
+    /// Set one leaf.
+    pub fn set(&mut self, leaf: u32, r: CpuidResult) -> &mut Self {
+        self.leaves.insert(leaf, r);
+        self
+    }
+
+    /// An interface at `base` with `leaves` leaves after it and this signature.
+    pub fn interface(&mut self, base: u32, max_leaf: u32, sig: &[u8; 12]) -> &mut Self {
+        let (ebx, ecx, edx) = sig_regs(sig);
+        self.set(base, CpuidResult { eax: max_leaf, ebx, ecx, edx })
+    }
+
+    /// Answer CPUID.
+    pub fn get(&self, leaf: u32, _subleaf: u32) -> CpuidResult {
+        if let Some(r) = self.leaves.get(&leaf) {
+            return *r;
+        }
+        if self.leftovers && leaf >= 0x4000_0000 {
+            // what the highest basic leaf returned
+            return CpuidResult { eax: 0x0000_0007, ebx: 0x0000_0340, ecx: 0x0000_0340, edx: 0 };
+        }
+        CpuidResult::default()
+    }
+
+    /// A source for [`pvops::detect`].
+    pub fn source(&self) -> impl Fn(u32, u32) -> CpuidResult + '_ {
+        move |leaf, sub| self.get(leaf, sub)
+    }
+}
+
+/// Models of the hypervisors the project meets, with the leaves abi-kvm.md and abi-xen.md give.
+pub mod models {
+    use super::*;
+
+    /// An AMD CPU (the rigs' TCG `-cpu max` reports AuthenticAMD).
+    pub const AMD: &[u8; 12] = b"AuthenticAMD";
+    /// An Intel CPU.
+    pub const INTEL: &[u8; 12] = b"GenuineIntel";
+
+    /// Bare hardware: no hypervisor bit.
+    pub fn bare() -> CpuidModel {
+        CpuidModel::cpu(INTEL, false)
+    }
+
+    /// KVM under QEMU `-cpu host` on a 6.12-style host.
+    pub fn kvm() -> CpuidModel {
+        let mut m = CpuidModel::cpu(AMD, true);
+        m.interface(0x4000_0000, 0x4000_0001, b"KVMKVMKVM\0\0\0");
+        m.set(0x4000_0001, CpuidResult { eax: 0x0100_7efb, ebx: 0, ecx: 0, edx: 0 });
+        m
+    }
+
+    /// Very old KVM: EAX = 0 at the base leaf.
+    pub fn old_kvm() -> CpuidModel {
+        let mut m = CpuidModel::cpu(INTEL, true);
+        m.interface(0x4000_0000, 0, b"KVMKVMKVM\0\0\0");
+        m
+    }
+
+    /// KVM with Hyper-V enlightenments: Hyper-V at 0x4000_0000, KVM at 0x4000_0100.
+    pub fn kvm_with_hyperv() -> CpuidModel {
+        let mut m = CpuidModel::cpu(INTEL, true);
+        m.interface(0x4000_0000, 0x4000_000b, b"Microsoft Hv");
+        m.interface(0x4000_0100, 0x4000_0101, b"KVMKVMKVM\0\0\0");
+        m.set(0x4000_0101, CpuidResult { eax: 0x0100_7efb, ebx: 0, ecx: 0, edx: 0 });
+        m
+    }
+
+    /// QEMU's Xen HVM emulation (`xen-version=0x40011`): max leaf base+4.
+    pub fn xen_hvm_qemu() -> CpuidModel {
+        let mut m = CpuidModel::cpu(AMD, true);
+        m.interface(0x4000_0000, 0x4000_0004, b"XenVMMXenVMM");
+        m.set(0x4000_0001, CpuidResult { eax: 0x0004_0011, ebx: 0, ecx: 0, edx: 0 });
+        m.set(0x4000_0002, CpuidResult { eax: 1, ebx: 0x4000_0000, ecx: 0, edx: 0 });
+        m
+    }
+
+    /// Real Xen 4.17 with Viridian: Hyper-V at 0x4000_0000, Xen at 0x4000_0100 (limit 5).
+    pub fn xen_with_viridian() -> CpuidModel {
+        let mut m = CpuidModel::cpu(INTEL, true);
+        m.interface(0x4000_0000, 0x4000_0006, b"Microsoft Hv");
+        m.interface(0x4000_0100, 0x4000_0105, b"XenVMMXenVMM");
+        m.set(0x4000_0101, CpuidResult { eax: 0x0004_0011, ebx: 0, ecx: 0, edx: 0 });
+        m.set(0x4000_0102, CpuidResult { eax: 1, ebx: 0x4000_0200, ecx: 0, edx: 0 });
+        m
+    }
+
+    /// QEMU TCG: its own signature, no paravirtual interface; `-cpu max` leftovers above it.
+    pub fn tcg() -> CpuidModel {
+        let mut m = CpuidModel::cpu(AMD, true);
+        m.interface(0x4000_0000, 0x4000_0001, b"TCGTCGTCGTCG");
+        m.leftovers = true;
+        m
+    }
+
+    /// VMware's CPUID interface.
+    pub fn vmware() -> CpuidModel {
+        let mut m = CpuidModel::cpu(INTEL, true);
+        m.interface(0x4000_0000, 0x4000_0010, b"VMwareVMware");
+        m
+    }
+
+    /// bhyve.
+    pub fn bhyve() -> CpuidModel {
+        let mut m = CpuidModel::cpu(INTEL, true);
+        m.interface(0x4000_0000, 0x4000_0001, b"bhyve bhyve ");
+        m
+    }
+
+    /// ACRN.
+    pub fn acrn() -> CpuidModel {
+        let mut m = CpuidModel::cpu(INTEL, true);
+        m.interface(0x4000_0000, 0x4000_0001, b"ACRNACRNACRN");
+        m
+    }
+
+    /// A hypervisor nobody knows.
+    pub fn unknown() -> CpuidModel {
+        let mut m = CpuidModel::cpu(INTEL, true);
+        m.interface(0x4000_0000, 0x4000_0003, b"NoSuchHyper\x01");
+        m
+    }
+
+    /// `kvm=off`: hypervisor bit set, every hypervisor leaf zero.
+    pub fn hidden() -> CpuidModel {
+        CpuidModel::cpu(AMD, true)
+    }
+}
+
+/// Patches this process's text: `mprotect` to RWX around each write, back to RX after.
+#[derive(Debug, Default)]
+pub struct MprotectText {
+    /// Bytes written so far.
+    pub written: usize,
+}
+
+fn page_range(addr: usize, len: usize) -> (usize, usize) {
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+    let start = addr & !(page - 1);
+    let end = (addr + len).div_ceil(page) * page;
+    (start, end - start)
+}
+
+impl pvops::Text for MprotectText {
+    fn read(&self, addr: usize, out: &mut [u8]) {
+        // SAFETY: the engine only reads call sites, which lie in this process's mapped text.
+        unsafe { std::ptr::copy_nonoverlapping(addr as *const u8, out.as_mut_ptr(), out.len()) };
+    }
+
+    unsafe fn write(&mut self, addr: usize, bytes: &[u8]) {
+        let (start, len) = page_range(addr, bytes.len());
+        // SAFETY: `start..start+len` covers mapped text of this process; it stays executable
+        // throughout (other code on those pages may be running on this very thread).
+        let rc = unsafe {
+            libc::mprotect(start as *mut _, len, libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC)
+        };
+        assert_eq!(rc, 0, "mprotect RWX: {}", std::io::Error::last_os_error());
+        // SAFETY: the caller (the engine) verified the site; the pages are writable now.
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), addr as *mut u8, bytes.len()) };
+        // SAFETY: as above; restores the original protection of text pages.
+        let rc = unsafe { libc::mprotect(start as *mut _, len, libc::PROT_READ | libc::PROT_EXEC) };
+        assert_eq!(rc, 0, "mprotect RX: {}", std::io::Error::last_os_error());
+        self.written += bytes.len();
+    }
+}
+
+/// Read `len` bytes of this process's memory.
+pub fn peek(addr: usize, len: usize) -> Vec<u8> {
+    let mut v = vec![0; len];
+    pvops::Text::read(&MprotectText::default(), addr, &mut v);
+    v
+}
+
+/// Decode `bytes` (located at `ip`) into instructions.
+pub fn decode(bytes: &[u8], ip: u64) -> Vec<Instruction> {
+    let mut d = Decoder::with_ip(64, bytes, ip, DecoderOptions::NONE);
+    let mut out = Vec::new();
+    while d.can_decode() {
+        out.push(d.decode());
+    }
+    out
+}
+
+/// Intel-syntax text of an instruction (`mov rax, cr0`).
+pub fn text(i: &Instruction) -> String {
+    let mut f = IntelFormatter::new();
+    f.options_mut().set_space_after_operand_separator(true);
+    let mut s = String::new();
+    f.format(i, &mut s);
+    s
+}
