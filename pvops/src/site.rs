@@ -9,7 +9,7 @@
 //! ```
 //!
 //! and records `{where, op, length, clobbers}` as a [`SiteRecord`] in the `pvops_sites`
-//! section. The [patch engine](crate::patch) later rewrites the site for the installed backend.
+//! section (`.parainstructions` in kernel builds, see `__sites_section!`). The [patch engine](crate::patch) later rewrites the site for the installed backend.
 //! Every site is emitted inside a `#[inline(always)]` wrapper of this crate, so each place that
 //! calls an op gets a site of its own.
 
@@ -166,13 +166,17 @@ macro_rules! __sites_section {
     };
 }
 
-/// The section records go to (kernel build: plain allocated data).
+/// The section records go to in a kernel build: `.parainstructions`, the name Linux gave its
+/// own paravirt call-site records until 6.8. Nothing in 6.12 reads a section of that name, and
+/// objtool still knows it as a table of code addresses (with IBT on, any other name draws a
+/// "data relocation to !ENDBR" warning per site). A module is linked with `ld -r`, which keeps
+/// every section, so no retain flag is needed.
 #[cfg(pvops_kernel)]
 #[doc(hidden)]
 #[macro_export]
 macro_rules! __sites_section {
     () => {
-        ".pushsection pvops_sites, \"a\""
+        ".pushsection .parainstructions, \"a\""
     };
 }
 

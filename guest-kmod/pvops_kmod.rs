@@ -1,0 +1,340 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! pvops guest module: detect → select → fill the table → patch this module's call sites →
+//! report (dmesg and `/sys/kernel/pvops/`); on unload, every site is restored byte for byte.
+//!
+//! Parameter `backend=` (`auto`, `native`, `kvm`, `xen`, `vmi`, `lguest`): an unknown name is
+//! refused with -EINVAL and a backend whose hypervisor is absent with -ENODEV; in both cases
+//! nothing is installed or patched.
+
+use core::ffi::{c_int, c_void};
+
+use kernel::prelude::*;
+use core::format_args as fmt;
+use kernel::str::CString;
+use pvops::arch::NativeCpuid;
+use pvops::ops::{cpu, irq, mmu, timer};
+use pvops::{Backend, BackendId, PatchError, PatchReport, Patcher, Request, SiteTable, PV_OPS};
+
+module! {
+    type: PvopsGuest,
+    name: "pvops_guest",
+    author: "pvops developers",
+    description: "paravirt_ops in Rust: picks a backend, patches its call sites, reports the choice",
+    license: "GPL",
+}
+
+/// The C side (shim.c) and the section markers (sites_start.S, sites_end.S).
+mod shim {
+    use core::ffi::{c_int, c_ulong, c_void};
+    use kernel::ffi::c_char;
+
+    extern "C" {
+        pub(crate) static pvops_sites_start: pvops::site::SiteRecord;
+        pub(crate) static pvops_sites_end: pvops::site::SiteRecord;
+        pub(crate) fn pvops_shim_backend_param() -> *const c_char;
+        pub(crate) fn pvops_shim_tsc_khz() -> c_ulong;
+        pub(crate) fn pvops_shim_module_text(start: *mut c_ulong, end: *mut c_ulong);
+        pub(crate) fn pvops_shim_alias_text(start: c_ulong, end: c_ulong) -> *mut c_void;
+        pub(crate) fn pvops_shim_unalias_text(alias: *mut c_void);
+        pub(crate) fn pvops_shim_stop_machine(
+            f: unsafe extern "C" fn(*mut c_void) -> c_int,
+            data: *mut c_void,
+        ) -> c_int;
+        pub(crate) fn pvops_shim_sync_core();
+        pub(crate) fn pvops_shim_set_report(
+            backend: *const c_char,
+            hypervisor: *const c_char,
+            sites: *const c_char,
+            selftest: *const c_char,
+        );
+        pub(crate) fn pvops_shim_sysfs_create() -> c_int;
+        pub(crate) fn pvops_shim_sysfs_remove();
+    }
+}
+
+/// What the kernel knows that backends need.
+struct KernelPlatform;
+
+impl pvops_backends::Platform for KernelPlatform {
+    fn tsc_khz(&self) -> u64 {
+        // SAFETY: reads the exported `tsc_khz`.
+        u64::from(unsafe { shim::pvops_shim_tsc_khz() })
+    }
+}
+
+/// This module's call sites: everything between the two markers.
+fn module_sites() -> SiteTable {
+    // SAFETY: sites_start.S and sites_end.S are the first and last objects of the module, so the
+    // linker put every record of the `pvops_sites` section between their two symbols.
+    unsafe {
+        SiteTable::from_bounds(
+            core::ptr::addr_of!(shim::pvops_sites_start),
+            core::ptr::addr_of!(shim::pvops_sites_end),
+        )
+    }
+}
+
+/// Module text, written through a temporary writable alias of its pages.
+struct AliasText {
+    page: usize,
+    alias: *mut u8,
+}
+
+impl pvops::Text for AliasText {
+    fn read(&self, addr: usize, out: &mut [u8]) {
+        // SAFETY: `addr` is a call site inside this module's text, which is mapped and readable.
+        unsafe { core::ptr::copy_nonoverlapping(addr as *const u8, out.as_mut_ptr(), out.len()) };
+    }
+
+    unsafe fn write(&mut self, addr: usize, bytes: &[u8]) {
+        // SAFETY: the alias maps every page from `page` to the end of module text writable; the
+        // engine verified the site; stop_machine keeps every other CPU out of it.
+        unsafe {
+            core::ptr::copy_nonoverlapping(bytes.as_ptr(), self.alias.add(addr - self.page), bytes.len())
+        };
+    }
+}
+
+/// One patch or revert, run under stop_machine.
+struct Job<'a> {
+    patcher: &'a Patcher<'a>,
+    text: AliasText,
+    revert: bool,
+    result: Option<Result<PatchReport, PatchError>>,
+}
+
+/// stop_machine callback.
+///
+/// # Safety
+///
+/// `data` points at a live `Job`.
+unsafe extern "C" fn run_job(data: *mut c_void) -> c_int {
+    // SAFETY: `transition` passes a pointer to its own `Job`, alive until stop_machine returns.
+    let job = unsafe { &mut *data.cast::<Job<'_>>() };
+    job.result = Some(if job.revert {
+        job.patcher.revert(&mut job.text)
+    } else {
+        job.patcher.apply(&mut job.text)
+    });
+    // SAFETY: serialising this CPU has no precondition; the others serialise on their way
+    // out of stop_machine (interrupt return).
+    unsafe { shim::pvops_shim_sync_core() };
+    0
+}
+
+/// Patch (or revert) every site, all or nothing, with the other CPUs parked.
+fn transition(patcher: &Patcher<'_>, revert: bool) -> Result<PatchReport, PatchError> {
+    let (mut start, mut end) = (0, 0);
+    // SAFETY: writes two integers.
+    unsafe { shim::pvops_shim_module_text(&mut start, &mut end) };
+    let page = (start as usize) & !0xfff;
+    // SAFETY: [start, end) is this module's text, vmalloc'ed; the alias is dropped below.
+    let alias = unsafe { shim::pvops_shim_alias_text(start, end) };
+    if alias.is_null() {
+        pr_err!("cannot map module text writable; nothing patched\n");
+        return Ok(PatchReport::default());
+    }
+    let mut job = Job {
+        patcher,
+        text: AliasText { page, alias: alias.cast() },
+        revert,
+        result: None,
+    };
+    // SAFETY: `job` outlives the call; run_job is the matching callback.
+    unsafe { shim::pvops_shim_stop_machine(run_job, core::ptr::addr_of_mut!(job).cast()) };
+    // SAFETY: the alias came from pvops_shim_alias_text and is no longer used.
+    unsafe { shim::pvops_shim_unalias_text(alias) };
+    job.result.unwrap_or(Ok(PatchReport::default()))
+}
+
+/// Run what the patched sites now hold, in ring 0, and check it against the raw instructions.
+/// Returns the names of the failed checks (empty: all passed).
+fn selftest(backend: BackendId) -> KVec<&'static str> {
+    let mut failed = KVec::new();
+    let mut check = |name: &'static str, ok: bool| {
+        if !ok {
+            let _ = failed.push(name, GFP_KERNEL);
+        }
+    };
+    let native = backend == BackendId::Native;
+
+    check("cpuid", cpu::cpuid(0, 0) == pvops::arch::raw_cpuid(0, 0));
+
+    // Interrupt flag: off and on again through the sites; the raw flags must agree on native.
+    let f0 = irq::save_fl();
+    check("irq-initially-on", f0 & irq::X86_EFLAGS_IF != 0);
+    // SAFETY: module init runs with interrupts on; they are back on before this block ends.
+    unsafe {
+        irq::irq_disable();
+        let off = irq::save_fl();
+        let raw_off = raw_flags();
+        irq::irq_enable();
+        let on = irq::save_fl();
+        check("irq-disable", off & irq::X86_EFLAGS_IF == 0);
+        check("irq-enable", on & irq::X86_EFLAGS_IF != 0);
+        check("irq-raw", !native || raw_off & irq::X86_EFLAGS_IF == 0);
+        irq::restore_fl(off);
+        let restored_off = irq::save_fl();
+        irq::restore_fl(f0);
+        check("restore-fl", restored_off & irq::X86_EFLAGS_IF == 0);
+        check("restore-fl-on", irq::save_fl() & irq::X86_EFLAGS_IF != 0);
+    }
+
+    // SAFETY: ring 0; reads only, and an invlpg of a mapped kernel address.
+    unsafe {
+        let cr0 = cpu::read_cr0();
+        check("cr0", cr0 & 0x8000_0001 == 0x8000_0001); // PG | PE
+        check("cr3", !native || mmu::read_cr3() == raw_cr3());
+        check("cr4", cpu::read_cr4() & (1 << 5) != 0); // PAE
+        let efer = cpu::read_msr_safe(0xc000_0080);
+        check("msr-efer", matches!(efer, Ok(v) if v & 0x500 == 0x500)); // LME | LMA
+        mmu::flush_tlb_one_user(core::ptr::addr_of!(PV_OPS) as u64);
+    }
+
+    let t0 = timer::sched_clock();
+    let mut t1 = t0;
+    for _ in 0..1000 {
+        t1 = timer::sched_clock();
+    }
+    check("sched-clock", t1 > t0);
+    check("tsc-khz", timer::tsc_khz() == KernelPlatform.tsc_khz());
+    failed
+}
+
+use pvops_backends::Platform as _;
+
+fn raw_flags() -> u64 {
+    let f: u64;
+    // SAFETY: reads RFLAGS.
+    unsafe { core::arch::asm!("pushfq", "pop {}", out(reg) f) };
+    f
+}
+
+fn raw_cr3() -> u64 {
+    let v: u64;
+    // SAFETY: ring 0 (module code); reads CR3.
+    unsafe { core::arch::asm!("mov {}, cr3", out(reg) v, options(nostack, nomem)) };
+    v
+}
+
+fn param() -> &'static str {
+    // SAFETY: the shim returns the module parameter, a NUL-terminated string that lives as long
+    // as the module.
+    let s = unsafe { CStr::from_char_ptr(shim::pvops_shim_backend_param()) };
+    s.to_str().unwrap_or("<invalid utf-8>")
+}
+
+struct PvopsGuest {
+    backend: &'static dyn Backend,
+    ops: pvops::PvOps,
+    patched: bool,
+}
+
+impl PvopsGuest {
+    fn patcher(&self) -> Patcher<'static> {
+        // Records were checked at load; they cannot have changed.
+        Patcher::new(module_sites(), PV_OPS.addr(), self.ops, self.backend)
+            .unwrap_or_else(|_| unreachable!())
+    }
+}
+
+impl kernel::Module for PvopsGuest {
+    fn init(_module: &'static ThisModule) -> Result<Self> {
+        // detect → select
+        let request = Request::parse(param()).map_err(|_| {
+            pr_err!("unknown backend '{}' (auto, native, kvm, xen, vmi, lguest); nothing patched\n", param());
+            EINVAL
+        })?;
+        let detection = pvops::detect(&NativeCpuid);
+        let candidates = pvops_backends::candidates(&detection, &KernelPlatform);
+        let selection = pvops::select(request, &detection, &candidates).map_err(|e| {
+            pr_err!("{}; nothing patched\n", e);
+            ENODEV
+        })?;
+        let backend = pvops_backends::backend(selection.backend, &KernelPlatform).ok_or_else(|| {
+            pr_err!("backend {} failed to start; nothing patched\n", selection.backend);
+            ENODEV
+        })?;
+
+        // fill
+        let ops = backend.ops();
+        let patcher = Patcher::new(module_sites(), PV_OPS.addr(), ops, backend).map_err(|e| {
+            pr_err!("{}; nothing patched\n", e);
+            ENOEXEC
+        })?;
+        // SAFETY: no op of this module runs yet, and the backend's functions honour the contracts.
+        unsafe { PV_OPS.install(&ops) };
+
+        // patch
+        let (report, patched) = match transition(&patcher, false) {
+            Ok(r) => (r, true),
+            Err(e) => {
+                pr_warn!("patching refused, sites stay indirect: {}\n", e);
+                (PatchReport { total: patcher.plan().total, ..Default::default() }, false)
+            }
+        };
+        let text = AliasText { page: 0, alias: core::ptr::null_mut() };
+        let verified = !patched || patcher.verify(&text, true).is_ok();
+
+        // report
+        let failed = selftest(selection.backend);
+        let hypervisor = match selection.interface {
+            Some(i) => CString::try_from_fmt(fmt!("{} base={:#x} max_leaf={:#x}", i.signature_str(), i.base, i.max_leaf))?,
+            None => CString::try_from_fmt(fmt!("none"))?,
+        };
+        let sites = CString::try_from_fmt(fmt!(
+            "{}/{} inline={} direct={} indirect={}",
+            report.patched(), report.total, report.inline, report.direct, report.indirect
+        ))?;
+        let selftest = if failed.is_empty() && verified {
+            CString::try_from_fmt(fmt!("ok bytes=verified"))?
+        } else {
+            CString::try_from_fmt(fmt!("FAILED bytes={} checks={:?}", if verified { "verified" } else { "MISMATCH" }, &failed[..]))?
+        };
+        let name = CString::try_from_fmt(fmt!("{}", selection.backend))?;
+        // SAFETY: four NUL-terminated strings; the shim copies them.
+        unsafe {
+            shim::pvops_shim_set_report(
+                name.as_char_ptr(),
+                hypervisor.as_char_ptr(),
+                sites.as_char_ptr(),
+                selftest.as_char_ptr(),
+            )
+        };
+        pr_info!(
+            "{} sites={}/{} (inline {}, direct {}) selftest={}\n",
+            selection, report.patched(), report.total, report.inline, report.direct,
+            selftest.to_str().unwrap_or("?")
+        );
+        // SAFETY: creates the sysfs directory; removed in drop.
+        let err = unsafe { shim::pvops_shim_sysfs_create() };
+        if err != 0 {
+            pr_warn!("/sys/kernel/pvops not created ({})\n", err);
+        }
+        Ok(PvopsGuest { backend, ops, patched })
+    }
+}
+
+impl Drop for PvopsGuest {
+    fn drop(&mut self) {
+        // SAFETY: removes what init created (a no-op if it was not).
+        unsafe { shim::pvops_shim_sysfs_remove() };
+        let patcher = self.patcher();
+        if self.patched {
+            let text = AliasText { page: 0, alias: core::ptr::null_mut() };
+            match transition(&patcher, true) {
+                Ok(r) => match patcher.verify(&text, false) {
+                    Ok(()) => pr_info!("unload: {} sites restored byte-exact\n", r.total),
+                    Err(e) => pr_err!("unload: restore did not verify: {}\n", e),
+                },
+                Err(e) => pr_err!("unload: sites left patched: {}\n", e),
+            }
+        } else {
+            pr_info!("unload: nothing was patched\n");
+        }
+        // SAFETY: the module is going away; none of its ops can run any more.
+        unsafe { PV_OPS.clear() };
+        pr_info!("unload: backend {} removed\n", self.backend.id());
+    }
+}

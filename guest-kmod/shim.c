@@ -1,0 +1,142 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * The C side of the pvops guest module: the few kernel facilities Rust-for-Linux 6.12 does not
+ * wrap (module parameters, sysfs attributes, a writable alias of module text, stop_machine,
+ * sync_core). Everything here is a thin pass-through; the logic lives in pvops_kmod.rs.
+ */
+#include <linux/module.h>
+#include <linux/moduleparam.h>
+#include <linux/kobject.h>
+#include <linux/sysfs.h>
+#include <linux/mm.h>
+#include <linux/vmalloc.h>
+#include <linux/slab.h>
+#include <linux/stop_machine.h>
+#include <linux/string.h>
+#include <asm/sync_core.h>
+#include <asm/tsc.h>
+
+#include "shim.h"
+
+static char *backend = "auto";
+module_param(backend, charp, 0444);
+MODULE_PARM_DESC(backend, "auto (default) or a backend: native, kvm, xen, vmi, lguest");
+
+const char *pvops_shim_backend_param(void)
+{
+	return backend;
+}
+
+unsigned long pvops_shim_tsc_khz(void)
+{
+	return tsc_khz;
+}
+
+/* Bounds of this module's core text, where every call site lives. */
+void pvops_shim_module_text(unsigned long *start, unsigned long *end)
+{
+#ifdef MODULE
+	*start = (unsigned long)THIS_MODULE->mem[MOD_TEXT].base;
+	*end = *start + THIS_MODULE->mem[MOD_TEXT].size;
+#else
+	*start = *end = 0;
+#endif
+}
+
+/*
+ * Map the pages holding [start, end) a second time, writable and not executable. Module text
+ * is read-only and text_poke() is not exported: writes go through this alias instead.
+ * Returns the alias of the first page (start rounded down), or NULL.
+ */
+void *pvops_shim_alias_text(unsigned long start, unsigned long end)
+{
+	unsigned long first = start & PAGE_MASK;
+	unsigned int n = (PAGE_ALIGN(end) - first) >> PAGE_SHIFT, i;
+	struct page **pages;
+	void *alias;
+
+	pages = kcalloc(n, sizeof(*pages), GFP_KERNEL);
+	if (!pages)
+		return NULL;
+	for (i = 0; i < n; i++) {
+		pages[i] = vmalloc_to_page((void *)(first + i * PAGE_SIZE));
+		if (!pages[i]) {
+			kfree(pages);
+			return NULL;
+		}
+	}
+	alias = vmap(pages, n, VM_MAP, PAGE_KERNEL);
+	kfree(pages);
+	return alias;
+}
+
+void pvops_shim_unalias_text(void *alias)
+{
+	vunmap(alias);
+}
+
+/* Run fn(data) on one CPU while every other online CPU spins with interrupts off. */
+int pvops_shim_stop_machine(int (*fn)(void *), void *data)
+{
+	return stop_machine(fn, data, NULL);
+}
+
+/* Serialise this CPU after its text changed. */
+void pvops_shim_sync_core(void)
+{
+	sync_core();
+}
+
+/* The report under /sys/kernel/pvops/: filled once by Rust before the files appear. */
+static char report_backend[64], report_hypervisor[96], report_sites[96], report_selftest[256];
+
+void pvops_shim_set_report(const char *backend, const char *hypervisor, const char *sites,
+			   const char *selftest)
+{
+	strscpy(report_backend, backend, sizeof(report_backend));
+	strscpy(report_hypervisor, hypervisor, sizeof(report_hypervisor));
+	strscpy(report_sites, sites, sizeof(report_sites));
+	strscpy(report_selftest, selftest, sizeof(report_selftest));
+}
+
+#define PVOPS_ATTR(name)                                                              \
+	static ssize_t name##_show(struct kobject *k, struct kobj_attribute *a, char *buf) \
+	{                                                                             \
+		return sysfs_emit(buf, "%s\n", report_##name);                        \
+	}                                                                             \
+	static struct kobj_attribute name##_attr = __ATTR_RO(name)
+
+PVOPS_ATTR(backend);
+PVOPS_ATTR(hypervisor);
+PVOPS_ATTR(sites);
+PVOPS_ATTR(selftest);
+
+static struct attribute *pvops_attrs[] = {
+	&backend_attr.attr, &hypervisor_attr.attr, &sites_attr.attr, &selftest_attr.attr, NULL,
+};
+static const struct attribute_group pvops_group = { .attrs = pvops_attrs };
+static struct kobject *pvops_kobj;
+
+int pvops_shim_sysfs_create(void)
+{
+	int err;
+
+	pvops_kobj = kobject_create_and_add("pvops", kernel_kobj);
+	if (!pvops_kobj)
+		return -ENOMEM;
+	err = sysfs_create_group(pvops_kobj, &pvops_group);
+	if (err) {
+		kobject_put(pvops_kobj);
+		pvops_kobj = NULL;
+	}
+	return err;
+}
+
+void pvops_shim_sysfs_remove(void)
+{
+	if (pvops_kobj) {
+		sysfs_remove_group(pvops_kobj, &pvops_group);
+		kobject_put(pvops_kobj);
+		pvops_kobj = NULL;
+	}
+}
