@@ -9,8 +9,8 @@
 
 use core::ffi::{c_int, c_void};
 
-use kernel::prelude::*;
 use core::format_args as fmt;
+use kernel::prelude::*;
 use kernel::str::CString;
 use pvops::arch::NativeCpuid;
 use pvops::ops::{cpu, irq, mmu, timer};
@@ -34,7 +34,6 @@ mod shim {
         pub(crate) static pvops_sites_end: pvops::site::SiteRecord;
         pub(crate) fn pvops_shim_backend_param() -> *const c_char;
         pub(crate) fn pvops_shim_tsc_khz() -> c_ulong;
-        pub(crate) fn pvops_shim_module_text(start: *mut c_ulong, end: *mut c_ulong);
         pub(crate) fn pvops_shim_alias_text(start: c_ulong, end: c_ulong) -> *mut c_void;
         pub(crate) fn pvops_shim_unalias_text(alias: *mut c_void);
         pub(crate) fn pvops_shim_stop_machine(
@@ -91,7 +90,11 @@ impl pvops::Text for AliasText {
         // SAFETY: the alias maps every page from `page` to the end of module text writable; the
         // engine verified the site; stop_machine keeps every other CPU out of it.
         unsafe {
-            core::ptr::copy_nonoverlapping(bytes.as_ptr(), self.alias.add(addr - self.page), bytes.len())
+            core::ptr::copy_nonoverlapping(
+                bytes.as_ptr(),
+                self.alias.add(addr - self.page),
+                bytes.len(),
+            )
         };
     }
 }
@@ -125,19 +128,23 @@ unsafe extern "C" fn run_job(data: *mut c_void) -> c_int {
 
 /// Patch (or revert) every site, all or nothing, with the other CPUs parked.
 fn transition(patcher: &Patcher<'_>, revert: bool) -> Result<PatchReport, PatchError> {
-    let (mut start, mut end) = (0, 0);
-    // SAFETY: writes two integers.
-    unsafe { shim::pvops_shim_module_text(&mut start, &mut end) };
-    let page = (start as usize) & !0xfff;
-    // SAFETY: [start, end) is this module's text, vmalloc'ed; the alias is dropped below.
-    let alias = unsafe { shim::pvops_shim_alias_text(start, end) };
+    let Some((start, end)) = patcher.span() else {
+        return Ok(PatchReport::default());
+    };
+    let page = start & !0xfff;
+    // SAFETY: [start, end) is text of this module (or of the kernel, when built in) holding
+    // call sites; the alias is dropped below.
+    let alias = unsafe { shim::pvops_shim_alias_text(start as _, end as _) };
     if alias.is_null() {
-        pr_err!("cannot map module text writable; nothing patched\n");
+        pr_err!("cannot map the call sites' text writable; nothing patched\n");
         return Ok(PatchReport::default());
     }
     let mut job = Job {
         patcher,
-        text: AliasText { page, alias: alias.cast() },
+        text: AliasText {
+            page,
+            alias: alias.cast(),
+        },
         revert,
         result: None,
     };
@@ -243,7 +250,10 @@ impl kernel::Module for PvopsGuest {
     fn init(_module: &'static ThisModule) -> Result<Self> {
         // detect → select
         let request = Request::parse(param()).map_err(|_| {
-            pr_err!("unknown backend '{}' (auto, native, kvm, xen, vmi, lguest); nothing patched\n", param());
+            pr_err!(
+                "unknown backend '{}' (auto, native, kvm, xen, vmi, lguest); nothing patched\n",
+                param()
+            );
             EINVAL
         })?;
         let detection = pvops::detect(&NativeCpuid);
@@ -252,10 +262,14 @@ impl kernel::Module for PvopsGuest {
             pr_err!("{}; nothing patched\n", e);
             ENODEV
         })?;
-        let backend = pvops_backends::backend(selection.backend, &KernelPlatform).ok_or_else(|| {
-            pr_err!("backend {} failed to start; nothing patched\n", selection.backend);
-            ENODEV
-        })?;
+        let backend =
+            pvops_backends::backend(selection.backend, &KernelPlatform).ok_or_else(|| {
+                pr_err!(
+                    "backend {} failed to start; nothing patched\n",
+                    selection.backend
+                );
+                ENODEV
+            })?;
 
         // fill
         let ops = backend.ops();
@@ -271,26 +285,48 @@ impl kernel::Module for PvopsGuest {
             Ok(r) => (r, true),
             Err(e) => {
                 pr_warn!("patching refused, sites stay indirect: {}\n", e);
-                (PatchReport { total: patcher.plan().total, ..Default::default() }, false)
+                (
+                    PatchReport {
+                        total: patcher.plan().total,
+                        ..Default::default()
+                    },
+                    false,
+                )
             }
         };
-        let text = AliasText { page: 0, alias: core::ptr::null_mut() };
+        let text = AliasText {
+            page: 0,
+            alias: core::ptr::null_mut(),
+        };
         let verified = !patched || patcher.verify(&text, true).is_ok();
 
         // report
         let failed = selftest(selection.backend);
         let hypervisor = match selection.interface {
-            Some(i) => CString::try_from_fmt(fmt!("{} base={:#x} max_leaf={:#x}", i.signature_str(), i.base, i.max_leaf))?,
+            Some(i) => CString::try_from_fmt(fmt!(
+                "{} base={:#x} max_leaf={:#x}",
+                i.signature_str(),
+                i.base,
+                i.max_leaf
+            ))?,
             None => CString::try_from_fmt(fmt!("none"))?,
         };
         let sites = CString::try_from_fmt(fmt!(
             "{}/{} inline={} direct={} indirect={}",
-            report.patched(), report.total, report.inline, report.direct, report.indirect
+            report.patched(),
+            report.total,
+            report.inline,
+            report.direct,
+            report.indirect
         ))?;
         let selftest = if failed.is_empty() && verified {
             CString::try_from_fmt(fmt!("ok bytes=verified"))?
         } else {
-            CString::try_from_fmt(fmt!("FAILED bytes={} checks={:?}", if verified { "verified" } else { "MISMATCH" }, &failed[..]))?
+            CString::try_from_fmt(fmt!(
+                "FAILED bytes={} checks={:?}",
+                if verified { "verified" } else { "MISMATCH" },
+                &failed[..]
+            ))?
         };
         let name = CString::try_from_fmt(fmt!("{}", selection.backend))?;
         // SAFETY: four NUL-terminated strings; the shim copies them.
@@ -304,7 +340,11 @@ impl kernel::Module for PvopsGuest {
         };
         pr_info!(
             "{} sites={}/{} (inline {}, direct {}) selftest={}\n",
-            selection, report.patched(), report.total, report.inline, report.direct,
+            selection,
+            report.patched(),
+            report.total,
+            report.inline,
+            report.direct,
             selftest.to_str().unwrap_or("?")
         );
         // SAFETY: creates the sysfs directory; removed in drop.
@@ -312,7 +352,11 @@ impl kernel::Module for PvopsGuest {
         if err != 0 {
             pr_warn!("/sys/kernel/pvops not created ({})\n", err);
         }
-        Ok(PvopsGuest { backend, ops, patched })
+        Ok(PvopsGuest {
+            backend,
+            ops,
+            patched,
+        })
     }
 }
 
@@ -322,7 +366,10 @@ impl Drop for PvopsGuest {
         unsafe { shim::pvops_shim_sysfs_remove() };
         let patcher = self.patcher();
         if self.patched {
-            let text = AliasText { page: 0, alias: core::ptr::null_mut() };
+            let text = AliasText {
+                page: 0,
+                alias: core::ptr::null_mut(),
+            };
             match transition(&patcher, true) {
                 Ok(r) => match patcher.verify(&text, false) {
                     Ok(()) => pr_info!("unload: {} sites restored byte-exact\n", r.total),

@@ -32,21 +32,12 @@ unsigned long pvops_shim_tsc_khz(void)
 	return tsc_khz;
 }
 
-/* Bounds of this module's core text, where every call site lives. */
-void pvops_shim_module_text(unsigned long *start, unsigned long *end)
-{
-#ifdef MODULE
-	*start = (unsigned long)THIS_MODULE->mem[MOD_TEXT].base;
-	*end = *start + THIS_MODULE->mem[MOD_TEXT].size;
-#else
-	*start = *end = 0;
-#endif
-}
-
 /*
- * Map the pages holding [start, end) a second time, writable and not executable. Module text
- * is read-only and text_poke() is not exported: writes go through this alias instead.
- * Returns the alias of the first page (start rounded down), or NULL.
+ * Map the pages holding [start, end) a second time, writable and not executable: module text
+ * and kernel text are read-only and text_poke() is not exported, so call sites are written
+ * through this alias. Module text is vmalloc memory; built into the kernel, the sites are in
+ * the kernel image, whose pages virt_to_page() finds. Returns the alias of the first page
+ * (start rounded down), or NULL.
  */
 void *pvops_shim_alias_text(unsigned long start, unsigned long end)
 {
@@ -55,11 +46,15 @@ void *pvops_shim_alias_text(unsigned long start, unsigned long end)
 	struct page **pages;
 	void *alias;
 
+	if (!n)
+		return NULL;
 	pages = kcalloc(n, sizeof(*pages), GFP_KERNEL);
 	if (!pages)
 		return NULL;
 	for (i = 0; i < n; i++) {
-		pages[i] = vmalloc_to_page((void *)(first + i * PAGE_SIZE));
+		void *p = (void *)(first + i * PAGE_SIZE);
+
+		pages[i] = is_vmalloc_or_module_addr(p) ? vmalloc_to_page(p) : virt_to_page(p);
 		if (!pages[i]) {
 			kfree(pages);
 			return NULL;

@@ -5,7 +5,6 @@
 
 const char *pvops_shim_backend_param(void);
 unsigned long pvops_shim_tsc_khz(void);
-void pvops_shim_module_text(unsigned long *start, unsigned long *end);
 void *pvops_shim_alias_text(unsigned long start, unsigned long end);
 void pvops_shim_unalias_text(void *alias);
 int pvops_shim_stop_machine(int (*fn)(void *), void *data);

@@ -1,8 +1,8 @@
 #!/bin/busybox sh
 # /init of every rig's guest: load the module the ways a user would, check what it reports,
-# unload it, power off. Each check prints "RIG-CHECK <name> ok|FAIL <detail>"; the host side
-# (scripts/rig) reads them. RIG_EXPECT (the backend auto must pick) comes from the kernel
-# command line.
+# unload it, power off (or, with rig_mode=builtin, check the report the built-in code made at
+# boot). Each check prints "RIG-CHECK <name> ok|FAIL <detail>"; the host side (scripts/rig)
+# reads them. rig_expect= (the backend auto must pick) comes from the kernel command line.
 /bin/busybox --install -s /bin
 mount -t proc proc /proc
 mount -t sysfs sys /sys
@@ -15,6 +15,31 @@ check() { # name, condition result (0 = ok), detail
 }
 loaded() { grep -q '^pvops_guest ' /proc/modules; }
 last_dmesg() { dmesg | grep 'pvops_guest:' | tail -n "${1:-1}"; }
+
+report() { # read /sys/kernel/pvops and check it: the expected backend, every site patched
+	backend=$(cat /sys/kernel/pvops/backend 2>/dev/null)
+	hypervisor=$(cat /sys/kernel/pvops/hypervisor 2>/dev/null)
+	sites=$(cat /sys/kernel/pvops/sites 2>/dev/null)
+	selftest=$(cat /sys/kernel/pvops/selftest 2>/dev/null)
+	echo "RIG-SYSFS backend=$backend"
+	echo "RIG-SYSFS hypervisor=$hypervisor"
+	echo "RIG-SYSFS sites=$sites"
+	echo "RIG-SYSFS selftest=$selftest"
+	check backend "$( [ "$backend" = "$expect" ]; echo $?)" "got '$backend', expected '$expect'"
+	p=${sites%%/*}; t=${sites#*/}; t=${t%% *}
+	check all-sites-patched "$( [ -n "$p" ] && [ "$p" -gt 0 ] && [ "$p" = "$t" ]; echo $?)" "$sites"
+	check selftest "$(echo "$selftest" | grep -q '^ok bytes=verified'; echo $?)" "$selftest"
+	check dmesg-report "$(last_dmesg | grep -q "backend=$expect .*sites=$p/$t"; echo $?)" "$(last_dmesg)"
+}
+
+if grep -q 'rig_mode=builtin' /proc/cmdline; then
+	# Built into the kernel: the report was made at boot.
+	check no-module-file "$( [ ! -e $ko ]; echo $?)" ""
+	report
+	echo "RIG-RESULT backend=$backend sites=$p/$t builtin"
+	echo "RIG-DONE"
+	poweroff -f
+fi
 
 # 1. A refused parameter patches nothing and leaves nothing loaded.
 out=$(insmod $ko backend=bogus 2>&1); rc=$?
@@ -31,19 +56,7 @@ done
 # 3. auto: the expected backend, every site patched and verified, the self-test passed.
 insmod $ko; rc=$?
 check load-auto "$rc" "$(last_dmesg)"
-backend=$(cat /sys/kernel/pvops/backend 2>/dev/null)
-hypervisor=$(cat /sys/kernel/pvops/hypervisor 2>/dev/null)
-sites=$(cat /sys/kernel/pvops/sites 2>/dev/null)
-selftest=$(cat /sys/kernel/pvops/selftest 2>/dev/null)
-echo "RIG-SYSFS backend=$backend"
-echo "RIG-SYSFS hypervisor=$hypervisor"
-echo "RIG-SYSFS sites=$sites"
-echo "RIG-SYSFS selftest=$selftest"
-check backend "$( [ "$backend" = "$expect" ]; echo $?)" "got '$backend', expected '$expect'"
-p=${sites%%/*}; t=${sites#*/}; t=${t%% *}
-check all-sites-patched "$( [ -n "$p" ] && [ "$p" -gt 0 ] && [ "$p" = "$t" ]; echo $?)" "$sites"
-check selftest "$(echo "$selftest" | grep -q '^ok bytes=verified'; echo $?)" "$selftest"
-check dmesg-report "$(last_dmesg | grep -q "backend=$expect .*sites=$p/$t"; echo $?)" "$(last_dmesg)"
+report
 
 # 4. Unload restores every site byte for byte (the module verifies each one after writing).
 rmmod pvops_guest; rc=$?

@@ -36,10 +36,17 @@ fn bare_hardware_is_not_scanned() {
     let d = detect(&src);
     assert!(!d.hypervisor_bit);
     assert_eq!(d.interfaces().count(), 0);
-    assert_eq!(calls.get(), 0, "hypervisor leaves must not be read without the hypervisor bit");
+    assert_eq!(
+        calls.get(),
+        0,
+        "hypervisor leaves must not be read without the hypervisor bit"
+    );
     assert_eq!(d.vendor, CpuVendor::Intel);
     let s = select(Request::Auto, &d, &present(&[])).unwrap();
-    assert_eq!((s.backend, s.reason), (BackendId::Native, Reason::NoHypervisor));
+    assert_eq!(
+        (s.backend, s.reason),
+        (BackendId::Native, Reason::NoHypervisor)
+    );
 }
 
 #[test]
@@ -61,7 +68,10 @@ fn kvm() {
     let m = models::kvm();
     let d = detect(&m.source());
     let kvm = d.find(HypervisorKind::Kvm).expect("KVM found");
-    assert_eq!((kvm.base, kvm.max_leaf, kvm.leaves()), (0x4000_0000, 0x4000_0001, 1));
+    assert_eq!(
+        (kvm.base, kvm.max_leaf, kvm.leaves()),
+        (0x4000_0000, 0x4000_0001, 1)
+    );
     assert_eq!(kvm.signature_str().to_string(), "KVMKVMKVM");
     assert_eq!(d.interfaces().count(), 1);
     assert!(d.vendor.uses_vmmcall());
@@ -77,7 +87,12 @@ fn kvm() {
     );
 
     // With the KVM backend present, auto picks it.
-    let s = select(Request::Auto, &d, &present(&[(BackendId::Kvm, Some(0x4000_0000))])).unwrap();
+    let s = select(
+        Request::Auto,
+        &d,
+        &present(&[(BackendId::Kvm, Some(0x4000_0000))]),
+    )
+    .unwrap();
     assert_eq!((s.backend, s.reason), (BackendId::Kvm, Reason::Detected));
     assert_eq!(s.interface.unwrap().base, 0x4000_0000);
 }
@@ -95,10 +110,18 @@ fn hyperv_compatibility_interface_below_kvm() {
     let kinds: Vec<_> = d.interfaces().map(|i| (i.kind, i.base)).collect();
     assert_eq!(
         kinds,
-        [(HypervisorKind::HyperV, 0x4000_0000), (HypervisorKind::Kvm, 0x4000_0100)]
+        [
+            (HypervisorKind::HyperV, 0x4000_0000),
+            (HypervisorKind::Kvm, 0x4000_0100)
+        ]
     );
     assert_eq!(d.primary().unwrap().kind, HypervisorKind::Kvm);
-    let s = select(Request::Auto, &d, &present(&[(BackendId::Kvm, Some(0x4000_0100))])).unwrap();
+    let s = select(
+        Request::Auto,
+        &d,
+        &present(&[(BackendId::Kvm, Some(0x4000_0100))]),
+    )
+    .unwrap();
     assert_eq!(s.backend, BackendId::Kvm);
     assert_eq!(s.interface.unwrap().base, 0x4000_0100);
     // raw-cpuid would have said Hyper-V: it reads only 0x4000_0000.
@@ -110,8 +133,16 @@ fn hyperv_compatibility_interface_below_xen() {
     let xen = d.find(HypervisorKind::Xen).unwrap();
     assert_eq!((xen.base, xen.leaves()), (0x4000_0100, 5));
     assert_eq!(d.find(HypervisorKind::HyperV).unwrap().base, 0x4000_0000);
-    let s = select(Request::Auto, &d, &present(&[(BackendId::Xen, Some(0x4000_0100))])).unwrap();
-    assert_eq!((s.backend, s.interface.unwrap().base), (BackendId::Xen, 0x4000_0100));
+    let s = select(
+        Request::Auto,
+        &d,
+        &present(&[(BackendId::Xen, Some(0x4000_0100))]),
+    )
+    .unwrap();
+    assert_eq!(
+        (s.backend, s.interface.unwrap().base),
+        (BackendId::Xen, 0x4000_0100)
+    );
 }
 
 #[test]
@@ -119,17 +150,32 @@ fn xen_hvm_as_qemu_emulates_it() {
     let d = detect(&models::xen_hvm_qemu().source());
     let xen = d.find(HypervisorKind::Xen).unwrap();
     assert_eq!((xen.base, xen.max_leaf), (0x4000_0000, 0x4000_0004));
-    let s = select(Request::Auto, &d, &pvops_backends::candidates(&d, &NoPlatform)).unwrap();
-    assert_eq!((s.backend, s.reason), (BackendId::Native, Reason::NotBuilt(BackendId::Xen)));
+    let s = select(
+        Request::Auto,
+        &d,
+        &pvops_backends::candidates(&d, &NoPlatform),
+    )
+    .unwrap();
+    assert_eq!(
+        (s.backend, s.reason),
+        (BackendId::Native, Reason::NotBuilt(BackendId::Xen))
+    );
 }
 
 #[test]
 fn tcg_means_native_and_leftovers_are_ignored() {
     let d = detect(&models::tcg().source());
     let all: Vec<_> = d.interfaces().map(|i| i.kind).collect();
-    assert_eq!(all, [HypervisorKind::Tcg], "leftover basic-leaf values are no interface");
+    assert_eq!(
+        all,
+        [HypervisorKind::Tcg],
+        "leftover basic-leaf values are no interface"
+    );
     let s = select(Request::Auto, &d, &present(&[])).unwrap();
-    assert_eq!((s.backend, s.reason), (BackendId::Native, Reason::Unsupported(HypervisorKind::Tcg)));
+    assert_eq!(
+        (s.backend, s.reason),
+        (BackendId::Native, Reason::Unsupported(HypervisorKind::Tcg))
+    );
     assert_eq!(
         s.to_string(),
         "backend=native reason=\"no backend for tcg\" hypervisor=TCGTCGTCGTCG@0x40000000"
@@ -148,7 +194,10 @@ fn other_hypervisors_are_named() {
         let i = d.primary().unwrap();
         assert_eq!(i.kind, kind);
         let s = select(Request::Auto, &d, &present(&[])).unwrap();
-        assert_eq!((s.backend, s.reason), (BackendId::Native, Reason::Unsupported(kind)));
+        assert_eq!(
+            (s.backend, s.reason),
+            (BackendId::Native, Reason::Unsupported(kind))
+        );
     }
     let d = detect(&models::unknown().source());
     let i = d.primary().unwrap();
@@ -161,29 +210,47 @@ fn hidden_hypervisor() {
     let d = detect(&models::hidden().source());
     assert!(d.hypervisor_bit);
     let s = select(Request::Auto, &d, &present(&[])).unwrap();
-    assert_eq!((s.backend, s.reason), (BackendId::Native, Reason::NoInterface));
+    assert_eq!(
+        (s.backend, s.reason),
+        (BackendId::Native, Reason::NoInterface)
+    );
 }
 
 #[test]
 fn platform_hooks_win_over_cpuid() {
     // An lguest or VMI host announces itself outside CPUID; it is exclusive.
     let d = detect(&models::kvm().source());
-    let c = present(&[(BackendId::Kvm, Some(0x4000_0000)), (BackendId::Lguest, None)]);
-    assert_eq!(select(Request::Auto, &d, &c).unwrap().backend, BackendId::Lguest);
+    let c = present(&[
+        (BackendId::Kvm, Some(0x4000_0000)),
+        (BackendId::Lguest, None),
+    ]);
+    assert_eq!(
+        select(Request::Auto, &d, &c).unwrap().backend,
+        BackendId::Lguest
+    );
 }
 
 #[test]
 fn requests() {
     assert_eq!(Request::parse("auto"), Ok(Request::Auto));
-    assert_eq!(Request::parse("kvm\n"), Ok(Request::Backend(BackendId::Kvm)));
-    assert_eq!(Request::parse("native"), Ok(Request::Backend(BackendId::Native)));
+    assert_eq!(
+        Request::parse("kvm\n"),
+        Ok(Request::Backend(BackendId::Kvm))
+    );
+    assert_eq!(
+        Request::parse("native"),
+        Ok(Request::Backend(BackendId::Native))
+    );
     assert!(Request::parse("qemu").is_err());
     assert!(Request::parse("KVM").is_err());
 
     let d = detect(&models::kvm().source());
     // native can always be forced
     let s = select(Request::Backend(BackendId::Native), &d, &present(&[])).unwrap();
-    assert_eq!((s.backend, s.reason), (BackendId::Native, Reason::Requested));
+    assert_eq!(
+        (s.backend, s.reason),
+        (BackendId::Native, Reason::Requested)
+    );
     // a backend whose hypervisor is absent is refused
     let c = present(&[(BackendId::Kvm, Some(0x4000_0000))]);
     assert_eq!(
@@ -216,12 +283,23 @@ fn real_cpuid() {
         .interfaces()
         .map(|i| format!("{}@{:#x}", i.signature_str(), i.base))
         .collect();
-    eprintln!("real CPUID: hypervisor bit {}, interfaces {:?}", d.hypervisor_bit, seen);
-    let s = select(Request::Auto, &d, &pvops_backends::candidates(&d, &NoPlatform)).unwrap();
+    eprintln!(
+        "real CPUID: hypervisor bit {}, interfaces {:?}",
+        d.hypervisor_bit, seen
+    );
+    let s = select(
+        Request::Auto,
+        &d,
+        &pvops_backends::candidates(&d, &NoPlatform),
+    )
+    .unwrap();
     eprintln!("selection: {s}");
     if !d.hypervisor_bit {
         eprintln!("no hypervisor here: checking the native path");
-        assert_eq!((s.backend, s.reason), (BackendId::Native, Reason::NoHypervisor));
+        assert_eq!(
+            (s.backend, s.reason),
+            (BackendId::Native, Reason::NoHypervisor)
+        );
         return;
     }
     match d.primary().map(|i| i.kind) {

@@ -28,8 +28,24 @@ impl CpuidModel {
         let mut m = CpuidModel::default();
         // leaf 0 spells the vendor in EBX, EDX, ECX
         let (b, d, c) = sig_regs(vendor);
-        m.set(0, CpuidResult { eax: 0xd, ebx: b, ecx: c, edx: d });
-        m.set(1, CpuidResult { eax: 0x00a2_0f12, ebx: 0, ecx: if hypervisor_bit { 1 << 31 } else { 0 }, edx: 0 });
+        m.set(
+            0,
+            CpuidResult {
+                eax: 0xd,
+                ebx: b,
+                ecx: c,
+                edx: d,
+            },
+        );
+        m.set(
+            1,
+            CpuidResult {
+                eax: 0x00a2_0f12,
+                ebx: 0,
+                ecx: if hypervisor_bit { 1 << 31 } else { 0 },
+                edx: 0,
+            },
+        );
         m
     }
 
@@ -42,7 +58,15 @@ impl CpuidModel {
     /// An interface at `base` with `leaves` leaves after it and this signature.
     pub fn interface(&mut self, base: u32, max_leaf: u32, sig: &[u8; 12]) -> &mut Self {
         let (ebx, ecx, edx) = sig_regs(sig);
-        self.set(base, CpuidResult { eax: max_leaf, ebx, ecx, edx })
+        self.set(
+            base,
+            CpuidResult {
+                eax: max_leaf,
+                ebx,
+                ecx,
+                edx,
+            },
+        )
     }
 
     /// Answer CPUID.
@@ -52,7 +76,12 @@ impl CpuidModel {
         }
         if self.leftovers && leaf >= 0x4000_0000 {
             // what the highest basic leaf returned
-            return CpuidResult { eax: 0x0000_0007, ebx: 0x0000_0340, ecx: 0x0000_0340, edx: 0 };
+            return CpuidResult {
+                eax: 0x0000_0007,
+                ebx: 0x0000_0340,
+                ecx: 0x0000_0340,
+                edx: 0,
+            };
         }
         CpuidResult::default()
     }
@@ -81,7 +110,15 @@ pub mod models {
     pub fn kvm() -> CpuidModel {
         let mut m = CpuidModel::cpu(AMD, true);
         m.interface(0x4000_0000, 0x4000_0001, b"KVMKVMKVM\0\0\0");
-        m.set(0x4000_0001, CpuidResult { eax: 0x0100_7efb, ebx: 0, ecx: 0, edx: 0 });
+        m.set(
+            0x4000_0001,
+            CpuidResult {
+                eax: 0x0100_7efb,
+                ebx: 0,
+                ecx: 0,
+                edx: 0,
+            },
+        );
         m
     }
 
@@ -97,7 +134,15 @@ pub mod models {
         let mut m = CpuidModel::cpu(INTEL, true);
         m.interface(0x4000_0000, 0x4000_000b, b"Microsoft Hv");
         m.interface(0x4000_0100, 0x4000_0101, b"KVMKVMKVM\0\0\0");
-        m.set(0x4000_0101, CpuidResult { eax: 0x0100_7efb, ebx: 0, ecx: 0, edx: 0 });
+        m.set(
+            0x4000_0101,
+            CpuidResult {
+                eax: 0x0100_7efb,
+                ebx: 0,
+                ecx: 0,
+                edx: 0,
+            },
+        );
         m
     }
 
@@ -105,8 +150,24 @@ pub mod models {
     pub fn xen_hvm_qemu() -> CpuidModel {
         let mut m = CpuidModel::cpu(AMD, true);
         m.interface(0x4000_0000, 0x4000_0004, b"XenVMMXenVMM");
-        m.set(0x4000_0001, CpuidResult { eax: 0x0004_0011, ebx: 0, ecx: 0, edx: 0 });
-        m.set(0x4000_0002, CpuidResult { eax: 1, ebx: 0x4000_0000, ecx: 0, edx: 0 });
+        m.set(
+            0x4000_0001,
+            CpuidResult {
+                eax: 0x0004_0011,
+                ebx: 0,
+                ecx: 0,
+                edx: 0,
+            },
+        );
+        m.set(
+            0x4000_0002,
+            CpuidResult {
+                eax: 1,
+                ebx: 0x4000_0000,
+                ecx: 0,
+                edx: 0,
+            },
+        );
         m
     }
 
@@ -115,8 +176,24 @@ pub mod models {
         let mut m = CpuidModel::cpu(INTEL, true);
         m.interface(0x4000_0000, 0x4000_0006, b"Microsoft Hv");
         m.interface(0x4000_0100, 0x4000_0105, b"XenVMMXenVMM");
-        m.set(0x4000_0101, CpuidResult { eax: 0x0004_0011, ebx: 0, ecx: 0, edx: 0 });
-        m.set(0x4000_0102, CpuidResult { eax: 1, ebx: 0x4000_0200, ecx: 0, edx: 0 });
+        m.set(
+            0x4000_0101,
+            CpuidResult {
+                eax: 0x0004_0011,
+                ebx: 0,
+                ecx: 0,
+                edx: 0,
+            },
+        );
+        m.set(
+            0x4000_0102,
+            CpuidResult {
+                eax: 1,
+                ebx: 0x4000_0200,
+                ecx: 0,
+                edx: 0,
+            },
+        );
         m
     }
 
@@ -188,7 +265,11 @@ impl pvops::Text for MprotectText {
         // SAFETY: `start..start+len` covers mapped text of this process; it stays executable
         // throughout (other code on those pages may be running on this very thread).
         let rc = unsafe {
-            libc::mprotect(start as *mut _, len, libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC)
+            libc::mprotect(
+                start as *mut _,
+                len,
+                libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC,
+            )
         };
         assert_eq!(rc, 0, "mprotect RWX: {}", std::io::Error::last_os_error());
         // SAFETY: the caller (the engine) verified the site; the pages are writable now.

@@ -94,7 +94,9 @@ fn expected_inline(op: Op) -> Option<&'static [&'static str]> {
 
 /// Every byte of every site, read from memory.
 fn snapshot(p: &Patcher) -> Vec<(usize, Vec<u8>)> {
-    p.sites().map(|s| (s.addr, peek(s.addr, s.len as usize))).collect()
+    p.sites()
+        .map(|s| (s.addr, peek(s.addr, s.len as usize)))
+        .collect()
 }
 
 /// The ops that are legal in ring 3, run through whatever the sites hold now.
@@ -120,7 +122,10 @@ fn run_user_ops(tsc_khz: u64) {
     assert!(t1 > t0, "sched_clock is monotonic");
     // the TSC was calibrated against this clock: within 10%
     let d = t1 - t0;
-    assert!(d > dt * 9 / 10 && d < dt * 11 / 10, "sched_clock {d} ns vs Instant {dt} ns");
+    assert!(
+        d > dt * 9 / 10 && d < dt * 11 / 10,
+        "sched_clock {d} ns vs Instant {dt} ns"
+    );
 
     // SAFETY: on the native backend these are no-ops (NOPs once patched, empty functions before).
     unsafe {
@@ -165,12 +170,16 @@ fn patch_this_process() {
     }
 
     // Unpatched: every site is the indirect call through its slot, as emitted.
-    p.verify(&MprotectText::default(), false).expect("sites hold their original bytes");
+    p.verify(&MprotectText::default(), false)
+        .expect("sites hold their original bytes");
     for s in p.sites() {
         let insns = decode(&peek(s.addr, s.len as usize), s.addr as u64);
         assert_eq!(insns[0].mnemonic(), Mnemonic::Call);
         assert_eq!(insns[0].flow_control(), FlowControl::IndirectCall);
-        assert_eq!(insns[0].memory_displacement64() as usize, PV_OPS.addr() + s.op.slot());
+        assert_eq!(
+            insns[0].memory_displacement64() as usize,
+            PV_OPS.addr() + s.op.slot()
+        );
     }
     run_user_ops(khz);
     let before = snapshot(&p);
@@ -181,7 +190,10 @@ fn patch_this_process() {
     let report = p.apply(&mut text).expect("patching succeeds");
     assert_eq!(report, plan);
     assert_eq!(report.total, p.sites().count());
-    assert_eq!(report.indirect, 0, "every native target is within reach of a direct call");
+    assert_eq!(
+        report.indirect, 0,
+        "every native target is within reach of a direct call"
+    );
     eprintln!("patched {report:?}, {} bytes written", text.written);
     p.verify(&text, true).expect("sites hold the patched bytes");
 
@@ -200,14 +212,23 @@ fn patch_this_process() {
                 let call = &insns[0];
                 assert_eq!(call.mnemonic(), Mnemonic::Call);
                 assert_eq!(call.flow_control(), FlowControl::Call, "direct call");
-                assert_eq!(call.near_branch64() as usize, ops.target(s.op), "{} target", s.op.name());
+                assert_eq!(
+                    call.near_branch64() as usize,
+                    ops.target(s.op),
+                    "{} target",
+                    s.op.name()
+                );
                 1
             }
             other => panic!("{}: unexpected action {other:?}", s.op.name()),
         };
         // the rest of the site is at most one NOP
         let rest = &insns[body..];
-        assert!(rest.len() <= 1, "{}: one padding NOP at most, got {rest:?}", s.op.name());
+        assert!(
+            rest.len() <= 1,
+            "{}: one padding NOP at most, got {rest:?}",
+            s.op.name()
+        );
         assert!(rest.iter().all(|i| i.mnemonic() == Mnemonic::Nop));
         assert_eq!(insns.iter().map(|i| i.len()).sum::<usize>(), s.len as usize);
     }
@@ -217,12 +238,19 @@ fn patch_this_process() {
 
     // A second apply is refused (sites no longer hold their original bytes) and writes nothing.
     let mut text2 = MprotectText::default();
-    assert!(matches!(p.apply(&mut text2), Err(PatchError::Mismatch { .. })));
+    assert!(matches!(
+        p.apply(&mut text2),
+        Err(PatchError::Mismatch { .. })
+    ));
     assert_eq!(text2.written, 0);
 
     // Revert: byte for byte what was there.
     p.revert(&mut text).expect("revert succeeds");
-    assert_eq!(snapshot(&p), before, "revert restores every site byte for byte");
+    assert_eq!(
+        snapshot(&p),
+        before,
+        "revert restores every site byte for byte"
+    );
     run_user_ops(khz);
 
     refusals(&p);

@@ -129,7 +129,9 @@ pub unsafe extern "C" fn cpuid(leaf: u32, subleaf: u32, out: *mut CpuidResult) {
 pub unsafe extern "C" fn read_msr(msr: u32) -> u64 {
     let (lo, hi): (u32, u32);
     // SAFETY: forwarded contract.
-    unsafe { core::arch::asm!("rdmsr", in("ecx") msr, out("eax") lo, out("edx") hi, options(nostack)) };
+    unsafe {
+        core::arch::asm!("rdmsr", in("ecx") msr, out("eax") lo, out("edx") hi, options(nostack))
+    };
     (u64::from(hi) << 32) | u64::from(lo)
 }
 
@@ -295,7 +297,12 @@ unsafe extern "C" fn set_next_event(delta_ns: u64) -> i32 {
     }
     let cycles = delta_ns.saturating_mul(khz) / 1_000_000;
     // SAFETY: forwarded contract; the MSR exists when the APIC is in TSC-deadline mode.
-    unsafe { write_msr_safe(MSR_IA32_TSC_DEADLINE, arch::rdtsc_ordered().saturating_add(cycles)) }
+    unsafe {
+        write_msr_safe(
+            MSR_IA32_TSC_DEADLINE,
+            arch::rdtsc_ordered().saturating_add(cycles),
+        )
+    }
 }
 
 mod rtc {
@@ -332,24 +339,43 @@ mod rtc {
         era * 146_097 + doe - 719_468
     }
 
+    /// Seconds, minutes, hours, day, month, year and status register B, read once the clock
+    /// is not in the middle of an update.
+    ///
     /// # Safety
     ///
     /// As [`read`].
-    pub(super) unsafe fn read_ns() -> u64 {
-        // SAFETY (whole function): forwarded contract.
-        let snapshot = || unsafe {
+    unsafe fn snapshot() -> [u8; 7] {
+        // SAFETY: forwarded contract.
+        unsafe {
             // Wait for "update in progress" (register A bit 7) to clear; bounded.
             for _ in 0..1_000_000 {
                 if read(0x0a) & 0x80 == 0 {
                     break;
                 }
             }
-            [read(0x00), read(0x02), read(0x04), read(0x07), read(0x08), read(0x09), read(0x0b)]
-        };
-        let mut t = snapshot();
+            [
+                read(0x00),
+                read(0x02),
+                read(0x04),
+                read(0x07),
+                read(0x08),
+                read(0x09),
+                read(0x0b),
+            ]
+        }
+    }
+
+    /// # Safety
+    ///
+    /// As [`read`].
+    pub(super) unsafe fn read_ns() -> u64 {
+        // SAFETY: forwarded contract.
+        let mut t = unsafe { snapshot() };
         // Read until two snapshots agree, so no field is torn by an update.
         for _ in 0..10 {
-            let u = snapshot();
+            // SAFETY: forwarded contract.
+            let u = unsafe { snapshot() };
             if u == t {
                 break;
             }
@@ -379,11 +405,9 @@ pub static NATIVE: Native = Native;
 /// Set the TSC frequency sched_clock and the timer use (the kernel's `tsc_khz`, or a value a
 /// test calibrated). 0 leaves the clock unscaled (it reads 0).
 pub fn init(tsc_khz: u64) {
-    let mult = if tsc_khz == 0 {
-        0
-    } else {
-        (1_000_000u64 << MULT_SHIFT) / tsc_khz
-    };
+    let mult = (1_000_000u64 << MULT_SHIFT)
+        .checked_div(tsc_khz)
+        .unwrap_or(0);
     TSC.khz.store(tsc_khz, Ordering::Relaxed);
     TSC.mult.store(mult, Ordering::Relaxed);
 }

@@ -209,7 +209,12 @@ fn signature(r: &CpuidResult) -> [u8; 12] {
 /// Scan CPUID as described in the module docs.
 pub fn detect(cpu: &dyn CpuidSource) -> Detection {
     let leaf0 = cpu.cpuid(0, 0);
-    let vendor = match &signature(&CpuidResult { ebx: leaf0.ebx, ecx: leaf0.edx, edx: leaf0.ecx, eax: 0 }) {
+    let vendor = match &signature(&CpuidResult {
+        ebx: leaf0.ebx,
+        ecx: leaf0.edx,
+        edx: leaf0.ecx,
+        eax: 0,
+    }) {
         b"GenuineIntel" => CpuVendor::Intel,
         b"AuthenticAMD" => CpuVendor::Amd,
         b"HygonGenuine" => CpuVendor::Hygon,

@@ -172,9 +172,18 @@ pub enum PatchError {
 impl fmt::Display for PatchError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            PatchError::BadRecord { index, why } => write!(f, "site record {index} is invalid: {why:?}"),
-            PatchError::Overlap { first, second } => write!(f, "sites {first} and {second} overlap"),
-            PatchError::Mismatch { index, site, found, expected } => write!(
+            PatchError::BadRecord { index, why } => {
+                write!(f, "site record {index} is invalid: {why:?}")
+            }
+            PatchError::Overlap { first, second } => {
+                write!(f, "sites {first} and {second} overlap")
+            }
+            PatchError::Mismatch {
+                index,
+                site,
+                found,
+                expected,
+            } => write!(
                 f,
                 "site {index} ({} at {:#x}) holds [{found:?}], expected [{expected:?}]",
                 site.op.name(),
@@ -229,7 +238,10 @@ impl<'a> Patcher<'a> {
             for (other, o) in sites.iter().enumerate().skip(index + 1) {
                 let Ok(o) = o else { continue };
                 if site.addr < o.addr + o.len as usize && o.addr < site.addr + site.len as usize {
-                    return Err(PatchError::Overlap { first: index, second: other });
+                    return Err(PatchError::Overlap {
+                        first: index,
+                        second: other,
+                    });
                 }
             }
         }
@@ -269,12 +281,25 @@ impl<'a> Patcher<'a> {
 
     /// Check that every site holds its original bytes (`patched == false`) or the patched ones.
     pub fn verify(&self, text: &dyn Text, patched: bool) -> Result<(), PatchError> {
-        self.check(if patched { State::Patched } else { State::Original }, text)
+        self.check(
+            if patched {
+                State::Patched
+            } else {
+                State::Original
+            },
+            text,
+        )
     }
 
     /// The sites, resolved (`new` checked every record).
     pub fn sites(&self) -> impl Iterator<Item = Site> + '_ {
         self.sites.iter().flatten()
+    }
+
+    /// The text the sites occupy (lowest address, one past the highest): what a [`Text`] must
+    /// be able to write.
+    pub fn span(&self) -> Option<(usize, usize)> {
+        self.sites.span()
     }
 
     /// The bytes a site holds before patching: `ff 15 <rel32 to its slot>` and NOP padding.
@@ -333,7 +358,12 @@ impl<'a> Patcher<'a> {
             let mut found = SiteBytes::new(site.len);
             text.read(site.addr, found.as_mut_slice());
             if found != expected {
-                return Err(PatchError::Mismatch { index, site, found, expected });
+                return Err(PatchError::Mismatch {
+                    index,
+                    site,
+                    found,
+                    expected,
+                });
             }
         }
         Ok(())

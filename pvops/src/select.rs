@@ -123,7 +123,9 @@ impl Request {
     pub fn parse(s: &str) -> Result<Request, UnknownBackend> {
         match s.trim() {
             "auto" | "" => Ok(Request::Auto),
-            name => BackendId::from_name(name).map(Request::Backend).ok_or(UnknownBackend),
+            name => BackendId::from_name(name)
+                .map(Request::Backend)
+                .ok_or(UnknownBackend),
         }
     }
 }
@@ -181,7 +183,9 @@ pub enum SelectError {
 impl fmt::Display for SelectError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            SelectError::Absent(b) => write!(f, "backend {b} requested but its hypervisor is absent"),
+            SelectError::Absent(b) => {
+                write!(f, "backend {b} requested but its hypervisor is absent")
+            }
             SelectError::NotBuilt(b) => write!(f, "backend {b} requested but not built"),
         }
     }
@@ -260,7 +264,11 @@ pub fn select(
 impl fmt::Display for Selection {
     /// `backend=kvm reason=detected hypervisor=KVMKVMKVM@0x40000000`, the report's first half.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "backend={} reason=\"{}\" hypervisor=", self.backend, self.reason)?;
+        write!(
+            f,
+            "backend={} reason=\"{}\" hypervisor=",
+            self.backend, self.reason
+        )?;
         match &self.interface {
             Some(i) => write!(f, "{}@{:#x}", i.signature_str(), i.base),
             None => f.write_str("none"),

@@ -71,7 +71,8 @@ impl SiteRecord {
         if self.len != op.site_len() {
             return Err(BadRecord::Length { op, len: self.len });
         }
-        let clobbers = Clobbers::from_bits(self.clobbers).ok_or(BadRecord::Clobbers(self.clobbers))?;
+        let clobbers =
+            Clobbers::from_bits(self.clobbers).ok_or(BadRecord::Clobbers(self.clobbers))?;
         Ok(Site {
             addr: record_addr.wrapping_add_signed(self.rel as isize),
             op,

@@ -48,9 +48,7 @@ pub fn wall_clock() -> u64 {
 pub unsafe fn set_next_event(delta_ns: u64) -> Result<(), i32> {
     let rc: i32;
     // SAFETY: forwarded contract; C operands.
-    unsafe {
-        pv_site!(Op::SetNextEvent; in("rdi") delta_ns, lateout("eax") rc, clobber_abi("C"))
-    };
+    unsafe { pv_site!(Op::SetNextEvent; in("rdi") delta_ns, lateout("eax") rc, clobber_abi("C")) };
     if rc == 0 {
         Ok(())
     } else {

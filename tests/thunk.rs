@@ -1,0 +1,55 @@
+//! `callee_save_thunk!`: a Rust function behind a thunk changes no register but RAX, as the
+//! callee-save convention promises to every call site.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+static SEEN: AtomicU64 = AtomicU64::new(0);
+
+/// An ordinary C-ABI function: free to use every caller-saved register.
+extern "C" fn busy(arg: u64) -> u64 {
+    SEEN.store(arg, Ordering::Relaxed);
+    // enough work that the compiler uses scratch registers
+    let mut acc = arg;
+    for i in 0..64u64 {
+        acc = acc.rotate_left(7) ^ i.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+    std::hint::black_box(acc) ^ acc ^ (arg + 1)
+}
+
+pvops::callee_save_thunk!(
+    /// `busy` behind a callee-save thunk.
+    fn busy_thunk(arg: u64) -> u64 => busy
+);
+
+#[test]
+fn thunk_preserves_every_register_but_rax() {
+    let sentinels: [u64; 8] = [
+        0x1111, 0x2222, 0x3333, 0x4444, 0x8888, 0x9999, 0xaaaa, 0xbbbb,
+    ];
+    let (rcx, rdx, rsi, rdi, r8, r9, r10, r11): (u64, u64, u64, u64, u64, u64, u64, u64);
+    let rax: u64;
+    // SAFETY: calls the thunk with the callee-save convention (argument in RDI); every register
+    // the asm touches is declared.
+    unsafe {
+        core::arch::asm!(
+            "call {f}",
+            f = sym busy_thunk,
+            inout("rdi") 41u64 => rdi,
+            inout("rcx") sentinels[0] => rcx,
+            inout("rdx") sentinels[1] => rdx,
+            inout("rsi") sentinels[2] => rsi,
+            inout("r8") sentinels[4] => r8,
+            inout("r9") sentinels[5] => r9,
+            inout("r10") sentinels[6] => r10,
+            inout("r11") sentinels[7] => r11,
+            out("rax") rax,
+        )
+    };
+    assert_eq!(rax, 42, "result in RAX");
+    assert_eq!(SEEN.load(Ordering::Relaxed), 41, "argument passed in RDI");
+    assert_eq!(rdi, 41, "RDI preserved");
+    assert_eq!(
+        [rcx, rdx, rsi, r8, r9, r10, r11],
+        [0x1111, 0x2222, 0x3333, 0x8888, 0x9999, 0xaaaa, 0xbbbb]
+    );
+}
