@@ -15,3 +15,40 @@ int pvops_shim_sysfs_create(void);
 void pvops_shim_sysfs_remove(void);
 
 #endif
+
+/* linux_peer.c: Linux's own paravirt path, one loop per operation (ids shared with bench.rs). */
+enum pvops_linux_loop {
+	PVOPS_LINUX_EMPTY,
+	PVOPS_LINUX_SAVE_FL,
+	PVOPS_LINUX_RESTORE_FL,
+	PVOPS_LINUX_IRQ_DISABLE,
+	PVOPS_LINUX_IRQ_ENABLE_DISABLE,
+	PVOPS_LINUX_READ_CR0,
+	PVOPS_LINUX_READ_CR2,
+	PVOPS_LINUX_WRITE_CR2,
+	PVOPS_LINUX_READ_CR3,
+	PVOPS_LINUX_READ_CR4,
+	PVOPS_LINUX_CPUID,
+	PVOPS_LINUX_READ_MSR,
+	PVOPS_LINUX_FLUSH_TLB_ONE_USER,
+	PVOPS_LINUX_STORE_TR,
+	PVOPS_LINUX_LOAD_IDT,
+	PVOPS_LINUX_IO_DELAY,
+	PVOPS_LINUX_SET_PTE,
+	PVOPS_LINUX_SCHED_CLOCK,
+	PVOPS_LINUX_TSC_KHZ,
+	PVOPS_LINUX_WRITE_CR3,
+	PVOPS_LINUX_SAVE_FL_INDIRECT,
+};
+u64 pvops_linux_loop(unsigned int which, u32 reps);
+
+/* Interrupts off/on around a measurement, the kernel's way. */
+unsigned long pvops_shim_irq_save(void);
+void pvops_shim_irq_restore(unsigned long flags);
+
+/* debugfs: /sys/kernel/debug/pvops/bench (root only). A write runs pvops_bench_run() (Rust),
+ * which hands its JSON to pvops_shim_set_bench(); a read returns that JSON. */
+int pvops_bench_run(void);
+int pvops_shim_set_bench(const char *json, size_t len);
+int pvops_shim_debugfs_create(void);
+void pvops_shim_debugfs_remove(void);
