@@ -23,13 +23,13 @@
 #define KEEP(x) asm volatile("" : : "r"(x))
 
 /* Each returns the TSC cycles `reps` iterations took (interrupts already off). */
-#define LINUX_LOOP(name, body)                                          \
+#define LINUX_LOOP(name, ...)                                           \
 	static u64 linux_##name(u32 reps)                               \
 	{                                                               \
 		u64 t0 = rdtsc_ordered(), t1;                           \
 		u32 i;                                                  \
 		for (i = 0; i < reps; i++) {                            \
-			body;                                           \
+			__VA_ARGS__;                                        \
 		}                                                       \
 		t1 = rdtsc_ordered();                                   \
 		return t1 - t0;                                         \

@@ -16,6 +16,8 @@ use pvops::arch::NativeCpuid;
 use pvops::ops::{cpu, irq, mmu, timer};
 use pvops::{Backend, BackendId, PatchError, PatchReport, Patcher, Request, SiteTable, PV_OPS};
 
+mod bench;
+
 module! {
     type: PvopsGuest,
     name: "pvops_guest",
@@ -49,6 +51,12 @@ mod shim {
         );
         pub(crate) fn pvops_shim_sysfs_create() -> c_int;
         pub(crate) fn pvops_shim_sysfs_remove();
+        pub(crate) fn pvops_shim_irq_save() -> c_ulong;
+        pub(crate) fn pvops_shim_irq_restore(flags: c_ulong);
+        pub(crate) fn pvops_linux_loop(which: u32, reps: u32) -> u64;
+        pub(crate) fn pvops_shim_set_bench(json: *const c_char, len: usize) -> c_int;
+        pub(crate) fn pvops_shim_debugfs_create() -> c_int;
+        pub(crate) fn pvops_shim_debugfs_remove();
     }
 }
 
@@ -80,12 +88,24 @@ struct AliasText {
     alias: *mut u8,
 }
 
-impl pvops::Text for AliasText {
+/// Text read in place (verifying needs no alias).
+struct ReadOnlyText;
+
+impl pvops::ReadText for ReadOnlyText {
     fn read(&self, addr: usize, out: &mut [u8]) {
-        // SAFETY: `addr` is a call site inside this module's text, which is mapped and readable.
+        // SAFETY: `addr` is a call site inside this module's (or the kernel's) text, which is
+        // mapped and readable.
         unsafe { core::ptr::copy_nonoverlapping(addr as *const u8, out.as_mut_ptr(), out.len()) };
     }
+}
 
+impl pvops::ReadText for AliasText {
+    fn read(&self, addr: usize, out: &mut [u8]) {
+        ReadOnlyText.read(addr, out)
+    }
+}
+
+impl pvops::Text for AliasText {
     unsafe fn write(&mut self, addr: usize, bytes: &[u8]) {
         // SAFETY: the alias maps every page from `page` to the end of module text writable; the
         // engine verified the site; stop_machine keeps every other CPU out of it.
@@ -256,7 +276,9 @@ impl kernel::Module for PvopsGuest {
             );
             EINVAL
         })?;
+        let t0 = pvops::arch::rdtsc_ordered();
         let detection = pvops::detect(&NativeCpuid);
+        let t1 = pvops::arch::rdtsc_ordered();
         let candidates = pvops_backends::candidates(&detection, &KernelPlatform);
         let selection = pvops::select(request, &detection, &candidates).map_err(|e| {
             pr_err!("{}; nothing patched\n", e);
@@ -271,6 +293,8 @@ impl kernel::Module for PvopsGuest {
                 ENODEV
             })?;
 
+        let t2 = pvops::arch::rdtsc_ordered();
+
         // fill
         let ops = backend.ops();
         let patcher = Patcher::new(module_sites(), PV_OPS.addr(), ops, backend).map_err(|e| {
@@ -281,7 +305,15 @@ impl kernel::Module for PvopsGuest {
         unsafe { PV_OPS.install(&ops) };
 
         // patch
-        let (report, patched) = match transition(&patcher, false) {
+        let t3 = pvops::arch::rdtsc_ordered();
+        let patch_result = transition(&patcher, false);
+        let load = bench::LoadCost {
+            detect: t1 - t0,
+            select: t2 - t1,
+            patch: pvops::arch::rdtsc_ordered() - t3,
+            sites: patcher.plan().total,
+        };
+        let (report, patched) = match patch_result {
             Ok(r) => (r, true),
             Err(e) => {
                 pr_warn!("patching refused, sites stay indirect: {}\n", e);
@@ -347,11 +379,30 @@ impl kernel::Module for PvopsGuest {
             report.direct,
             selftest.to_str().unwrap_or("?")
         );
+        pr_info!(
+            "load: detect {} cycles, select {}, patch {} ({} sites)\n",
+            load.detect,
+            load.select,
+            load.patch,
+            load.sites
+        );
         // SAFETY: creates the sysfs directory; removed in drop.
         let err = unsafe { shim::pvops_shim_sysfs_create() };
         if err != 0 {
             pr_warn!("/sys/kernel/pvops not created ({})\n", err);
         }
+        let tsc_khz = KernelPlatform.tsc_khz();
+        // SAFETY: the debugfs file that runs the benchmark does not exist yet.
+        unsafe {
+            bench::set_state(Some(bench::State {
+                backend,
+                ops,
+                load,
+                tsc_khz,
+            }))
+        };
+        // SAFETY: creates /sys/kernel/debug/pvops; removed in drop.
+        unsafe { shim::pvops_shim_debugfs_create() };
         Ok(PvopsGuest {
             backend,
             ops,
@@ -362,8 +413,13 @@ impl kernel::Module for PvopsGuest {
 
 impl Drop for PvopsGuest {
     fn drop(&mut self) {
-        // SAFETY: removes what init created (a no-op if it was not).
-        unsafe { shim::pvops_shim_sysfs_remove() };
+        // SAFETY: removes what init created (a no-op if it was not); debugfs removal waits for
+        // a running benchmark, after which the state can go.
+        unsafe {
+            shim::pvops_shim_sysfs_remove();
+            shim::pvops_shim_debugfs_remove();
+            bench::set_state(None);
+        }
         let patcher = self.patcher();
         if self.patched {
             let text = AliasText {

@@ -13,6 +13,9 @@
 #include <linux/slab.h>
 #include <linux/stop_machine.h>
 #include <linux/string.h>
+#include <linux/debugfs.h>
+#include <linux/mutex.h>
+#include <linux/fs.h>
 #include <asm/sync_core.h>
 #include <asm/tsc.h>
 
@@ -134,4 +137,78 @@ void pvops_shim_sysfs_remove(void)
 		kobject_put(pvops_kobj);
 		pvops_kobj = NULL;
 	}
+}
+
+unsigned long pvops_shim_irq_save(void)
+{
+	unsigned long flags;
+
+	local_irq_save(flags);
+	return flags;
+}
+
+void pvops_shim_irq_restore(unsigned long flags)
+{
+	local_irq_restore(flags);
+}
+
+/* /sys/kernel/debug/pvops/bench: write anything to run the benchmark, read the JSON back. */
+static DEFINE_MUTEX(bench_lock);
+static char *bench_json;
+static size_t bench_len;
+static struct dentry *pvops_debugfs;
+
+int pvops_shim_set_bench(const char *json, size_t len)
+{
+	char *copy = kvmemdup(json, len, GFP_KERNEL);
+
+	if (!copy)
+		return -ENOMEM;
+	kvfree(bench_json);
+	bench_json = copy;
+	bench_len = len;
+	return 0;
+}
+
+static ssize_t bench_write(struct file *file, const char __user *buf, size_t len, loff_t *pos)
+{
+	int err;
+
+	mutex_lock(&bench_lock);
+	err = pvops_bench_run();
+	mutex_unlock(&bench_lock);
+	return err ? err : len;
+}
+
+static ssize_t bench_read(struct file *file, char __user *buf, size_t len, loff_t *pos)
+{
+	ssize_t ret;
+
+	mutex_lock(&bench_lock);
+	ret = simple_read_from_buffer(buf, len, pos, bench_json, bench_len);
+	mutex_unlock(&bench_lock);
+	return ret;
+}
+
+static const struct file_operations bench_fops = {
+	.owner = THIS_MODULE,
+	.read = bench_read,
+	.write = bench_write,
+	.llseek = default_llseek,
+};
+
+int pvops_shim_debugfs_create(void)
+{
+	pvops_debugfs = debugfs_create_dir("pvops", NULL);
+	debugfs_create_file("bench", 0600, pvops_debugfs, NULL, &bench_fops);
+	return 0;
+}
+
+void pvops_shim_debugfs_remove(void)
+{
+	debugfs_remove(pvops_debugfs);
+	pvops_debugfs = NULL;
+	kvfree(bench_json);
+	bench_json = NULL;
+	bench_len = 0;
 }

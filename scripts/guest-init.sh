@@ -29,7 +29,8 @@ report() { # read /sys/kernel/pvops and check it: the expected backend, every si
 	p=${sites%%/*}; t=${sites#*/}; t=${t%% *}
 	check all-sites-patched "$( [ -n "$p" ] && [ "$p" -gt 0 ] && [ "$p" = "$t" ]; echo $?)" "$sites"
 	check selftest "$(echo "$selftest" | grep -q '^ok bytes=verified'; echo $?)" "$selftest"
-	check dmesg-report "$(last_dmesg | grep -q "backend=$expect .*sites=$p/$t"; echo $?)" "$(last_dmesg)"
+	report_line=$(dmesg | grep 'pvops_guest: backend=' | tail -1)
+	check dmesg-report "$(echo "$report_line" | grep -q "backend=$expect .*sites=$p/$t"; echo $?)" "$report_line"
 }
 
 if grep -q 'rig_mode=builtin' /proc/cmdline; then
@@ -57,6 +58,16 @@ done
 insmod $ko; rc=$?
 check load-auto "$rc" "$(last_dmesg)"
 report
+
+# The benchmark, when asked for (scripts/bench): root-only debugfs file, JSON back.
+if grep -q 'rig_bench=1' /proc/cmdline; then
+	mount -t debugfs debugfs /sys/kernel/debug
+	echo run > /sys/kernel/debug/pvops/bench; rc=$?
+	check bench "$rc" ""
+	echo RIG-BENCH-BEGIN
+	cat /sys/kernel/debug/pvops/bench
+	echo RIG-BENCH-END
+fi
 
 # 4. Unload restores every site byte for byte (the module verifies each one after writing).
 rmmod pvops_guest; rc=$?

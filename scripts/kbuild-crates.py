@@ -85,7 +85,9 @@ def main():
         else:
             cmd.append("--cap-lints=allow")
         cmd.append(lib["src_path"])
-        run(cmd, env={**os.environ, "RUSTC_BOOTSTRAP": "1"})
+        # rustc would try (and fail) to join make's jobserver through fds this script closed
+        env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "CARGO_MAKEFLAGS")}
+        run(cmd, env={**env, "RUSTC_BOOTSTRAP": "1"})
         objs.append(f"{out}/{name}.o")
     run([a.ld, "-r", "-o", f"{out}.o"] + objs)
 

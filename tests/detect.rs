@@ -315,3 +315,18 @@ fn real_cpuid() {
         }
     }
 }
+
+/// A real KVM hypercall from ring 3: KVM exits to the host and answers -KVM_EPERM, through the
+/// instruction the backend picks for this CPU vendor. Only where the CPUID scan found KVM.
+#[test]
+fn real_hypercall_from_user_mode() {
+    let d = detect(&pvops::arch::NativeCpuid);
+    if d.find(HypervisorKind::Kvm).is_none() {
+        eprintln!("no KVM here: nothing to call");
+        return;
+    }
+    let hc = pvops_backends::kvm::hypercall_for(d.vendor);
+    // SAFETY: KVM is present; from CPL 3 every hypercall is refused without side effects.
+    let r = unsafe { hc(pvops_backends::kvm::KVM_HC_VAPIC_POLL_IRQ, 0, 0, 0, 0) };
+    assert_eq!(r, -pvops_backends::kvm::KVM_EPERM);
+}

@@ -254,12 +254,14 @@ fn page_range(addr: usize, len: usize) -> (usize, usize) {
     (start, end - start)
 }
 
-impl pvops::Text for MprotectText {
+impl pvops::ReadText for MprotectText {
     fn read(&self, addr: usize, out: &mut [u8]) {
         // SAFETY: the engine only reads call sites, which lie in this process's mapped text.
         unsafe { std::ptr::copy_nonoverlapping(addr as *const u8, out.as_mut_ptr(), out.len()) };
     }
+}
 
+impl pvops::Text for MprotectText {
     unsafe fn write(&mut self, addr: usize, bytes: &[u8]) {
         let (start, len) = page_range(addr, bytes.len());
         // SAFETY: `start..start+len` covers mapped text of this process; it stays executable
@@ -284,7 +286,7 @@ impl pvops::Text for MprotectText {
 /// Read `len` bytes of this process's memory.
 pub fn peek(addr: usize, len: usize) -> Vec<u8> {
     let mut v = vec![0; len];
-    pvops::Text::read(&MprotectText::default(), addr, &mut v);
+    pvops::ReadText::read(&MprotectText::default(), addr, &mut v);
     v
 }
 

@@ -58,6 +58,7 @@ fn sites_for_every_op(run_privileged: bool) {
             mmu::lazy_mode_leave();
             let _ = timer::wall_clock();
             let _ = timer::set_next_event(1000);
+            let _ = cpu::hypercall(0, 0, 0, 0, 0);
         }
     }
 }

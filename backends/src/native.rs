@@ -35,6 +35,9 @@ macro_rules! native_ops {
             ///
             /// The op's contract (see [`pvops::ops`]).
             #[unsafe(naked)]
+        // rustc gives each naked function a section of its own (`.text.<symbol>`), which the
+        // kernel's vmlinux linker script does not place: keep them in `.text`.
+        #[link_section = ".text"]
             pub unsafe extern "C" fn $fn($($arg: $ty),*) $(-> $ret)? {
                 core::arch::naked_asm!(
                     "endbr64",
@@ -244,6 +247,13 @@ pub unsafe extern "C" fn flush_tlb_kernel() {
     };
 }
 
+/// `-ENOSYS`: no hypervisor to call.
+pub const ENOSYS: i64 = 38;
+
+extern "C" fn hypercall(_nr: u64, _a0: u64, _a1: u64, _a2: u64, _a3: u64) -> i64 {
+    -ENOSYS
+}
+
 /// Page-table notifications and lazy mode: nothing to do on hardware.
 extern "C" fn nothing_pt(_pfn: u64, _level: u32) {}
 extern "C" fn nothing() {}
@@ -441,6 +451,7 @@ impl Backend for Native {
                 load_gdt,
                 store_tr,
                 io_delay,
+                hypercall,
             },
             irq: IrqOps {
                 save_fl,

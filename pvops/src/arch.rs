@@ -87,6 +87,9 @@ macro_rules! callee_save_thunk {
         ///
         /// As for the function it wraps.
         #[unsafe(naked)]
+        // rustc gives each naked function a section of its own (`.text.<symbol>`), which the
+        // kernel's vmlinux linker script does not place: keep them in `.text`.
+        #[link_section = ".text"]
         $vis unsafe extern "C" fn $thunk($($arg: $ty),*) $(-> $ret)? {
             // Nine pushes after the return address keep the stack 16-byte aligned at the call.
             core::arch::naked_asm!(

@@ -34,6 +34,6 @@ pub mod site;
 
 pub use detect::{detect, Detection, HypervisorKind, Interface};
 pub use ops::{Op, PvOps, PV_OPS};
-pub use patch::{Inline, InlineSource, PatchError, PatchReport, Patcher, Text};
+pub use patch::{Inline, InlineSource, PatchError, PatchReport, Patcher, ReadText, Text};
 pub use select::{select, Backend, BackendId, Candidate, Presence, Reason, Request, Selection};
 pub use site::SiteTable;

@@ -196,11 +196,14 @@ impl fmt::Display for PatchError {
     }
 }
 
-/// Access to the text the sites live in.
-pub trait Text {
+/// Reading the text the sites live in (all that verifying needs).
+pub trait ReadText {
     /// Copy `out.len()` bytes at `addr` into `out`.
     fn read(&self, addr: usize, out: &mut [u8]);
+}
 
+/// Reading and writing the text the sites live in.
+pub trait Text: ReadText {
     /// Write `bytes` at `addr`.
     ///
     /// # Safety
@@ -283,7 +286,7 @@ impl<'a> Patcher<'a> {
     }
 
     /// Check that every site holds its original bytes (`patched == false`) or the patched ones.
-    pub fn verify(&self, text: &dyn Text, patched: bool) -> Result<(), PatchError> {
+    pub fn verify(&self, text: &dyn ReadText, patched: bool) -> Result<(), PatchError> {
         self.check(
             if patched {
                 State::Patched
@@ -355,7 +358,7 @@ impl<'a> Patcher<'a> {
         }
     }
 
-    fn check(&self, state: State, text: &dyn Text) -> Result<(), PatchError> {
+    fn check(&self, state: State, text: &dyn ReadText) -> Result<(), PatchError> {
         for (index, site) in self.sites().enumerate() {
             let expected = self.expected(&site, state);
             let mut found = SiteBytes::new(site.len);

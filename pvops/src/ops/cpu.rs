@@ -212,3 +212,20 @@ pub unsafe fn io_delay() {
     // SAFETY: forwarded contract; callee-save operands.
     unsafe { pv_site!(Op::IoDelay; lateout("rax") _) };
 }
+
+/// The backend's hypercall `nr` with up to four arguments (see
+/// [`CpuOps::hypercall`](super::CpuOps::hypercall)).
+///
+/// # Safety
+///
+/// The hypercall's own contract (a hypercall can change guest memory, stop the vCPU, …).
+#[inline(always)]
+pub unsafe fn hypercall(nr: u64, a0: u64, a1: u64, a2: u64, a3: u64) -> i64 {
+    let r;
+    // SAFETY: forwarded contract; C operands.
+    unsafe {
+        pv_site!(Op::Hypercall; in("rdi") nr, in("rsi") a0, in("rdx") a1, in("rcx") a2,
+                 in("r8") a3, lateout("rax") r, clobber_abi("C"))
+    };
+    r
+}

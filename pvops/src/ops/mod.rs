@@ -15,6 +15,9 @@
 //!   backends' own APIs instead.
 //! - **Page-table notifications** are two ops, `alloc_pt`/`release_pt` with a level argument,
 //!   instead of Linux's eight `alloc_*`/`release_*`; plus the lazy-mode pair for batching.
+//! - **`cpu.hypercall`** is an op: each backend's hypercall, so that the instruction is chosen
+//!   once (vmcall or vmmcall) and call sites reach it directly after patching. Linux hides
+//!   hypercalls behind per-hypervisor inline functions and static calls instead.
 //! - **MSR ops** come in a plain and a `_safe` variant, as in Linux, but the safe variant
 //!   returns an errno instead of a `bool`/`int` pair.
 //! - **Descriptor ops** are the subset a guest needs to bring a CPU up and to check its state:
@@ -250,6 +253,12 @@ define_ops! {
         store_tr => StoreTr: fn() -> u64, CalleeSave, site 6;
         /// `io_delay()`: the short delay legacy port I/O needs (native: a write to port 0x80).
         io_delay => IoDelay: fn(), CalleeSave, site 6;
+        /// `hypercall(nr, a0, a1, a2, a3) -> result`: the backend's hypercall, in its own
+        /// numbering (`KVM_HC_*`, `__HYPERVISOR_*`, `LHCALL_*`), its result as the hypervisor
+        /// returns it; `-ENOSYS` where there is none (native). The backend picks the
+        /// instruction (vmcall, vmmcall, syscall, …) once, and patching makes each site call that
+        /// choice directly. Ring 0 (a hypervisor refuses calls from user mode).
+        hypercall => Hypercall: fn(nr: u64, a0: u64, a1: u64, a2: u64, a3: u64) -> i64, C, site 6;
     }
     /// Interrupt-flag ops. All callee-save (they sit on the hottest paths). Context: any.
     irq: IrqOps => Irq {
