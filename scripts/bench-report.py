@@ -73,7 +73,7 @@ def svg(rigs):
     row_h, top, left, width = 16, 40, 210, 520
     heights = [top + len(d["ops"]) * row_h * 1.0 + 40 for _, d in panels]
     total_h = int(sum(heights) + 40)
-    s = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + width + 160}" height="{total_h}" '
+    s = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + width + 200}" height="{total_h}" '
          f'font-family="sans-serif" font-size="11">']
     y0 = 20
     for (rig, d), h in zip(panels, heights):
@@ -100,8 +100,8 @@ def svg(rigs):
                              f'<title>{p}: {fmt(cyc(o[p]))}</title></circle>')
         for j, p in enumerate(PATHS):
             ly = y0 + top + j * 16
-            s.append(f'<circle cx="{left + width + 20}" cy="{ly}" r="4" fill="{COLORS[p]}"/>'
-                     f'<text x="{left + width + 30}" y="{ly + 4}">{p}</text>')
+            s.append(f'<circle cx="{left + width + 60}" cy="{ly}" r="4" fill="{COLORS[p]}"/>'
+                     f'<text x="{left + width + 70}" y="{ly + 4}">{p}</text>')
         y0 += h
     s.append("</svg>")
     return "\n".join(s)
