@@ -57,6 +57,15 @@ mod shim {
         pub(crate) fn pvops_shim_set_bench(json: *const c_char, len: usize) -> c_int;
         pub(crate) fn pvops_shim_debugfs_create() -> c_int;
         pub(crate) fn pvops_shim_debugfs_remove();
+        pub(crate) fn pvops_shim_rdmsr(msr: u32, val: *mut u64) -> c_int;
+        pub(crate) fn pvops_shim_wrmsr(msr: u32, val: u64) -> c_int;
+        pub(crate) fn pvops_shim_rdmsr_on_cpu(cpu: u32, msr: u32, val: *mut u64) -> c_int;
+        pub(crate) fn pvops_shim_nr_cpus() -> u32;
+        pub(crate) fn pvops_shim_phys_to_virt(pa: u64) -> c_ulong;
+        pub(crate) fn pvops_shim_virt_to_phys(va: c_ulong) -> u64;
+        pub(crate) fn pvops_shim_ktime_ns() -> u64;
+        pub(crate) fn pvops_shim_ktime_real_ns() -> u64;
+        pub(crate) fn pvops_shim_mdelay(ms: u32);
     }
 }
 
@@ -67,6 +76,40 @@ impl pvops_backends::Platform for KernelPlatform {
     fn tsc_khz(&self) -> u64 {
         // SAFETY: reads the exported `tsc_khz`.
         u64::from(unsafe { shim::pvops_shim_tsc_khz() })
+    }
+
+    fn rdmsr(&self, msr: u32) -> Option<u64> {
+        let mut v = 0;
+        // SAFETY: the kernel's rdmsrl_safe: a fault is caught and reported.
+        (unsafe { shim::pvops_shim_rdmsr(msr, &mut v) } == 0).then_some(v)
+    }
+
+    fn wrmsr(&self, msr: u32, value: u64) -> bool {
+        // SAFETY: the kernel's wrmsrl_safe; the backends only write their own registrations.
+        unsafe { shim::pvops_shim_wrmsr(msr, value) == 0 }
+    }
+
+    fn rdmsr_on_cpu(&self, cpu: u32, msr: u32) -> Option<u64> {
+        let mut v = 0;
+        // SAFETY: the kernel's rdmsrl_safe_on_cpu (an IPI to an online CPU).
+        (unsafe { shim::pvops_shim_rdmsr_on_cpu(cpu, msr, &mut v) } == 0).then_some(v)
+    }
+
+    fn nr_cpus(&self) -> u32 {
+        // SAFETY: reads nr_cpu_ids.
+        unsafe { shim::pvops_shim_nr_cpus() }
+    }
+
+    fn phys_to_virt(&self, pa: u64) -> Option<usize> {
+        // SAFETY: pure address arithmetic, with a pfn_valid check.
+        let va = unsafe { shim::pvops_shim_phys_to_virt(pa) };
+        (va != 0).then_some(va as usize)
+    }
+
+    fn virt_to_phys(&self, va: usize) -> Option<u64> {
+        // SAFETY: a page-table lookup of kernel memory the backend owns.
+        let pa = unsafe { shim::pvops_shim_virt_to_phys(va as _) };
+        (pa != 0).then_some(pa)
     }
 }
 
@@ -177,14 +220,14 @@ fn transition(patcher: &Patcher<'_>, revert: bool) -> Result<PatchReport, PatchE
 
 /// Run what the patched sites now hold, in ring 0, and check it against the raw instructions.
 /// Returns the names of the failed checks (empty: all passed).
-fn selftest(backend: BackendId) -> KVec<&'static str> {
+fn selftest(backend: &dyn Backend) -> KVec<&'static str> {
     let mut failed = KVec::new();
     let mut check = |name: &'static str, ok: bool| {
         if !ok {
             let _ = failed.push(name, GFP_KERNEL);
         }
     };
-    let native = backend == BackendId::Native;
+    let native = backend.id() == BackendId::Native;
 
     check("cpuid", cpu::cpuid(0, 0) == pvops::arch::raw_cpuid(0, 0));
 
@@ -225,7 +268,40 @@ fn selftest(backend: BackendId) -> KVec<&'static str> {
         t1 = timer::sched_clock();
     }
     check("sched-clock", t1 > t0);
-    check("tsc-khz", timer::tsc_khz() == KernelPlatform.tsc_khz());
+    check(
+        "tsc-khz",
+        !native || timer::tsc_khz() == KernelPlatform.tsc_khz(),
+    );
+
+    // The backend's clock against the kernel's (ktime) over 20 ms: within 2% + 200 us.
+    // SAFETY: reads the kernel's clock.
+    let (k0, c0) = (unsafe { shim::pvops_shim_ktime_ns() }, timer::sched_clock());
+    // SAFETY: busy-waits 20 ms.
+    unsafe { shim::pvops_shim_mdelay(20) };
+    // SAFETY: reads the kernel's clock.
+    let (k1, c1) = (unsafe { shim::pvops_shim_ktime_ns() }, timer::sched_clock());
+    let (dk, dc) = (k1 - k0, c1.wrapping_sub(c0));
+    check(
+        "clock-vs-ktime",
+        c1 > c0 && dc.abs_diff(dk) <= dk / 50 + 200_000,
+    );
+    let wall = timer::wall_clock();
+    // SAFETY: reads the kernel's wall clock.
+    let real = unsafe { shim::pvops_shim_ktime_real_ns() };
+    check(
+        "wall-clock",
+        wall == 0 || wall.abs_diff(real) < 2_000_000_000,
+    );
+
+    // A real hypercall, answered as the hypervisor documents.
+    if let Some(h) = backend.null_hypercall() {
+        let [nr, a0, a1, a2, a3] = h.args;
+        // SAFETY: the backend vouches that this hypercall has no side effect.
+        check(
+            "hypercall",
+            unsafe { cpu::hypercall(nr, a0, a1, a2, a3) } == h.expect,
+        );
+    }
     failed
 }
 
@@ -284,11 +360,12 @@ impl kernel::Module for PvopsGuest {
             pr_err!("{}; nothing patched\n", e);
             ENODEV
         })?;
-        let backend =
-            pvops_backends::backend(selection.backend, &KernelPlatform).ok_or_else(|| {
+        let backend = pvops_backends::start(selection.backend, &detection, &KernelPlatform)
+            .map_err(|e| {
                 pr_err!(
-                    "backend {} failed to start; nothing patched\n",
-                    selection.backend
+                    "backend {} failed to start ({}); nothing patched\n",
+                    selection.backend,
+                    e
                 );
                 ENODEV
             })?;
@@ -299,6 +376,7 @@ impl kernel::Module for PvopsGuest {
         let ops = backend.ops();
         let patcher = Patcher::new(module_sites(), PV_OPS.addr(), ops, backend).map_err(|e| {
             pr_err!("{}; nothing patched\n", e);
+            pvops_backends::stop(selection.backend, &KernelPlatform);
             ENOEXEC
         })?;
         // SAFETY: no op of this module runs yet, and the backend's functions honour the contracts.
@@ -333,7 +411,7 @@ impl kernel::Module for PvopsGuest {
         let verified = !patched || patcher.verify(&text, true).is_ok();
 
         // report
-        let failed = selftest(selection.backend);
+        let failed = selftest(backend);
         let hypervisor = match selection.interface {
             Some(i) => CString::try_from_fmt(fmt!(
                 "{} base={:#x} max_leaf={:#x}",
@@ -438,6 +516,7 @@ impl Drop for PvopsGuest {
         }
         // SAFETY: the module is going away; none of its ops can run any more.
         unsafe { PV_OPS.clear() };
+        pvops_backends::stop(self.backend.id(), &KernelPlatform);
         pr_info!("unload: backend {} removed\n", self.backend.id());
     }
 }

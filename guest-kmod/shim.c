@@ -18,6 +18,11 @@
 #include <linux/fs.h>
 #include <asm/sync_core.h>
 #include <asm/tsc.h>
+#include <asm/msr.h>
+#include <asm/io.h>
+#include <linux/delay.h>
+#include <linux/ktime.h>
+#include <linux/timekeeping.h>
 
 #include "shim.h"
 
@@ -211,4 +216,63 @@ void pvops_shim_debugfs_remove(void)
 	kvfree(bench_json);
 	bench_json = NULL;
 	bench_len = 0;
+}
+
+/* Privileged accesses backends need to set up, the kernel's safe way (see backends' Platform). */
+int pvops_shim_rdmsr(u32 msr, u64 *val)
+{
+	return rdmsrl_safe(msr, val);
+}
+
+int pvops_shim_wrmsr(u32 msr, u64 val)
+{
+	return wrmsrl_safe(msr, val);
+}
+
+int pvops_shim_rdmsr_on_cpu(unsigned int cpu, u32 msr, u64 *val)
+{
+	if (cpu >= nr_cpu_ids || !cpu_online(cpu))
+		return -ENODEV;
+	return rdmsrl_safe_on_cpu(cpu, msr, val);
+}
+
+unsigned int pvops_shim_nr_cpus(void)
+{
+	return nr_cpu_ids;
+}
+
+/* The direct-map address of RAM at pa, or 0 if pa is not RAM the kernel maps. */
+unsigned long pvops_shim_phys_to_virt(u64 pa)
+{
+	if (!pfn_valid(PHYS_PFN(pa)))
+		return 0;
+	return (unsigned long)__va(pa);
+}
+
+/* The physical address of kernel memory (direct map, kernel image or vmalloc/module), or 0. */
+u64 pvops_shim_virt_to_phys(unsigned long va)
+{
+	void *p = (void *)va;
+
+	if (is_vmalloc_or_module_addr(p)) {
+		struct page *page = vmalloc_to_page(p);
+
+		return page ? page_to_phys(page) + offset_in_page(p) : 0;
+	}
+	return __pa(va);
+}
+
+u64 pvops_shim_ktime_ns(void)
+{
+	return ktime_get_ns();
+}
+
+u64 pvops_shim_ktime_real_ns(void)
+{
+	return ktime_get_real_ns();
+}
+
+void pvops_shim_mdelay(unsigned int ms)
+{
+	mdelay(ms);
 }

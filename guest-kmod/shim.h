@@ -52,3 +52,14 @@ int pvops_bench_run(void);
 int pvops_shim_set_bench(const char *json, size_t len);
 int pvops_shim_debugfs_create(void);
 void pvops_shim_debugfs_remove(void);
+
+/* Platform hooks for the backends. */
+int pvops_shim_rdmsr(u32 msr, u64 *val);
+int pvops_shim_wrmsr(u32 msr, u64 val);
+int pvops_shim_rdmsr_on_cpu(unsigned int cpu, u32 msr, u64 *val);
+unsigned int pvops_shim_nr_cpus(void);
+unsigned long pvops_shim_phys_to_virt(u64 pa);
+u64 pvops_shim_virt_to_phys(unsigned long va);
+u64 pvops_shim_ktime_ns(void);
+u64 pvops_shim_ktime_real_ns(void);
+void pvops_shim_mdelay(unsigned int ms);

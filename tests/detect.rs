@@ -76,24 +76,14 @@ fn kvm() {
     assert_eq!(d.interfaces().count(), 1);
     assert!(d.vendor.uses_vmmcall());
 
-    // This build: the KVM backend is not built, and the report says so.
+    // Auto picks the KVM backend, and the report says where it found the interface.
     let c = pvops_backends::candidates(&d, &NoPlatform);
     let s = select(Request::Auto, &d, &c).unwrap();
-    assert_eq!(s.backend, BackendId::Native);
-    assert_eq!(s.reason, Reason::NotBuilt(BackendId::Kvm));
+    assert_eq!((s.backend, s.reason), (BackendId::Kvm, Reason::Detected));
     assert_eq!(
         s.to_string(),
-        "backend=native reason=\"kvm backend not built\" hypervisor=KVMKVMKVM@0x40000000"
+        "backend=kvm reason=\"detected\" hypervisor=KVMKVMKVM@0x40000000"
     );
-
-    // With the KVM backend present, auto picks it.
-    let s = select(
-        Request::Auto,
-        &d,
-        &present(&[(BackendId::Kvm, Some(0x4000_0000))]),
-    )
-    .unwrap();
-    assert_eq!((s.backend, s.reason), (BackendId::Kvm, Reason::Detected));
     assert_eq!(s.interface.unwrap().base, 0x4000_0000);
 }
 
@@ -260,8 +250,15 @@ fn requests() {
     // and so is one this build lacks
     let c = pvops_backends::candidates(&d, &NoPlatform);
     assert_eq!(
-        select(Request::Backend(BackendId::Kvm), &d, &c),
-        Err(SelectError::NotBuilt(BackendId::Kvm))
+        select(Request::Backend(BackendId::Vmi), &d, &c),
+        Err(SelectError::NotBuilt(BackendId::Vmi))
+    );
+    // KVM is absent on TCG
+    let tcg = detect(&models::tcg().source());
+    let c = pvops_backends::candidates(&tcg, &NoPlatform);
+    assert_eq!(
+        select(Request::Backend(BackendId::Kvm), &tcg, &c),
+        Err(SelectError::Absent(BackendId::Kvm))
     );
 }
 
@@ -307,7 +304,7 @@ fn real_cpuid() {
             let kvm = d.find(HypervisorKind::Kvm).unwrap();
             let features = pvops::arch::raw_cpuid(kvm.base + 1, 0).eax;
             eprintln!("KVM at {:#x}, features {features:#x}", kvm.base);
-            assert_eq!(s.reason, Reason::NotBuilt(BackendId::Kvm));
+            assert_eq!((s.backend, s.reason), (BackendId::Kvm, Reason::Detected));
         }
         other => {
             eprintln!("not KVM ({other:?}): checking the native path");

@@ -1,14 +1,53 @@
-//! The KVM backend (in progress): KVM's paravirtual interface, found by the CPUID scan at
-//! whatever base it sits (0x4000_0000, or 0x4000_0100 behind a Hyper-V interface).
+//! The KVM backend: KVM's paravirtual interface, found by the CPUID scan at whatever base it
+//! sits (0x4000_0000, or 0x4000_0100 behind a Hyper-V interface). ABI: shared/docs/abi-kvm.md.
 //!
-//! What is here so far: the ABI constants (shared/docs/abi-kvm.md) and the hypercall, which
-//! fills `cpu.hypercall` — `vmcall` on Intel and others, `vmmcall` on AMD and Hygon, chosen once
-//! from the CPU vendor: the table slot holds the matching function, so every patched site
-//! calls it directly and no site ever executes the wrong instruction (KVM would otherwise
-//! rewrite it, or raise #UD).
+//! - **Timer group** from kvmclock: `sched_clock`, `tsc_khz` and the wall clock read the
+//!   pvclock record with the version protocol ([`crate::pvclock`]); `steal_clock` reads each
+//!   CPU's steal-time record.
+//! - **Coexistence**: a Linux guest has already registered kvmclock and steal time on every
+//!   CPU. The backend reads the MSRs back and uses those records; it never writes them (that
+//!   would redirect the host's updates and freeze the kernel's own clock). Only when the
+//!   kernel runs without kvmclock (`no-kvmclock`) does the backend register a record of its own
+//!   (on the CPU that loads it), and it unregisters that record at teardown.
+//! - **Hypercalls** fill `cpu.hypercall`: `vmcall` on Intel and others, `vmmcall` on AMD and
+//!   Hygon, chosen once from the CPU vendor: the slot holds the matching function, so every
+//!   patched site calls it directly and no site ever executes the wrong instruction.
+//! - **Everything else is native**: a KVM guest runs its kernel in ring 0 with real interrupt
+//!   flags and page tables, so the CPU, IRQ and MMU groups and their inline replacements are the
+//!   native backend's; `io_delay` becomes nothing when KVM says port 0x80 delays are useless.
 
-use pvops::detect::CpuVendor;
+use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering};
 
+use pvops::detect::{CpuVendor, Detection, HypervisorKind};
+use pvops::ops::{Clobbers, Op, PvOps};
+use pvops::{arch, Backend, BackendId, Inline, InlineSource};
+
+use crate::pvclock::{self, Monotonic, PvclockVcpuTimeInfo, PvclockWallClock};
+use crate::{native, Platform};
+
+/// `KVM_FEATURE_CLOCKSOURCE`: kvmclock on the legacy MSRs.
+pub const KVM_FEATURE_CLOCKSOURCE: u32 = 1 << 0;
+/// `KVM_FEATURE_NOP_IO_DELAY`.
+pub const KVM_FEATURE_NOP_IO_DELAY: u32 = 1 << 1;
+/// `KVM_FEATURE_CLOCKSOURCE2`: kvmclock on MSRs 0x4b564d00/01.
+pub const KVM_FEATURE_CLOCKSOURCE2: u32 = 1 << 3;
+/// `KVM_FEATURE_STEAL_TIME`.
+pub const KVM_FEATURE_STEAL_TIME: u32 = 1 << 5;
+/// `KVM_FEATURE_PV_SCHED_YIELD`.
+pub const KVM_FEATURE_PV_SCHED_YIELD: u32 = 1 << 13;
+/// `KVM_FEATURE_CLOCKSOURCE_STABLE_BIT`: the record's stable flag can be trusted.
+pub const KVM_FEATURE_CLOCKSOURCE_STABLE_BIT: u32 = 1 << 24;
+
+/// `MSR_KVM_WALL_CLOCK` (legacy).
+pub const MSR_KVM_WALL_CLOCK: u32 = 0x11;
+/// `MSR_KVM_SYSTEM_TIME` (legacy).
+pub const MSR_KVM_SYSTEM_TIME: u32 = 0x12;
+/// `MSR_KVM_WALL_CLOCK_NEW`.
+pub const MSR_KVM_WALL_CLOCK_NEW: u32 = 0x4b56_4d00;
+/// `MSR_KVM_SYSTEM_TIME_NEW`.
+pub const MSR_KVM_SYSTEM_TIME_NEW: u32 = 0x4b56_4d01;
+/// `MSR_KVM_STEAL_TIME`.
+pub const MSR_KVM_STEAL_TIME: u32 = 0x4b56_4d03;
 /// `KVM_HC_VAPIC_POLL_IRQ`: forces an exit; returns 0.
 pub const KVM_HC_VAPIC_POLL_IRQ: u64 = 1;
 /// `KVM_HC_FEATURES` (PowerPC only): -KVM_ENOSYS on x86, a "null" hypercall.
@@ -71,5 +110,346 @@ pub fn hypercall_for(vendor: CpuVendor) -> unsafe extern "C" fn(u64, u64, u64, u
         hypercall_vmmcall
     } else {
         hypercall_vmcall
+    }
+}
+
+/// `struct kvm_steal_time` (64 bytes).
+#[repr(C, align(64))]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct KvmStealTime {
+    /// Nanoseconds runnable but not running.
+    pub steal: u64,
+    /// Even when consistent.
+    pub version: u32,
+    /// Flags (0).
+    pub flags: u32,
+    /// Bit 0 preempted, bit 1 flush TLB.
+    pub preempted: u8,
+    /// Padding.
+    pub u8_pad: [u8; 3],
+    /// Padding.
+    pub pad: [u32; 11],
+}
+
+static_assertions::assert_eq_size!(KvmStealTime, [u8; 64]);
+static_assertions::const_assert_eq!(core::mem::offset_of!(KvmStealTime, preempted), 16);
+
+/// CPUs whose steal-time records the backend tracks.
+pub const MAX_CPUS: usize = 64;
+
+/// What the backend found and set up; the table's functions read it.
+struct State {
+    /// The record sched_clock reads (the kernel's, or the backend's own).
+    clock: AtomicPtr<PvclockVcpuTimeInfo>,
+    /// Readings from any CPU are mutually monotonic.
+    stable: AtomicBool,
+    /// Clamp for when they are not.
+    last: Monotonic,
+    /// `sched_clock` starts near zero at load, like the kernel's.
+    offset: AtomicU64,
+    tsc_khz: AtomicU64,
+    /// Wall time at system_time 0, in ns (read once at setup).
+    wall_base: AtomicU64,
+    steal: [AtomicPtr<KvmStealTime>; MAX_CPUS],
+    /// The MSR the backend registered its own record with (0: none).
+    own_msr: AtomicU64,
+    features: AtomicU64,
+}
+
+static STATE: State = State {
+    clock: AtomicPtr::new(core::ptr::null_mut()),
+    stable: AtomicBool::new(false),
+    last: Monotonic::new(),
+    offset: AtomicU64::new(0),
+    tsc_khz: AtomicU64::new(0),
+    wall_base: AtomicU64::new(0),
+    steal: [const { AtomicPtr::new(core::ptr::null_mut()) }; MAX_CPUS],
+    own_msr: AtomicU64::new(0),
+    features: AtomicU64::new(0),
+};
+
+/// A record of the backend's own, for kernels booted without kvmclock: 64-byte aligned so the
+/// 32 bytes never cross a page.
+#[repr(C, align(64))]
+struct OwnRecord(core::cell::UnsafeCell<PvclockVcpuTimeInfo>);
+// SAFETY: written only by the host (through the registration) and read with the version
+// protocol.
+unsafe impl Sync for OwnRecord {}
+static OWN_RECORD: OwnRecord = OwnRecord(core::cell::UnsafeCell::new(PvclockVcpuTimeInfo {
+    version: 0,
+    pad0: 0,
+    tsc_timestamp: 0,
+    system_time: 0,
+    tsc_to_system_mul: 0,
+    tsc_shift: 0,
+    flags: 0,
+    pad: [0; 2],
+}));
+
+/// The buffer the host fills when MSR_KVM_WALL_CLOCK_NEW is written.
+#[repr(C, align(16))]
+struct WallBuf(core::cell::UnsafeCell<PvclockWallClock>);
+// SAFETY: written by the host once per MSR write, read with the version protocol.
+unsafe impl Sync for WallBuf {}
+static WALL: WallBuf = WallBuf(core::cell::UnsafeCell::new(PvclockWallClock {
+    version: 0,
+    sec: 0,
+    nsec: 0,
+}));
+
+fn clock_ns() -> u64 {
+    let rec = STATE.clock.load(Ordering::Acquire);
+    if rec.is_null() {
+        return 0;
+    }
+    // SAFETY: the record stays registered (by the kernel, or by us until teardown) while the
+    // backend is installed.
+    match unsafe { pvclock::read(rec, arch::rdtsc_ordered) } {
+        Ok(r)
+            if STATE.stable.load(Ordering::Relaxed)
+                && r.flags & pvclock::PVCLOCK_TSC_STABLE_BIT != 0 =>
+        {
+            r.ns
+        }
+        Ok(r) => STATE.last.clamp(r.ns),
+        Err(_) => STATE.last.clamp(0),
+    }
+}
+
+/// kvmclock nanoseconds since the backend was set up.
+pub extern "C" fn sched_clock() -> u64 {
+    clock_ns().saturating_sub(STATE.offset.load(Ordering::Relaxed))
+}
+
+extern "C" fn tsc_khz() -> u64 {
+    STATE.tsc_khz.load(Ordering::Relaxed)
+}
+
+extern "C" fn wall_clock() -> u64 {
+    let base = STATE.wall_base.load(Ordering::Relaxed);
+    if base == 0 {
+        return 0;
+    }
+    base + clock_ns()
+}
+
+/// The steal time of `cpu` in ns (0 when KVM does not offer it or the CPU is not tracked).
+pub extern "C" fn steal_clock(cpu: u32) -> u64 {
+    let Some(slot) = STATE.steal.get(cpu as usize) else {
+        return 0;
+    };
+    let rec = slot.load(Ordering::Acquire);
+    if rec.is_null() {
+        return 0;
+    }
+    for _ in 0..pvclock::MAX_RETRIES {
+        // SAFETY: the kernel's steal-time record of `cpu` lives as long as the CPU is possible;
+        // volatile because the host updates it.
+        let (v0, steal, v1) = unsafe {
+            let v0 = core::ptr::addr_of!((*rec).version).read_volatile();
+            core::sync::atomic::compiler_fence(Ordering::Acquire);
+            let steal = core::ptr::addr_of!((*rec).steal).read_volatile();
+            core::sync::atomic::compiler_fence(Ordering::Acquire);
+            (
+                v0,
+                steal,
+                core::ptr::addr_of!((*rec).version).read_volatile(),
+            )
+        };
+        if v0 & 1 == 0 && v0 == v1 {
+            return steal;
+        }
+        core::hint::spin_loop();
+    }
+    0
+}
+
+/// Why the KVM backend could not start.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KvmError {
+    /// No KVM interface in the CPUID scan.
+    Absent,
+    /// KVM offers no kvmclock.
+    NoClock,
+    /// The clock record could not be found or registered.
+    ClockUnavailable,
+}
+
+impl core::fmt::Display for KvmError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(match self {
+            KvmError::Absent => "no KVM interface",
+            KvmError::NoClock => "KVM offers no kvmclock",
+            KvmError::ClockUnavailable => "the kvmclock record could not be reached",
+        })
+    }
+}
+
+/// The KVM backend.
+#[derive(Debug)]
+pub struct Kvm {
+    /// AMD or Hygon: hypercalls use `vmmcall`.
+    vmmcall: AtomicBool,
+}
+
+/// The one instance.
+pub static KVM: Kvm = Kvm {
+    vmmcall: AtomicBool::new(false),
+};
+
+/// The KVM interface of a detection, if any.
+pub fn interface(detection: &Detection) -> Option<&pvops::Interface> {
+    detection.find(HypervisorKind::Kvm)
+}
+
+/// Find (or, without kvmclock in the kernel, register) the records and start the backend.
+pub fn init(detection: &Detection, platform: &dyn Platform) -> Result<&'static Kvm, KvmError> {
+    let iface = interface(detection).ok_or(KvmError::Absent)?;
+    let features = platform.cpuid(iface.base + 1, 0).eax;
+    STATE.features.store(u64::from(features), Ordering::Relaxed);
+    let msr = if features & KVM_FEATURE_CLOCKSOURCE2 != 0 {
+        MSR_KVM_SYSTEM_TIME_NEW
+    } else if features & KVM_FEATURE_CLOCKSOURCE != 0 {
+        MSR_KVM_SYSTEM_TIME
+    } else {
+        return Err(KvmError::NoClock);
+    };
+
+    // The kernel's record, if it registered one (bit 0 = enabled).
+    let registered = platform.rdmsr(msr).filter(|v| v & 1 != 0);
+    let rec = match registered {
+        Some(v) => platform
+            .phys_to_virt(v & !1)
+            .ok_or(KvmError::ClockUnavailable)? as *mut _,
+        None => {
+            let own = OWN_RECORD.0.get();
+            // A stale record (from an earlier registration) must not pass for a live one.
+            // SAFETY: our own record, not registered with the host right now.
+            unsafe { own.write_volatile(PvclockVcpuTimeInfo::default()) };
+            let pa = platform
+                .virt_to_phys(own as usize)
+                .ok_or(KvmError::ClockUnavailable)?;
+            if !platform.wrmsr(msr, pa | 1) {
+                return Err(KvmError::ClockUnavailable);
+            }
+            STATE.own_msr.store(u64::from(msr), Ordering::Relaxed);
+            own
+        }
+    };
+    // SAFETY: `rec` is a registered record (the kernel's, or ours just registered).
+    let first = unsafe { pvclock::read(rec, arch::rdtsc_ordered) };
+    let Ok(first) = first else {
+        teardown(platform);
+        return Err(KvmError::ClockUnavailable);
+    };
+    STATE.clock.store(rec, Ordering::Release);
+    STATE.stable.store(
+        features & KVM_FEATURE_CLOCKSOURCE_STABLE_BIT != 0,
+        Ordering::Relaxed,
+    );
+    STATE
+        .tsc_khz
+        .store(pvclock::tsc_khz(first.mul, first.shift), Ordering::Relaxed);
+    STATE.offset.store(first.ns, Ordering::Relaxed);
+
+    // Wall clock: ask the host for one fill of our buffer (this redirects no update stream).
+    let wall_msr = if msr == MSR_KVM_SYSTEM_TIME_NEW {
+        MSR_KVM_WALL_CLOCK_NEW
+    } else {
+        MSR_KVM_WALL_CLOCK
+    };
+    let wall = WALL.0.get();
+    if let Some(pa) = platform.virt_to_phys(wall as usize) {
+        if platform.wrmsr(wall_msr, pa) {
+            // SAFETY: the host just filled the buffer; it is ours.
+            if let Ok((sec, nsec)) = unsafe { pvclock::read_wall(wall) } {
+                STATE.wall_base.store(
+                    u64::from(sec) * 1_000_000_000 + u64::from(nsec),
+                    Ordering::Relaxed,
+                );
+            }
+        }
+    }
+
+    // Steal time: the kernel's record of every CPU (read back, never re-registered).
+    if features & KVM_FEATURE_STEAL_TIME != 0 {
+        for cpu in 0..platform.nr_cpus().min(MAX_CPUS as u32) {
+            let rec = platform
+                .rdmsr_on_cpu(cpu, MSR_KVM_STEAL_TIME)
+                .filter(|v| v & 1 != 0)
+                .and_then(|v| platform.phys_to_virt(v & !0x3f));
+            if let Some(va) = rec {
+                STATE.steal[cpu as usize].store(va as *mut _, Ordering::Release);
+            }
+        }
+    }
+
+    KVM.vmmcall
+        .store(detection.vendor.uses_vmmcall(), Ordering::Relaxed);
+    Ok(&KVM)
+}
+
+/// Undo what `init` registered (the backend's own clock record, if any) and forget the rest.
+pub fn teardown(platform: &dyn Platform) {
+    let msr = STATE.own_msr.swap(0, Ordering::Relaxed);
+    if msr != 0 {
+        platform.wrmsr(msr as u32, 0);
+    }
+    STATE.clock.store(core::ptr::null_mut(), Ordering::Release);
+    for s in &STATE.steal {
+        s.store(core::ptr::null_mut(), Ordering::Relaxed);
+    }
+}
+
+/// Whether the backend registered a clock record of its own (the kernel had none).
+pub fn owns_clock() -> bool {
+    STATE.own_msr.load(Ordering::Relaxed) != 0
+}
+
+/// KVM's feature bits (CPUID base+1 EAX) as found at init.
+pub fn features() -> u32 {
+    STATE.features.load(Ordering::Relaxed) as u32
+}
+
+impl InlineSource for Kvm {
+    fn inline(&self, op: Op) -> Option<Inline> {
+        match op {
+            Op::IoDelay if features() & KVM_FEATURE_NOP_IO_DELAY != 0 => Some(Inline {
+                bytes: &[],
+                clobbers: Clobbers::empty(),
+            }),
+            _ => native::inline(op),
+        }
+    }
+}
+
+impl Backend for Kvm {
+    fn id(&self) -> BackendId {
+        BackendId::Kvm
+    }
+
+    fn ops(&self) -> PvOps {
+        let mut ops = native::NATIVE.ops();
+        ops.timer.sched_clock = sched_clock;
+        ops.timer.steal_clock = steal_clock;
+        ops.timer.tsc_khz = tsc_khz;
+        ops.timer.wall_clock = wall_clock;
+        ops.cpu.hypercall = if self.vmmcall.load(Ordering::Relaxed) {
+            hypercall_vmmcall
+        } else {
+            hypercall_vmcall
+        };
+        if features() & KVM_FEATURE_NOP_IO_DELAY != 0 {
+            ops.cpu.io_delay = native::nothing_callee_save;
+        }
+        ops
+    }
+
+    fn null_hypercall(&self) -> Option<pvops::select::NullHypercall> {
+        // KVM_HC_VAPIC_POLL_IRQ: an exit to the host and back, always answered 0.
+        Some(pvops::select::NullHypercall {
+            args: [KVM_HC_VAPIC_POLL_IRQ, 0, 0, 0, 0],
+            expect: 0,
+        })
     }
 }

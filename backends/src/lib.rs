@@ -5,13 +5,13 @@
 //! | backend | file | status |
 //! |---|---|---|
 //! | native | [`native`] | built |
-//! | KVM | `kvm.rs` | not built yet (reported as such) |
+//! | KVM | [`kvm`] | built (kvmclock, steal time, hypercalls) |
 //! | Xen HVM and PV | `xen.rs` | not built yet |
 //! | VMI | `vmi.rs` | not built yet |
 //! | lguest | `lguest.rs` | not built yet |
 //!
 //! [`candidates`] asks each backend whether its hypervisor is here; [`pvops::select`] picks one;
-//! [`backend`] hands out the chosen backend, ready to install. A backend that is not part of
+//! [`start`] brings the chosen backend up, ready to install, and [`stop`] releases it. A backend that is not part of
 //! this build answers [`Presence::NotBuilt`], so a KVM guest reports "kvm backend not built"
 //! rather than silently running native.
 //!
@@ -19,42 +19,112 @@
 //!
 //! 1. Write `src/<name>.rs` with a type implementing [`pvops::Backend`] (its table and its inline
 //!    replacements) and a presence probe.
-//! 2. Answer for it in [`candidates`] and return it from [`backend`].
+//! 2. Answer for it in [`candidates`], start it in [`start`] and release it in [`stop`].
 //! 3. Add a rig (`scripts/rig <name>`) and host tests with a modelled hypervisor.
 #![cfg_attr(not(test), no_std)]
 
 pub mod kvm;
 pub mod native;
+pub mod pvclock;
+
+pub use pvclock::PvclockVcpuTimeInfo;
 
 use pvops::{BackendId, Candidate, Detection, Presence};
 
-/// What the environment tells backends that CPUID cannot: hooks for detection and the facts the
-/// kernel (or a test) already knows.
+/// What the environment tells backends that CPUID cannot, and the privileged accesses they need
+/// to set up (ring 0 in the kernel; host tests model them). Every method has a "cannot" default.
 pub trait Platform {
     /// The TSC frequency in kHz, 0 when unknown.
     fn tsc_khz(&self) -> u64;
+
+    /// CPUID (the instruction, unless a test models a hypervisor).
+    fn cpuid(&self, leaf: u32, subleaf: u32) -> pvops::ops::CpuidResult {
+        pvops::arch::raw_cpuid(leaf, subleaf)
+    }
+
+    /// Read an MSR on this CPU (`None`: it faulted).
+    fn rdmsr(&self, _msr: u32) -> Option<u64> {
+        None
+    }
+
+    /// Write an MSR on this CPU (`false`: it faulted).
+    fn wrmsr(&self, _msr: u32, _value: u64) -> bool {
+        false
+    }
+
+    /// Read an MSR on another CPU (`None`: no such CPU, or it faulted).
+    fn rdmsr_on_cpu(&self, _cpu: u32, _msr: u32) -> Option<u64> {
+        None
+    }
+
+    /// The number of possible CPUs.
+    fn nr_cpus(&self) -> u32 {
+        1
+    }
+
+    /// The kernel address of guest-physical memory at `pa` (the direct map).
+    fn phys_to_virt(&self, _pa: u64) -> Option<usize> {
+        None
+    }
+
+    /// The guest-physical address of kernel memory at `va` (direct map or vmalloc).
+    fn virt_to_phys(&self, _va: usize) -> Option<u64> {
+        None
+    }
 }
 
 /// Each backend's answer to "is your hypervisor here?".
-pub fn candidates(_detection: &Detection, _platform: &dyn Platform) -> [Candidate; 5] {
+pub fn candidates(detection: &Detection, _platform: &dyn Platform) -> [Candidate; 5] {
     BackendId::ALL.map(|id| Candidate {
         id,
         presence: match id {
             BackendId::Native => Presence::Present { base: None },
-            BackendId::Kvm | BackendId::Xen | BackendId::Vmi | BackendId::Lguest => {
-                Presence::NotBuilt
-            }
+            BackendId::Kvm => match kvm::interface(detection) {
+                Some(i) => Presence::Present { base: Some(i.base) },
+                None => Presence::Absent,
+            },
+            BackendId::Xen | BackendId::Vmi | BackendId::Lguest => Presence::NotBuilt,
         },
     })
 }
 
+/// Why a selected backend could not be brought up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StartError {
+    /// The KVM backend refused.
+    Kvm(kvm::KvmError),
+    /// Not part of this build.
+    NotBuilt(BackendId),
+}
+
+impl core::fmt::Display for StartError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            StartError::Kvm(e) => write!(f, "kvm: {e}"),
+            StartError::NotBuilt(b) => write!(f, "{b} backend not built"),
+        }
+    }
+}
+
 /// Bring the selected backend up and hand it out, ready to install.
-pub fn backend(id: BackendId, platform: &dyn Platform) -> Option<&'static dyn pvops::Backend> {
+pub fn start(
+    id: BackendId,
+    detection: &Detection,
+    platform: &dyn Platform,
+) -> Result<&'static dyn pvops::Backend, StartError> {
     match id {
         BackendId::Native => {
             native::init(platform.tsc_khz());
-            Some(&native::NATIVE)
+            Ok(&native::NATIVE)
         }
-        BackendId::Kvm | BackendId::Xen | BackendId::Vmi | BackendId::Lguest => None,
+        BackendId::Kvm => Ok(kvm::init(detection, platform).map_err(StartError::Kvm)?),
+        BackendId::Xen | BackendId::Vmi | BackendId::Lguest => Err(StartError::NotBuilt(id)),
+    }
+}
+
+/// Release what [`start`] set up (registrations, mappings) after the backend was uninstalled.
+pub fn stop(id: BackendId, platform: &dyn Platform) {
+    if id == BackendId::Kvm {
+        kvm::teardown(platform);
     }
 }

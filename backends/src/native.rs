@@ -114,6 +114,17 @@ native_ops! {
     SetPud => set_pud(pudp: *mut u64, value: u64), [0x48, 0x89, 0x37], clobbers Clobbers::empty();
 }
 
+/// A callee-save op that does nothing (for a backend that turns a native op into nothing).
+///
+/// # Safety
+///
+/// None beyond the call itself; `unsafe` only to fit the table's slot type.
+#[unsafe(naked)]
+#[link_section = ".text"]
+pub unsafe extern "C" fn nothing_callee_save() {
+    core::arch::naked_asm!("endbr64", pvops::__asm_ret!())
+}
+
 /// `cpuid(leaf, subleaf, out)`: the instruction.
 ///
 /// # Safety

@@ -79,6 +79,21 @@ pub trait Backend: InlineSource + Sync {
 
     /// The functions to install in [`PV_OPS`](crate::ops::PV_OPS).
     fn ops(&self) -> PvOps;
+
+    /// A hypercall with no side effect and a known answer, for self-tests and benchmarks
+    /// (`None`: the backend has no hypervisor to call).
+    fn null_hypercall(&self) -> Option<NullHypercall> {
+        None
+    }
+}
+
+/// A harmless hypercall: `cpu.hypercall(args[0], args[1..])` must return `expect`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NullHypercall {
+    /// Number and four arguments.
+    pub args: [u64; 5],
+    /// The answer.
+    pub expect: i64,
 }
 
 /// Whether a backend's hypervisor is here.

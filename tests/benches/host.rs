@@ -47,9 +47,11 @@ fn raw_hypercall(vmmcall: bool) -> i64 {
 fn paths(c: &mut Criterion, state: &str) {
     let mut g = c.benchmark_group(state);
     if kvm().is_some() {
-        // SAFETY: KVM answers (see `kvm`); refused from ring 3 without side effects.
         g.bench_function("cpu.hypercall", |b| {
-            b.iter(|| black_box(unsafe { cpu::hypercall(1, 0, 0, 0, 0) }))
+            b.iter(|| {
+                // SAFETY: KVM answers (see `kvm`); refused from ring 3 without side effects.
+                black_box(unsafe { cpu::hypercall(1, 0, 0, 0, 0) })
+            })
         });
     }
     g.bench_function("cpu.cpuid", |b| {

@@ -1,0 +1,309 @@
+//! The pvclock record KVM's kvmclock and Xen's `vcpu_info.time` share
+//! (shared/docs/abi-kvm.md §4–5), and its reader.
+//!
+//! The host updates a record with a version seqlock: it stores an odd version, writes the
+//! fields, then stores the next even one. A reader takes the version, reads the TSC and the
+//! fields, and retries if the version was odd or changed. Scaling uses a 64×64→128 multiply
+//! (no division), and a record with a zero multiplier (never registered, or emulated away) is
+//! refused rather than read as time zero.
+
+use core::sync::atomic::{compiler_fence, AtomicU64, Ordering};
+
+/// `struct pvclock_vcpu_time_info` (32 bytes, packed in the ABI; naturally aligned here).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PvclockVcpuTimeInfo {
+    /// Odd while the host updates the record.
+    pub version: u32,
+    /// Padding.
+    pub pad0: u32,
+    /// Guest TSC at the last update.
+    pub tsc_timestamp: u64,
+    /// Nanoseconds at `tsc_timestamp`.
+    pub system_time: u64,
+    /// 32.32 fixed-point multiplier from (shifted) TSC cycles to nanoseconds.
+    pub tsc_to_system_mul: u32,
+    /// Shift applied to the TSC delta before multiplying (negative: right).
+    pub tsc_shift: i8,
+    /// [`PVCLOCK_TSC_STABLE_BIT`], [`PVCLOCK_GUEST_STOPPED`].
+    pub flags: u8,
+    /// Padding.
+    pub pad: [u8; 2],
+}
+
+/// `struct pvclock_wall_clock` (12 bytes): wall time at `system_time` = 0.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PvclockWallClock {
+    /// Odd while the host updates it.
+    pub version: u32,
+    /// Seconds since the epoch.
+    pub sec: u32,
+    /// Nanoseconds.
+    pub nsec: u32,
+}
+
+static_assertions::assert_eq_size!(PvclockVcpuTimeInfo, [u8; 32]);
+static_assertions::assert_eq_size!(PvclockWallClock, [u8; 12]);
+static_assertions::const_assert_eq!(
+    core::mem::offset_of!(PvclockVcpuTimeInfo, tsc_to_system_mul),
+    24
+);
+static_assertions::const_assert_eq!(core::mem::offset_of!(PvclockVcpuTimeInfo, flags), 29);
+
+/// Readings from different vCPUs are mutually monotonic (when the interface vouches for it).
+pub const PVCLOCK_TSC_STABLE_BIT: u8 = 1 << 0;
+/// The host paused the guest.
+pub const PVCLOCK_GUEST_STOPPED: u8 = 1 << 1;
+
+/// How often a reader retries a record the host keeps updating before giving up.
+pub const MAX_RETRIES: u32 = 1000;
+
+/// Why a record could not be read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PvclockError {
+    /// The multiplier is zero: nothing is registered there.
+    NotRunning,
+    /// The version never settled within [`MAX_RETRIES`].
+    Unstable,
+}
+
+/// `delta` TSC cycles in nanoseconds under `mul`/`shift` (Linux's `pvclock_scale_delta`).
+pub fn scale_delta(delta: u64, mul: u32, shift: i8) -> u64 {
+    let d = if shift < 0 {
+        delta >> shift.unsigned_abs().min(63)
+    } else {
+        delta << (shift as u32).min(63)
+    };
+    ((u128::from(d) * u128::from(mul)) >> 32) as u64
+}
+
+/// The TSC frequency a record implies, in kHz (0 for a zero multiplier). The one division is by
+/// a 32-bit value, at setup, not on a clock read.
+pub fn tsc_khz(mul: u32, shift: i8) -> u64 {
+    if mul == 0 {
+        return 0;
+    }
+    let khz = (1_000_000u64 << 32) / u64::from(mul);
+    if shift < 0 {
+        khz << shift.unsigned_abs().min(31)
+    } else {
+        khz >> (shift as u32).min(31)
+    }
+}
+
+/// One consistent reading of a record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Reading {
+    /// Nanoseconds (the record's timeline).
+    pub ns: u64,
+    /// The record's flags.
+    pub flags: u8,
+    /// The multiplier and shift in force.
+    pub mul: u32,
+    /// The shift in force.
+    pub shift: i8,
+}
+
+/// Read a record with the version protocol, `rdtsc` supplying the (ordered) TSC.
+///
+/// # Safety
+///
+/// `rec` points to a live record the host (or a test) may update concurrently.
+pub unsafe fn read(
+    rec: *const PvclockVcpuTimeInfo,
+    rdtsc: impl Fn() -> u64,
+) -> Result<Reading, PvclockError> {
+    for _ in 0..MAX_RETRIES {
+        // SAFETY: `rec` is live (caller); volatile because the host writes it behind the
+        // compiler's back (likewise below).
+        let v0 = unsafe { core::ptr::addr_of!((*rec).version).read_volatile() };
+        compiler_fence(Ordering::Acquire);
+        let tsc = rdtsc();
+        // SAFETY: as above.
+        let r = unsafe { rec.read_volatile() };
+        compiler_fence(Ordering::Acquire);
+        // SAFETY: as above.
+        let v1 = unsafe { core::ptr::addr_of!((*rec).version).read_volatile() };
+        if v0 & 1 != 0 || v0 != v1 {
+            core::hint::spin_loop();
+            continue;
+        }
+        if r.tsc_to_system_mul == 0 {
+            return Err(PvclockError::NotRunning);
+        }
+        let delta = tsc.wrapping_sub(r.tsc_timestamp);
+        // A TSC behind the record's timestamp (another vCPU's record, an unsynchronised TSC)
+        // counts as no time elapsed rather than wrapping to centuries.
+        let delta = if (delta as i64) < 0 { 0 } else { delta };
+        return Ok(Reading {
+            ns: r
+                .system_time
+                .wrapping_add(scale_delta(delta, r.tsc_to_system_mul, r.tsc_shift)),
+            flags: r.flags,
+            mul: r.tsc_to_system_mul,
+            shift: r.tsc_shift,
+        });
+    }
+    Err(PvclockError::Unstable)
+}
+
+/// Read a wall-clock record with the same protocol: (seconds, nanoseconds).
+///
+/// # Safety
+///
+/// `rec` points to a live record.
+pub unsafe fn read_wall(rec: *const PvclockWallClock) -> Result<(u32, u32), PvclockError> {
+    for _ in 0..MAX_RETRIES {
+        // SAFETY: `rec` is live (caller); volatile as in `read`.
+        let v0 = unsafe { core::ptr::addr_of!((*rec).version).read_volatile() };
+        compiler_fence(Ordering::Acquire);
+        // SAFETY: as above.
+        let w = unsafe { rec.read_volatile() };
+        compiler_fence(Ordering::Acquire);
+        // SAFETY: as above.
+        let v1 = unsafe { core::ptr::addr_of!((*rec).version).read_volatile() };
+        if v0 & 1 == 0 && v0 == v1 {
+            return Ok((w.sec, w.nsec));
+        }
+        core::hint::spin_loop();
+    }
+    Err(PvclockError::Unstable)
+}
+
+/// Keeps a clock from going backwards when its readings come from records that are not
+/// mutually monotonic (Linux's `last_value` clamp).
+#[derive(Debug, Default)]
+pub struct Monotonic(AtomicU64);
+
+impl Monotonic {
+    /// A clamp that has seen nothing.
+    pub const fn new() -> Monotonic {
+        Monotonic(AtomicU64::new(0))
+    }
+
+    /// `ns`, or the largest value returned so far if that is later.
+    pub fn clamp(&self, ns: u64) -> u64 {
+        let prev = self.0.fetch_max(ns, Ordering::AcqRel);
+        prev.max(ns)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::cell::Cell;
+
+    fn rec(mul: u32, shift: i8) -> PvclockVcpuTimeInfo {
+        PvclockVcpuTimeInfo {
+            version: 2,
+            tsc_timestamp: 1_000_000,
+            system_time: 5_000_000_000,
+            tsc_to_system_mul: mul,
+            tsc_shift: shift,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn worked_example_from_the_abi() {
+        // mul = 3 512 682 389, shift = -1: 2 445 406 kHz
+        assert_eq!(tsc_khz(3_512_682_389, -1), 2_445_406);
+        assert_eq!(tsc_khz(0, 0), 0);
+    }
+
+    #[test]
+    fn scaling() {
+        // 1 GHz: mul 2^32 with shift 0 is 1 ns per cycle
+        assert_eq!(scale_delta(1_000, 1 << 31, 1), 1_000);
+        // 2.445 GHz: one second of cycles
+        let ns = scale_delta(2_445_406_000, 3_512_682_389, -1);
+        assert!(ns.abs_diff(1_000_000_000) < 1_000, "{ns}");
+        // huge deltas do not overflow (128-bit product)
+        assert!(scale_delta(u64::MAX >> 1, u32::MAX, 0) > 0);
+    }
+
+    #[test]
+    fn read_consistent_record() {
+        let r = rec(1 << 31, 1);
+        // SAFETY: a live local record.
+        let got = unsafe { read(&r, || 1_000_500) }.unwrap();
+        assert_eq!(got.ns, 5_000_000_500);
+    }
+
+    #[test]
+    fn zero_multiplier_is_refused() {
+        let r = rec(0, 0);
+        // SAFETY: a live local record.
+        assert_eq!(unsafe { read(&r, || 0) }, Err(PvclockError::NotRunning));
+    }
+
+    #[test]
+    fn odd_version_and_torn_reads_retry() {
+        // The "host" updates the record while the reader is between its two version reads:
+        // the first attempts must be thrown away and the final reading must be the new one.
+        let r = core::cell::UnsafeCell::new(rec(1 << 31, 1));
+        let calls = Cell::new(0);
+        let rdtsc = || {
+            calls.set(calls.get() + 1);
+            let p = r.get();
+            // SAFETY: single-threaded test; the reader reads through volatile pointers.
+            unsafe {
+                match calls.get() {
+                    1 => (*p).version = 3, // update in progress
+                    2 => {
+                        (*p).system_time = 7_000_000_000; // torn: fields change...
+                        (*p).version = 4; // ...and the version moves on
+                    }
+                    _ => {}
+                }
+            }
+            1_000_000
+        };
+        // SAFETY: the record outlives the call.
+        let got = unsafe { read(r.get(), rdtsc) }.unwrap();
+        assert_eq!(got.ns, 7_000_000_000);
+        assert_eq!(calls.get(), 3);
+    }
+
+    #[test]
+    fn a_record_that_never_settles_is_an_error() {
+        let r = core::cell::UnsafeCell::new(rec(1 << 31, 1));
+        let rdtsc = || {
+            // SAFETY: single-threaded test.
+            unsafe { (*r.get()).version = (*r.get()).version.wrapping_add(2) | 1 };
+            0
+        };
+        // SAFETY: the record outlives the call.
+        assert_eq!(unsafe { read(r.get(), rdtsc) }, Err(PvclockError::Unstable));
+    }
+
+    #[test]
+    fn tsc_behind_the_record_counts_as_no_time() {
+        let r = rec(1 << 31, 1);
+        // SAFETY: a live local record.
+        assert_eq!(unsafe { read(&r, || 999_000) }.unwrap().ns, 5_000_000_000);
+    }
+
+    #[test]
+    fn clamp_never_goes_back() {
+        let m = Monotonic::new();
+        assert_eq!(m.clamp(10), 10);
+        assert_eq!(m.clamp(5), 10);
+        assert_eq!(m.clamp(12), 12);
+    }
+
+    #[test]
+    fn wall_clock() {
+        let w = PvclockWallClock {
+            version: 4,
+            sec: 1_800_000_000,
+            nsec: 5,
+        };
+        // SAFETY: a live local record.
+        assert_eq!(unsafe { read_wall(&w) }, Ok((1_800_000_000, 5)));
+        let w = PvclockWallClock { version: 5, ..w };
+        // SAFETY: a live local record.
+        assert_eq!(unsafe { read_wall(&w) }, Err(PvclockError::Unstable));
+    }
+}
