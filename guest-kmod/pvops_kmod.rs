@@ -63,6 +63,7 @@ mod shim {
         pub(crate) fn pvops_shim_nr_cpus() -> u32;
         pub(crate) fn pvops_shim_phys_to_virt(pa: u64) -> c_ulong;
         pub(crate) fn pvops_shim_virt_to_phys(va: c_ulong) -> u64;
+        pub(crate) fn pvops_shim_kernel_kvmclock() -> c_int;
         pub(crate) fn pvops_shim_ktime_ns() -> u64;
         pub(crate) fn pvops_shim_ktime_real_ns() -> u64;
         pub(crate) fn pvops_shim_mdelay(ms: u32);
@@ -93,6 +94,16 @@ impl pvops_backends::Platform for KernelPlatform {
         let mut v = 0;
         // SAFETY: the kernel's rdmsrl_safe_on_cpu (an IPI to an online CPU).
         (unsafe { shim::pvops_shim_rdmsr_on_cpu(cpu, msr, &mut v) } == 0).then_some(v)
+    }
+
+    fn clock_ns(&self) -> Option<u64> {
+        // SAFETY: reads the kernel's monotonic clock.
+        Some(unsafe { shim::pvops_shim_ktime_ns() })
+    }
+
+    fn kernel_kvmclock(&self) -> Option<bool> {
+        // SAFETY: reads the kernel's published kvmclock pointer.
+        Some(unsafe { shim::pvops_shim_kernel_kvmclock() } != 0)
     }
 
     fn nr_cpus(&self) -> u32 {
@@ -220,13 +231,26 @@ fn transition(patcher: &Patcher<'_>, revert: bool) -> Result<PatchReport, PatchE
 
 /// Run what the patched sites now hold, in ring 0, and check it against the raw instructions.
 /// Returns the names of the failed checks (empty: all passed).
-fn selftest(backend: &dyn Backend) -> KVec<&'static str> {
+/// What the self-test found.
+struct SelfTest {
+    /// Checks run.
+    ran: u32,
+    /// Names of the checks that failed.
+    failed: KVec<&'static str>,
+    /// The hypercall made, and its answer.
+    hypercall: Option<(u64, i64)>,
+}
+
+fn selftest(backend: &dyn Backend) -> SelfTest {
     let mut failed = KVec::new();
+    let mut ran = 0;
     let mut check = |name: &'static str, ok: bool| {
+        ran += 1;
         if !ok {
             let _ = failed.push(name, GFP_KERNEL);
         }
     };
+    let mut hypercall = None;
     let native = backend.id() == BackendId::Native;
 
     check("cpuid", cpu::cpuid(0, 0) == pvops::arch::raw_cpuid(0, 0));
@@ -270,7 +294,7 @@ fn selftest(backend: &dyn Backend) -> KVec<&'static str> {
     check("sched-clock", t1 > t0);
     check(
         "tsc-khz",
-        !native || timer::tsc_khz() == KernelPlatform.tsc_khz(),
+        !native || KernelPlatform.tsc_khz() == 0 || timer::tsc_khz() == KernelPlatform.tsc_khz(),
     );
 
     // The backend's clock against the kernel's (ktime) over 20 ms: within 2% + 200 us.
@@ -297,12 +321,15 @@ fn selftest(backend: &dyn Backend) -> KVec<&'static str> {
     if let Some(h) = backend.null_hypercall() {
         let [nr, a0, a1, a2, a3] = h.args;
         // SAFETY: the backend vouches that this hypercall has no side effect.
-        check(
-            "hypercall",
-            unsafe { cpu::hypercall(nr, a0, a1, a2, a3) } == h.expect,
-        );
+        let r = unsafe { cpu::hypercall(nr, a0, a1, a2, a3) };
+        check("hypercall", r == h.expect);
+        hypercall = Some((nr, r));
     }
-    failed
+    SelfTest {
+        ran,
+        failed,
+        hypercall,
+    }
 }
 
 use pvops_backends::Platform as _;
@@ -411,7 +438,7 @@ impl kernel::Module for PvopsGuest {
         let verified = !patched || patcher.verify(&text, true).is_ok();
 
         // report
-        let failed = selftest(backend);
+        let st = selftest(backend);
         let hypervisor = match selection.interface {
             Some(i) => CString::try_from_fmt(fmt!(
                 "{} base={:#x} max_leaf={:#x}",
@@ -429,13 +456,23 @@ impl kernel::Module for PvopsGuest {
             report.direct,
             report.indirect
         ))?;
-        let selftest = if failed.is_empty() && verified {
-            CString::try_from_fmt(fmt!("ok bytes=verified"))?
+        let bytes = if verified { "verified" } else { "MISMATCH" };
+        let (hc_nr, hc_ret) = st.hypercall.unwrap_or((0, 0));
+        let hc = if st.hypercall.is_some() {
+            "hypercall"
+        } else {
+            "no-hypercall"
+        };
+        let selftest = if st.failed.is_empty() && verified {
+            CString::try_from_fmt(fmt!(
+                "ok bytes={bytes} checks={} {hc}={hc_nr}:{hc_ret}",
+                st.ran
+            ))?
         } else {
             CString::try_from_fmt(fmt!(
-                "FAILED bytes={} checks={:?}",
-                if verified { "verified" } else { "MISMATCH" },
-                &failed[..]
+                "FAILED bytes={bytes} checks={} failed={:?} {hc}={hc_nr}:{hc_ret}",
+                st.ran,
+                &st.failed[..]
             ))?
         };
         let name = CString::try_from_fmt(fmt!("{}", selection.backend))?;
@@ -449,13 +486,14 @@ impl kernel::Module for PvopsGuest {
             )
         };
         pr_info!(
-            "{} sites={}/{} (inline {}, direct {}) selftest={}\n",
+            "{} sites={}/{} (inline {}, direct {}) selftest={} {}\n",
             selection,
             report.patched(),
             report.total,
             report.inline,
             report.direct,
-            selftest.to_str().unwrap_or("?")
+            selftest.to_str().unwrap_or("?"),
+            backend.describe()
         );
         pr_info!(
             "load: detect {} cycles, select {}, patch {} ({} sites)\n",
@@ -516,7 +554,11 @@ impl Drop for PvopsGuest {
         }
         // SAFETY: the module is going away; none of its ops can run any more.
         unsafe { PV_OPS.clear() };
-        pvops_backends::stop(self.backend.id(), &KernelPlatform);
-        pr_info!("unload: backend {} removed\n", self.backend.id());
+        let released = pvops_backends::stop(self.backend.id(), &KernelPlatform);
+        pr_info!(
+            "unload: backend {} removed ({})\n",
+            self.backend.id(),
+            released
+        );
     }
 }

@@ -20,6 +20,7 @@
 #include <asm/tsc.h>
 #include <asm/msr.h>
 #include <asm/io.h>
+#include <asm/pvclock.h>
 #include <linux/delay.h>
 #include <linux/ktime.h>
 #include <linux/timekeeping.h>
@@ -260,6 +261,12 @@ u64 pvops_shim_virt_to_phys(unsigned long va)
 		return page ? page_to_phys(page) + offset_in_page(p) : 0;
 	}
 	return __pa(va);
+}
+
+/* 1 if the kernel runs kvmclock (it published its CPU 0 record), else 0. */
+int pvops_shim_kernel_kvmclock(void)
+{
+	return pvclock_get_pvti_cpu0_va() != NULL;
 }
 
 u64 pvops_shim_ktime_ns(void)

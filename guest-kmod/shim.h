@@ -60,6 +60,7 @@ int pvops_shim_rdmsr_on_cpu(unsigned int cpu, u32 msr, u64 *val);
 unsigned int pvops_shim_nr_cpus(void);
 unsigned long pvops_shim_phys_to_virt(u64 pa);
 u64 pvops_shim_virt_to_phys(unsigned long va);
+int pvops_shim_kernel_kvmclock(void);
 u64 pvops_shim_ktime_ns(void);
 u64 pvops_shim_ktime_real_ns(void);
 void pvops_shim_mdelay(unsigned int ms);

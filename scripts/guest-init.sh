@@ -8,7 +8,10 @@ mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev 2>/dev/null
 
-expect=$(sed -n 's/.*rig_expect=\([a-z]*\).*/\1/p' /proc/cmdline)
+arg() { tr ' ' '\n' < /proc/cmdline | sed -n "s/^$1=//p" | tail -1; }
+expect=$(arg rig_expect)
+detail=$(arg rig_detail)
+release=$(arg rig_release)
 ko=/pvops_guest.ko
 check() { # name, condition result (0 = ok), detail
 	if [ "$2" = 0 ]; then echo "RIG-CHECK $1 ok $3"; else echo "RIG-CHECK $1 FAIL $3"; fi
@@ -31,6 +34,13 @@ report() { # read /sys/kernel/pvops and check it: the expected backend, every si
 	check selftest "$(echo "$selftest" | grep -q '^ok bytes=verified'; echo $?)" "$selftest"
 	report_line=$(dmesg | grep 'pvops_guest: backend=' | tail -1)
 	check dmesg-report "$(echo "$report_line" | grep -q "backend=$expect .*sites=$p/$t"; echo $?)" "$report_line"
+	if [ "$expect" != native ]; then
+		# a real hypercall was made and answered as the hypervisor documents
+		check hypercall "$(echo "$selftest" | grep -q ' hypercall='; echo $?)" "$selftest"
+	fi
+	if [ -n "$detail" ]; then
+		check detail "$(echo "$report_line" | grep -q "$detail"; echo $?)" "want /$detail/"
+	fi
 }
 
 if grep -q 'rig_mode=builtin' /proc/cmdline; then
@@ -73,10 +83,13 @@ fi
 rmmod pvops_guest; rc=$?
 check unload "$( [ $rc = 0 ] && ! loaded && dmesg | grep -q "pvops_guest: unload: $t sites restored byte-exact"; echo $?)" "$(last_dmesg 2)"
 [ -d /sys/kernel/pvops ]; check sysfs-removed "$( [ $? != 0 ]; echo $?)" ""
+if [ -n "$release" ]; then
+	check released "$(dmesg | grep 'unload: backend' | tail -1 | grep -q "$release"; echo $?)" "$(last_dmesg)"
+fi
 
 # 5. Forcing native works everywhere, and a second load after unload patches again.
 insmod $ko backend=native; rc=$?
-check load-native "$( [ $rc = 0 ] && [ "$(cat /sys/kernel/pvops/backend)" = native ] && grep -q '^ok' /sys/kernel/pvops/selftest; echo $?)" "$(last_dmesg)"
+check load-native "$( [ $rc = 0 ] && [ "$(cat /sys/kernel/pvops/backend)" = native ] && grep -q '^ok' /sys/kernel/pvops/selftest; echo $?)" "$(cat /sys/kernel/pvops/selftest 2>&1)"
 rmmod pvops_guest
 
 echo "RIG-RESULT backend=$backend sites=$p/$t"

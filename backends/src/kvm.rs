@@ -8,7 +8,8 @@
 //!   CPU. The backend reads the MSRs back and uses those records; it never writes them (that
 //!   would redirect the host's updates and freeze the kernel's own clock). Only when the
 //!   kernel runs without kvmclock (`no-kvmclock`) does the backend register a record of its own
-//!   (on the CPU that loads it), and it unregisters that record at teardown.
+//!   (on the CPU that loads it; with the TSC-stable flag any CPU may read it), and it
+//!   unregisters that record at teardown.
 //! - **Hypercalls** fill `cpu.hypercall`: `vmcall` on Intel and others, `vmmcall` on AMD and
 //!   Hygon, chosen once from the CPU vendor: the slot holds the matching function, so every
 //!   patched site calls it directly and no site ever executes the wrong instruction.
@@ -315,8 +316,13 @@ pub fn init(detection: &Detection, platform: &dyn Platform) -> Result<&'static K
         return Err(KvmError::NoClock);
     };
 
-    // The kernel's record, if it registered one (bit 0 = enabled).
-    let registered = platform.rdmsr(msr).filter(|v| v & 1 != 0);
+    // The kernel's record, if it registered one (bit 0 = enabled). Firmware registers a record
+    // too (SeaBIOS: GPA 0xe8380) and a kernel booted with no-kvmclock leaves it in place: that
+    // one is not the kernel's, and the backend registers its own instead.
+    let registered = match platform.kernel_kvmclock() {
+        Some(false) => None,
+        _ => platform.rdmsr(msr).filter(|v| v & 1 != 0),
+    };
     let rec = match registered {
         Some(v) => platform
             .phys_to_virt(v & !1)
@@ -339,7 +345,7 @@ pub fn init(detection: &Detection, platform: &dyn Platform) -> Result<&'static K
     // SAFETY: `rec` is a registered record (the kernel's, or ours just registered).
     let first = unsafe { pvclock::read(rec, arch::rdtsc_ordered) };
     let Ok(first) = first else {
-        teardown(platform);
+        let _ = teardown(platform);
         return Err(KvmError::ClockUnavailable);
     };
     STATE.clock.store(rec, Ordering::Release);
@@ -390,15 +396,21 @@ pub fn init(detection: &Detection, platform: &dyn Platform) -> Result<&'static K
 }
 
 /// Undo what `init` registered (the backend's own clock record, if any) and forget the rest.
-pub fn teardown(platform: &dyn Platform) {
+/// Says what it released.
+pub fn teardown(platform: &dyn Platform) -> &'static str {
     let msr = STATE.own_msr.swap(0, Ordering::Relaxed);
-    if msr != 0 {
-        platform.wrmsr(msr as u32, 0);
-    }
+    let released = if msr == 0 {
+        "nothing registered"
+    } else if platform.wrmsr(msr as u32, 0) {
+        "own kvmclock record unregistered"
+    } else {
+        "own kvmclock record could NOT be unregistered"
+    };
     STATE.clock.store(core::ptr::null_mut(), Ordering::Release);
     for s in &STATE.steal {
         s.store(core::ptr::null_mut(), Ordering::Relaxed);
     }
+    released
 }
 
 /// Whether the backend registered a clock record of its own (the kernel had none).
@@ -446,10 +458,26 @@ impl Backend for Kvm {
     }
 
     fn null_hypercall(&self) -> Option<pvops::select::NullHypercall> {
-        // KVM_HC_VAPIC_POLL_IRQ: an exit to the host and back, always answered 0.
+        if features() & KVM_FEATURE_PV_SCHED_YIELD != 0 {
+            // A directed yield to this very vCPU (not preempted): answered 0.
+            let apic_id = u64::from(arch::raw_cpuid(1, 0).ebx >> 24);
+            return Some(pvops::select::NullHypercall {
+                args: [KVM_HC_SCHED_YIELD, apic_id, 0, 0, 0],
+                expect: 0,
+            });
+        }
+        // An exit to the host and back, always answered 0.
         Some(pvops::select::NullHypercall {
             args: [KVM_HC_VAPIC_POLL_IRQ, 0, 0, 0, 0],
             expect: 0,
         })
+    }
+
+    fn describe(&self) -> &'static str {
+        if owns_clock() {
+            "kvmclock: own record, registered at load (the kernel has none)"
+        } else {
+            "kvmclock: the kernel's record, read back"
+        }
     }
 }

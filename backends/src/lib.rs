@@ -37,6 +37,12 @@ pub trait Platform {
     /// The TSC frequency in kHz, 0 when unknown.
     fn tsc_khz(&self) -> u64;
 
+    /// A monotonic nanosecond clock the platform trusts (the kernel's ktime), to calibrate
+    /// against; `None`: there is none.
+    fn clock_ns(&self) -> Option<u64> {
+        None
+    }
+
     /// CPUID (the instruction, unless a test models a hypervisor).
     fn cpuid(&self, leaf: u32, subleaf: u32) -> pvops::ops::CpuidResult {
         pvops::arch::raw_cpuid(leaf, subleaf)
@@ -54,6 +60,12 @@ pub trait Platform {
 
     /// Read an MSR on another CPU (`None`: no such CPU, or it faulted).
     fn rdmsr_on_cpu(&self, _cpu: u32, _msr: u32) -> Option<u64> {
+        None
+    }
+
+    /// Whether the kernel itself runs kvmclock (`None`: unknown, judge by the MSR alone). A
+    /// registration the kernel does not own (the firmware's, left behind) must not be used.
+    fn kernel_kvmclock(&self) -> Option<bool> {
         None
     }
 
@@ -114,7 +126,7 @@ pub fn start(
 ) -> Result<&'static dyn pvops::Backend, StartError> {
     match id {
         BackendId::Native => {
-            native::init(platform.tsc_khz());
+            native::start(platform);
             Ok(&native::NATIVE)
         }
         BackendId::Kvm => Ok(kvm::init(detection, platform).map_err(StartError::Kvm)?),
@@ -122,9 +134,11 @@ pub fn start(
     }
 }
 
-/// Release what [`start`] set up (registrations, mappings) after the backend was uninstalled.
-pub fn stop(id: BackendId, platform: &dyn Platform) {
-    if id == BackendId::Kvm {
-        kvm::teardown(platform);
+/// Release what [`start`] set up (registrations, mappings) after the backend was uninstalled;
+/// says what was released.
+pub fn stop(id: BackendId, platform: &dyn Platform) -> &'static str {
+    match id {
+        BackendId::Kvm => kvm::teardown(platform),
+        _ => "nothing registered",
     }
 }

@@ -423,8 +423,49 @@ pub struct Native;
 /// The one instance.
 pub static NATIVE: Native = Native;
 
-/// Set the TSC frequency sched_clock and the timer use (the kernel's `tsc_khz`, or a value a
-/// test calibrated). 0 leaves the clock unscaled (it reads 0).
+/// Where the native backend's TSC frequency came from.
+static TSC_SOURCE: AtomicU64 = AtomicU64::new(0);
+const TSC_FROM_KERNEL: u64 = 1;
+const TSC_CALIBRATED: u64 = 2;
+
+/// How long [`calibrate_tsc_khz`] measures.
+pub const CALIBRATION_NS: u64 = 10_000_000;
+
+/// The TSC frequency measured against another clock (`now_ns`) over [`CALIBRATION_NS`];
+/// 0 if that clock does not advance.
+pub fn calibrate_tsc_khz(now_ns: &dyn Fn() -> Option<u64>) -> u64 {
+    let (Some(t0), c0) = (now_ns(), arch::rdtsc_ordered()) else {
+        return 0;
+    };
+    // bounded: a clock that never advances gives up after 2^32 polls
+    for _ in 0..(1u64 << 32) {
+        let (Some(t1), c1) = (now_ns(), arch::rdtsc_ordered()) else {
+            return 0;
+        };
+        let dt = t1.saturating_sub(t0);
+        if dt >= CALIBRATION_NS {
+            return c1.wrapping_sub(c0).saturating_mul(1_000_000) / dt;
+        }
+    }
+    0
+}
+
+/// Start the native backend: the TSC frequency for sched_clock and the timer is the kernel's
+/// (`tsc_khz`), or, where the kernel has none (it could not calibrate, e.g. under some nested
+/// hypervisors), measured against the platform's clock.
+pub fn start(platform: &dyn crate::Platform) {
+    let mut khz = platform.tsc_khz();
+    let mut source = TSC_FROM_KERNEL;
+    if khz == 0 {
+        khz = calibrate_tsc_khz(&|| platform.clock_ns());
+        source = TSC_CALIBRATED;
+    }
+    init(khz);
+    TSC_SOURCE.store(source, Ordering::Relaxed);
+}
+
+/// Set the TSC frequency sched_clock and the timer use. 0 leaves the clock unscaled (it
+/// reads 0).
 pub fn init(tsc_khz: u64) {
     let mult = (1_000_000u64 << MULT_SHIFT)
         .checked_div(tsc_khz)
@@ -442,6 +483,13 @@ impl InlineSource for Native {
 impl Backend for Native {
     fn id(&self) -> BackendId {
         BackendId::Native
+    }
+
+    fn describe(&self) -> &'static str {
+        match TSC_SOURCE.load(Ordering::Relaxed) {
+            TSC_CALIBRATED => "TSC: calibrated at load (the kernel has no tsc_khz)",
+            _ => "TSC: the kernel's tsc_khz",
+        }
     }
 
     fn ops(&self) -> PvOps {
@@ -508,6 +556,17 @@ mod tests {
         assert_eq!(rtc::days_from_civil(1970, 1, 1), 0);
         assert_eq!(rtc::days_from_civil(2000, 3, 1), 11_017);
         assert_eq!(rtc::days_from_civil(2026, 11, 27), 20_784);
+    }
+
+    #[test]
+    fn calibration_against_another_clock() {
+        let t0 = std::time::Instant::now();
+        let clock = || Some(t0.elapsed().as_nanos() as u64);
+        let a = calibrate_tsc_khz(&clock);
+        let b = calibrate_tsc_khz(&clock);
+        assert!(a > 100_000, "a TSC of at least 100 MHz: {a} kHz");
+        assert!(a.abs_diff(b) < a / 20, "two calibrations agree within 5%: {a} vs {b}");
+        assert_eq!(calibrate_tsc_khz(&|| None), 0, "no clock, no calibration");
     }
 
     #[test]

@@ -85,6 +85,12 @@ pub trait Backend: InlineSource + Sync {
     fn null_hypercall(&self) -> Option<NullHypercall> {
         None
     }
+
+    /// What the backend set up, in a few words for the report (which records it reads, what
+    /// it registered).
+    fn describe(&self) -> &'static str {
+        ""
+    }
 }
 
 /// A harmless hypercall: `cpu.hypercall(args[0], args[1..])` must return `expect`.
