@@ -146,6 +146,20 @@ struct Row {
 
 const L_EMPTY: u32 = 0;
 const L_SAVE_FL_INDIRECT: u32 = 20;
+const L_KVM_HYPERCALL: u32 = 21;
+
+/// The backend's harmless hypercall (number, first argument), set by `run` before measuring.
+static HYPERCALL: [core::sync::atomic::AtomicU64; 2] = [
+    core::sync::atomic::AtomicU64::new(0),
+    core::sync::atomic::AtomicU64::new(0),
+];
+/// Whether the KVM hypercall instruction is `vmmcall`.
+static VMMCALL: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+
+fn hc() -> (u64, u64) {
+    use core::sync::atomic::Ordering::Relaxed;
+    (HYPERCALL[0].load(Relaxed), HYPERCALL[1].load(Relaxed))
+}
 
 /// Every op the benchmark runs. Invariant of every body: ring 0, interrupts off (`measure`),
 /// and each op run so that it changes nothing: registers are written with the value they
@@ -155,8 +169,10 @@ const L_SAVE_FL_INDIRECT: u32 = 20;
 /// Left out: halt and safe_halt (they wait for an interrupt), wbinvd (flushes every cache of
 /// the machine), write_msr/write_cr0/write_cr4 (a wrong value is fatal and the gain is nil),
 /// set_next_event (the timer belongs to the kernel), wall_clock (the RTC ports are the
-/// kernel's), load_gdt (as load_idt).
-fn rows() -> [Row; 24] {
+/// kernel's), load_gdt (as load_idt). The hypercall is the backend's harmless one
+/// (`Backend::null_hypercall`); its raw and Linux paths exist on KVM only (elsewhere the
+/// instruction would fault).
+fn rows() -> [Row; 25] {
     #[rustfmt::skip]
     let rows = [
         Row { op: Op::SaveFl, label: "irq.save_fl", linux: Some(1),
@@ -213,6 +229,10 @@ fn rows() -> [Row; 24] {
               pvops: path_unsafe!(mmu::flush_tlb_user()) },
         Row { op: Op::LazyModeEnter, label: "mmu.lazy_mode_enter+leave", linux: None, raw: None,
               pvops: path_unsafe!({ mmu::lazy_mode_enter(); mmu::lazy_mode_leave() }) },
+        Row { op: Op::Hypercall, label: "cpu.hypercall", linux: Some(L_KVM_HYPERCALL),
+              raw: Some(path_unsafe!(pvops_backends::kvm::raw_hypercall1(
+                  VMMCALL.load(core::sync::atomic::Ordering::Relaxed), hc().0, hc().1))),
+              pvops: path_unsafe!(cpu::hypercall(hc().0, hc().1, 0, 0, 0)) },
         Row { op: Op::AllocPt, label: "mmu.alloc_pt", linux: None, raw: None,
               pvops: path_unsafe!(mmu::alloc_pt(1, 1)) },
     ];
@@ -298,7 +318,31 @@ fn run(state: &State) -> Result {
         .map_err(|_| EINVAL)?;
     let direct_only =
         Patcher::new(module_sites(), PV_OPS.addr(), state.ops, &NoInline).map_err(|_| EINVAL)?;
-    let rows = rows();
+    let mut rows = rows();
+    let kvm = state.backend.id() == pvops::BackendId::Kvm;
+    match state.backend.null_hypercall() {
+        Some(h) => {
+            HYPERCALL[0].store(h.args[0], core::sync::atomic::Ordering::Relaxed);
+            HYPERCALL[1].store(h.args[1], core::sync::atomic::Ordering::Relaxed);
+            // SAFETY: tells linux_peer.c which hypercall to loop on (KVM only).
+            unsafe { shim::pvops_linux_set_hypercall(h.args[0], h.args[1]) };
+        }
+        None => {
+            // native: the slot answers -ENOSYS without a hypervisor; only the pvops path runs
+        }
+    }
+    VMMCALL.store(
+        pvops::detect(&pvops::arch::NativeCpuid)
+            .vendor
+            .uses_vmmcall(),
+        core::sync::atomic::Ordering::Relaxed,
+    );
+    if !kvm {
+        for row in rows.iter_mut().filter(|r| r.op == Op::Hypercall) {
+            row.raw = None;
+            row.linux = None;
+        }
+    }
     let mut res: KVec<[Option<Stats>; 6]> = KVec::with_capacity(rows.len(), GFP_KERNEL)?;
     for _ in 0..rows.len() {
         res.push([None; 6], GFP_KERNEL)?;

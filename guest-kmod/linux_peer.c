@@ -16,6 +16,7 @@
 #include <asm/io.h>
 #include <asm/tlbflush.h>
 #include <asm/tsc.h>
+#include <asm/kvm_para.h>
 
 #include "shim.h"
 
@@ -59,6 +60,16 @@ LINUX_LOOP(sched_clock, KEEP(sched_clock()))
 LINUX_LOOP(tsc_khz, KEEP(READ_ONCE(tsc_khz)))
 LINUX_LOOP(write_cr3, write_cr3(__read_cr3()))
 
+/* The backend's harmless hypercall, the way Linux makes KVM hypercalls (an ALTERNATIVE between
+ * vmcall and vmmcall); only used when the KVM backend is live. */
+static unsigned long hc_nr, hc_a0;
+void pvops_linux_set_hypercall(u64 nr, u64 a0)
+{
+	hc_nr = nr;
+	hc_a0 = a0;
+}
+LINUX_LOOP(kvm_hypercall, KEEP(kvm_hypercall1(hc_nr, hc_a0)))
+
 /* Indirect call through Linux's own pv_ops slot, as an unpatched pv call site would make it
  * (compiled with this kernel's retpoline / indirect-branch settings). */
 LINUX_LOOP(save_fl_indirect, KEEP(((unsigned long (*)(void))pv_ops.irq.save_fl.func)()))
@@ -86,6 +97,7 @@ static const linux_loop_fn linux_loops[] = {
 	[PVOPS_LINUX_TSC_KHZ] = linux_tsc_khz,
 	[PVOPS_LINUX_WRITE_CR3] = linux_write_cr3,
 	[PVOPS_LINUX_SAVE_FL_INDIRECT] = linux_save_fl_indirect,
+	[PVOPS_LINUX_KVM_HYPERCALL] = linux_kvm_hypercall,
 };
 
 u64 pvops_linux_loop(unsigned int which, u32 reps)

@@ -54,6 +54,7 @@ mod shim {
         pub(crate) fn pvops_shim_irq_save() -> c_ulong;
         pub(crate) fn pvops_shim_irq_restore(flags: c_ulong);
         pub(crate) fn pvops_linux_loop(which: u32, reps: u32) -> u64;
+        pub(crate) fn pvops_linux_set_hypercall(nr: u64, a0: u64);
         pub(crate) fn pvops_shim_set_bench(json: *const c_char, len: usize) -> c_int;
         pub(crate) fn pvops_shim_debugfs_create() -> c_int;
         pub(crate) fn pvops_shim_debugfs_remove();

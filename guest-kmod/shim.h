@@ -39,7 +39,9 @@ enum pvops_linux_loop {
 	PVOPS_LINUX_TSC_KHZ,
 	PVOPS_LINUX_WRITE_CR3,
 	PVOPS_LINUX_SAVE_FL_INDIRECT,
+	PVOPS_LINUX_KVM_HYPERCALL,
 };
+void pvops_linux_set_hypercall(u64 nr, u64 a0);
 u64 pvops_linux_loop(unsigned int which, u32 reps);
 
 /* Interrupts off/on around a measurement, the kernel's way. */

@@ -105,6 +105,29 @@ kvm_hypercall_fn!(
     "vmmcall"
 );
 
+/// The bare hypercall instruction, inline: `nr` and `a0` in KVM's registers, `vmmcall` or
+/// `vmcall` (the benchmark's "raw" path).
+///
+/// # Safety
+///
+/// A KVM host is present and the hypercall's own contract holds.
+#[inline(always)]
+pub unsafe fn raw_hypercall1(vmmcall: bool, nr: u64, a0: u64) -> i64 {
+    let r: i64;
+    // SAFETY: forwarded contract. RBX is reserved by LLVM: saved in another register around
+    // the instruction.
+    unsafe {
+        if vmmcall {
+            core::arch::asm!("xchg {a0}, rbx", "vmmcall", "xchg {a0}, rbx", a0 = inout(reg) a0 => _,
+                             inlateout("rax") nr as i64 => r, options(nostack))
+        } else {
+            core::arch::asm!("xchg {a0}, rbx", "vmcall", "xchg {a0}, rbx", a0 = inout(reg) a0 => _,
+                             inlateout("rax") nr as i64 => r, options(nostack))
+        }
+    };
+    r
+}
+
 /// The hypercall function for this CPU vendor.
 pub fn hypercall_for(vendor: CpuVendor) -> unsafe extern "C" fn(u64, u64, u64, u64, u64) -> i64 {
     if vendor.uses_vmmcall() {

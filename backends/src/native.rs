@@ -565,7 +565,10 @@ mod tests {
         let a = calibrate_tsc_khz(&clock);
         let b = calibrate_tsc_khz(&clock);
         assert!(a > 100_000, "a TSC of at least 100 MHz: {a} kHz");
-        assert!(a.abs_diff(b) < a / 20, "two calibrations agree within 5%: {a} vs {b}");
+        assert!(
+            a.abs_diff(b) < a / 20,
+            "two calibrations agree within 5%: {a} vs {b}"
+        );
         assert_eq!(calibrate_tsc_khz(&|| None), 0, "no clock, no calibration");
     }
 
