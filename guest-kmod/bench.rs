@@ -107,13 +107,46 @@ fn idt_now() -> &'static pvops::ops::DescriptorPointer {
     unsafe { &*core::ptr::addr_of!(IDT_NOW) }
 }
 
+/// Keeps a result alive the way linux_peer.c's `KEEP` does: an empty asm statement that takes
+/// it in a register (no store to memory), so both harnesses pay the same for it.
+trait Sink {
+    fn sink(self);
+}
+
+impl Sink for u64 {
+    #[inline(always)]
+    fn sink(self) {
+        // SAFETY: an empty asm statement.
+        unsafe {
+            core::arch::asm!("/* {0} */", in(reg) self, options(nomem, nostack, preserves_flags))
+        };
+    }
+}
+
+impl Sink for i64 {
+    #[inline(always)]
+    fn sink(self) {
+        (self as u64).sink()
+    }
+}
+
+impl Sink for u32 {
+    #[inline(always)]
+    fn sink(self) {
+        u64::from(self).sink()
+    }
+}
+
+impl Sink for () {
+    #[inline(always)]
+    fn sink(self) {}
+}
+
 /// A path: a loop around `$body`, timed.
 macro_rules! path {
     ($body:expr) => {{
         fn p(reps: u32) -> u64 {
-            timed(reps, || {
-                core::hint::black_box($body);
-            })
+            timed(reps, || Sink::sink($body))
         }
         p as Path
     }};
@@ -356,7 +389,7 @@ fn run(state: &State) -> Result {
 
     // SAFETY: SIDT only stores; no path runs yet.
     unsafe { core::arch::asm!("sidt [{}]", in(reg) core::ptr::addr_of_mut!(IDT_NOW)) };
-    // the same loop as every path (a black_box per iteration), doing nothing else
+    // the same loop as every path (a register sink per iteration), doing nothing else
     let rust_base = baseline(&path!(0u64));
     let c_base = baseline(&linux(L_EMPTY));
 
