@@ -205,32 +205,31 @@ pub mod models {
         m
     }
 
+    /// An Intel CPU under a hypervisor with one interface at 0x4000_0000.
+    fn single(max_leaf: u32, sig: &[u8; 12]) -> CpuidModel {
+        let mut m = CpuidModel::cpu(INTEL, true);
+        m.interface(0x4000_0000, max_leaf, sig);
+        m
+    }
+
     /// VMware's CPUID interface.
     pub fn vmware() -> CpuidModel {
-        let mut m = CpuidModel::cpu(INTEL, true);
-        m.interface(0x4000_0000, 0x4000_0010, b"VMwareVMware");
-        m
+        single(0x4000_0010, b"VMwareVMware")
     }
 
     /// bhyve.
     pub fn bhyve() -> CpuidModel {
-        let mut m = CpuidModel::cpu(INTEL, true);
-        m.interface(0x4000_0000, 0x4000_0001, b"bhyve bhyve ");
-        m
+        single(0x4000_0001, b"bhyve bhyve ")
     }
 
     /// ACRN.
     pub fn acrn() -> CpuidModel {
-        let mut m = CpuidModel::cpu(INTEL, true);
-        m.interface(0x4000_0000, 0x4000_0001, b"ACRNACRNACRN");
-        m
+        single(0x4000_0001, b"ACRNACRNACRN")
     }
 
     /// A hypervisor nobody knows.
     pub fn unknown() -> CpuidModel {
-        let mut m = CpuidModel::cpu(INTEL, true);
-        m.interface(0x4000_0000, 0x4000_0003, b"NoSuchHyper\x01");
-        m
+        single(0x4000_0003, b"NoSuchHyper\x01")
     }
 
     /// `kvm=off`: hypervisor bit set, every hypervisor leaf zero.

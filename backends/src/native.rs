@@ -179,6 +179,30 @@ macro_rules! extable_resume {
     };
 }
 
+/// An MSR access (`$insn`, with its register operands) that reports a fault as `rc = -EIO`
+/// instead of oopsing (kernel builds: an exception-table entry resumes at `773:`).
+macro_rules! msr_access_safe {
+    ($insn:literal, $($operands:tt)*) => {{
+        let rc: i32;
+        // SAFETY: the caller's contract (ring 0); a fault resumes at `773:` with rc = -EIO.
+        unsafe {
+            core::arch::asm!(
+                "xor {rc:e}, {rc:e}",
+                concat!("772: ", $insn),
+                "jmp 774f",
+                "773: mov {rc:e}, {eio}",
+                "774:",
+                extable_resume!(),
+                rc = out(reg) rc,
+                eio = const -EIO,
+                $($operands)*
+                options(nostack),
+            )
+        };
+        rc
+    }};
+}
+
 /// `rdmsr` that reports a fault as `-EIO`.
 ///
 /// # Safety
@@ -186,22 +210,7 @@ macro_rules! extable_resume {
 /// Ring 0; `out` is valid for writes.
 pub unsafe extern "C" fn read_msr_safe(msr: u32, out: *mut u64) -> i32 {
     let (lo, hi): (u32, u32);
-    let rc: i32;
-    // SAFETY: ring 0 (forwarded); a fault resumes at `773:` with rc = -EIO.
-    unsafe {
-        core::arch::asm!(
-            "xor {rc:e}, {rc:e}",
-            "772: rdmsr",
-            "jmp 774f",
-            "773: mov {rc:e}, {eio}",
-            "774:",
-            extable_resume!(),
-            rc = out(reg) rc,
-            eio = const -EIO,
-            in("ecx") msr, out("eax") lo, out("edx") hi,
-            options(nostack),
-        )
-    };
+    let rc = msr_access_safe!("rdmsr", in("ecx") msr, out("eax") lo, out("edx") hi,);
     if rc == 0 {
         // SAFETY: the caller guarantees `out` is writable.
         unsafe { out.write((u64::from(hi) << 32) | u64::from(lo)) };
@@ -215,23 +224,7 @@ pub unsafe extern "C" fn read_msr_safe(msr: u32, out: *mut u64) -> i32 {
 ///
 /// Ring 0; the value is consistent.
 pub unsafe extern "C" fn write_msr_safe(msr: u32, value: u64) -> i32 {
-    let rc: i32;
-    // SAFETY: ring 0 (forwarded); a fault resumes at `773:` with rc = -EIO.
-    unsafe {
-        core::arch::asm!(
-            "xor {rc:e}, {rc:e}",
-            "772: wrmsr",
-            "jmp 774f",
-            "773: mov {rc:e}, {eio}",
-            "774:",
-            extable_resume!(),
-            rc = out(reg) rc,
-            eio = const -EIO,
-            in("ecx") msr, in("eax") value as u32, in("edx") (value >> 32) as u32,
-            options(nostack),
-        )
-    };
-    rc
+    msr_access_safe!("wrmsr", in("ecx") msr, in("eax") value as u32, in("edx") (value >> 32) as u32,)
 }
 
 /// Flush every translation, global ones included: toggle CR4.PGE twice with interrupts off.
