@@ -202,7 +202,27 @@ unsafe extern "C" fn run_job(data: *mut c_void) -> c_int {
 }
 
 /// Patch (or revert) every site, all or nothing, with the other CPUs parked.
-fn transition(patcher: &Patcher<'_>, revert: bool) -> Result<PatchReport, PatchError> {
+/// Why a patch or revert did not happen. Nothing was written in any case.
+enum TransitionError {
+    /// The engine refused (a site does not hold what it expects).
+    Patch(PatchError),
+    /// The text alias could not be mapped.
+    NoAlias,
+    /// stop_machine failed.
+    StopMachine(c_int),
+}
+
+impl core::fmt::Display for TransitionError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            TransitionError::Patch(e) => write!(f, "{e}"),
+            TransitionError::NoAlias => f.write_str("cannot map the call sites' text writable"),
+            TransitionError::StopMachine(rc) => write!(f, "stop_machine failed ({rc})"),
+        }
+    }
+}
+
+fn transition(patcher: &Patcher<'_>, revert: bool) -> Result<PatchReport, TransitionError> {
     let Some((start, end)) = patcher.span() else {
         return Ok(PatchReport::default());
     };
@@ -211,8 +231,7 @@ fn transition(patcher: &Patcher<'_>, revert: bool) -> Result<PatchReport, PatchE
     // call sites; the alias is dropped below.
     let alias = unsafe { shim::pvops_shim_alias_text(start as _, end as _) };
     if alias.is_null() {
-        pr_err!("cannot map the call sites' text writable; nothing patched\n");
-        return Ok(PatchReport::default());
+        return Err(TransitionError::NoAlias);
     }
     let mut job = Job {
         patcher,
@@ -224,14 +243,15 @@ fn transition(patcher: &Patcher<'_>, revert: bool) -> Result<PatchReport, PatchE
         result: None,
     };
     // SAFETY: `job` outlives the call; run_job is the matching callback.
-    unsafe { shim::pvops_shim_stop_machine(run_job, core::ptr::addr_of_mut!(job).cast()) };
+    let rc = unsafe { shim::pvops_shim_stop_machine(run_job, core::ptr::addr_of_mut!(job).cast()) };
     // SAFETY: the alias came from pvops_shim_alias_text and is no longer used.
     unsafe { shim::pvops_shim_unalias_text(alias) };
-    job.result.unwrap_or(Ok(PatchReport::default()))
+    match job.result {
+        Some(r) => r.map_err(TransitionError::Patch),
+        None => Err(TransitionError::StopMachine(rc)),
+    }
 }
 
-/// Run what the patched sites now hold, in ring 0, and check it against the raw instructions.
-/// Returns the names of the failed checks (empty: all passed).
 /// What the self-test found.
 struct SelfTest {
     /// Checks run.
@@ -242,6 +262,8 @@ struct SelfTest {
     hypercall: Option<(u64, i64)>,
 }
 
+/// Run what the patched sites now hold, in ring 0, and check it against the raw instructions,
+/// the kernel's clocks and the hypervisor.
 fn selftest(backend: &dyn Backend) -> SelfTest {
     let mut failed = KVec::new();
     let mut ran = 0;
