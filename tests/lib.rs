@@ -55,6 +55,11 @@ impl CpuidModel {
         self
     }
 
+    /// Set one leaf from its four registers (EAX, EBX, ECX, EDX).
+    pub fn leaf(&mut self, leaf: u32, [eax, ebx, ecx, edx]: [u32; 4]) -> &mut Self {
+        self.set(leaf, CpuidResult { eax, ebx, ecx, edx })
+    }
+
     /// An interface at `base` with `leaves` leaves after it and this signature.
     pub fn interface(&mut self, base: u32, max_leaf: u32, sig: &[u8; 12]) -> &mut Self {
         let (ebx, ecx, edx) = sig_regs(sig);
@@ -110,15 +115,7 @@ pub mod models {
     pub fn kvm() -> CpuidModel {
         let mut m = CpuidModel::cpu(AMD, true);
         m.interface(0x4000_0000, 0x4000_0001, b"KVMKVMKVM\0\0\0");
-        m.set(
-            0x4000_0001,
-            CpuidResult {
-                eax: 0x0100_7efb,
-                ebx: 0,
-                ecx: 0,
-                edx: 0,
-            },
-        );
+        m.leaf(0x4000_0001, [0x0100_7efb, 0, 0, 0]);
         m
     }
 
@@ -134,15 +131,7 @@ pub mod models {
         let mut m = CpuidModel::cpu(INTEL, true);
         m.interface(0x4000_0000, 0x4000_000b, b"Microsoft Hv");
         m.interface(0x4000_0100, 0x4000_0101, b"KVMKVMKVM\0\0\0");
-        m.set(
-            0x4000_0101,
-            CpuidResult {
-                eax: 0x0100_7efb,
-                ebx: 0,
-                ecx: 0,
-                edx: 0,
-            },
-        );
+        m.leaf(0x4000_0101, [0x0100_7efb, 0, 0, 0]);
         m
     }
 
@@ -150,24 +139,8 @@ pub mod models {
     pub fn xen_hvm_qemu() -> CpuidModel {
         let mut m = CpuidModel::cpu(AMD, true);
         m.interface(0x4000_0000, 0x4000_0004, b"XenVMMXenVMM");
-        m.set(
-            0x4000_0001,
-            CpuidResult {
-                eax: 0x0004_0011,
-                ebx: 0,
-                ecx: 0,
-                edx: 0,
-            },
-        );
-        m.set(
-            0x4000_0002,
-            CpuidResult {
-                eax: 1,
-                ebx: 0x4000_0000,
-                ecx: 0,
-                edx: 0,
-            },
-        );
+        m.leaf(0x4000_0001, [0x0004_0011, 0, 0, 0]);
+        m.leaf(0x4000_0002, [1, 0x4000_0000, 0, 0]);
         m
     }
 
@@ -176,24 +149,8 @@ pub mod models {
         let mut m = CpuidModel::cpu(INTEL, true);
         m.interface(0x4000_0000, 0x4000_0006, b"Microsoft Hv");
         m.interface(0x4000_0100, 0x4000_0105, b"XenVMMXenVMM");
-        m.set(
-            0x4000_0101,
-            CpuidResult {
-                eax: 0x0004_0011,
-                ebx: 0,
-                ecx: 0,
-                edx: 0,
-            },
-        );
-        m.set(
-            0x4000_0102,
-            CpuidResult {
-                eax: 1,
-                ebx: 0x4000_0200,
-                ecx: 0,
-                edx: 0,
-            },
-        );
+        m.leaf(0x4000_0101, [0x0004_0011, 0, 0, 0]);
+        m.leaf(0x4000_0102, [1, 0x4000_0200, 0, 0]);
         m
     }
 
