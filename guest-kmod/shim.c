@@ -21,6 +21,8 @@
 #include <asm/msr.h>
 #include <asm/io.h>
 #include <asm/pvclock.h>
+#include <asm/hypervisor.h>
+#include <xen/xen-ops.h>
 #include <linux/delay.h>
 #include <linux/ktime.h>
 #include <linux/timekeeping.h>
@@ -267,6 +269,28 @@ u64 pvops_shim_virt_to_phys(unsigned long va)
 int pvops_shim_kernel_kvmclock(void)
 {
 	return pvclock_get_pvti_cpu0_va() != NULL;
+}
+
+/* The kernel's published pvclock record for CPU 0 (kvmclock's, or Xen's secondary time area). */
+unsigned long pvops_shim_kernel_pvclock_cpu0(void)
+{
+	return (unsigned long)pvclock_get_pvti_cpu0_va();
+}
+
+/* 1 in a Xen PV domain. */
+int pvops_shim_xen_pv(void)
+{
+	return x86_hyper_type == X86_HYPER_XEN_PV;
+}
+
+/* The Xen vCPU id of a CPU, or -1. */
+long pvops_shim_xen_vcpu_id(unsigned int cpu)
+{
+#ifdef CONFIG_XEN
+	if (cpu < nr_cpu_ids && cpu_possible(cpu))
+		return per_cpu(xen_vcpu_id, cpu);
+#endif
+	return -1;
 }
 
 u64 pvops_shim_ktime_ns(void)

@@ -146,9 +146,22 @@ fn xen_hvm_as_qemu_emulates_it() {
         &pvops_backends::candidates(&d, &NoPlatform),
     )
     .unwrap();
+    assert_eq!((s.backend, s.reason), (BackendId::Xen, Reason::Detected));
+
+    // A Xen PV domain (announced by the boot path) is not served yet: native, and why.
+    struct Pv;
+    impl pvops_backends::Platform for Pv {
+        fn tsc_khz(&self) -> u64 {
+            0
+        }
+        fn xen_pv(&self) -> bool {
+            true
+        }
+    }
+    let s = select(Request::Auto, &d, &pvops_backends::candidates(&d, &Pv)).unwrap();
     assert_eq!(
         (s.backend, s.reason),
-        (BackendId::Native, Reason::NotBuilt(BackendId::Xen))
+        (BackendId::Native, Reason::Unsupported(HypervisorKind::Xen))
     );
 }
 
@@ -253,6 +266,23 @@ fn requests() {
         select(Request::Backend(BackendId::Vmi), &d, &c),
         Err(SelectError::NotBuilt(BackendId::Vmi))
     );
+    // A backend that fails to start: auto falls back to native and says why; a request by
+    // name is refused instead.
+    let c = present(&[(BackendId::Kvm, Some(0x4000_0000))]);
+    let s = select(Request::Auto, &d, &c).unwrap();
+    let f = s.fall_back(Request::Auto).unwrap();
+    assert_eq!(
+        (f.backend, f.reason),
+        (BackendId::Native, Reason::StartFailed(BackendId::Kvm))
+    );
+    assert_eq!(f.interface, s.interface);
+    assert_eq!(s.fall_back(Request::Backend(BackendId::Kvm)), None);
+    assert_eq!(
+        f.fall_back(Request::Auto),
+        None,
+        "native has nothing to fall back to"
+    );
+
     // KVM is absent on TCG
     let tcg = detect(&models::tcg().source());
     let c = pvops_backends::candidates(&tcg, &NoPlatform);

@@ -422,22 +422,47 @@ const TSC_FROM_KERNEL: u64 = 1;
 const TSC_CALIBRATED: u64 = 2;
 
 /// How long [`calibrate_tsc_khz`] measures.
-pub const CALIBRATION_NS: u64 = 10_000_000;
+pub const CALIBRATION_NS: u64 = 50_000_000;
+
+/// The other clock and the TSC at (nearly) the same instant: the clock value is the midpoint
+/// of two reads around the TSC read, from the tightest of a few tries (a preemption between
+/// the reads widens the bracket and is thrown away).
+fn clock_and_tsc(now_ns: &dyn Fn() -> Option<u64>) -> Option<(u64, u64)> {
+    let mut best: Option<(u64, u64, u64)> = None;
+    for _ in 0..8 {
+        let before = now_ns()?;
+        let tsc = arch::rdtsc_ordered();
+        let after = now_ns()?;
+        let width = after.saturating_sub(before);
+        if best.is_none_or(|(w, _, _)| width < w) {
+            best = Some((width, before.saturating_add(width / 2), tsc));
+        }
+        if width < 10_000 {
+            break;
+        }
+    }
+    best.map(|(_, ns, tsc)| (ns, tsc))
+}
 
 /// The TSC frequency measured against another clock (`now_ns`) over [`CALIBRATION_NS`];
 /// 0 if that clock does not advance.
 pub fn calibrate_tsc_khz(now_ns: &dyn Fn() -> Option<u64>) -> u64 {
-    let (Some(t0), c0) = (now_ns(), arch::rdtsc_ordered()) else {
+    let Some((t0, c0)) = clock_and_tsc(now_ns) else {
         return 0;
     };
     // bounded: a clock that never advances gives up after 2^32 polls
     for _ in 0..(1u64 << 32) {
-        let (Some(t1), c1) = (now_ns(), arch::rdtsc_ordered()) else {
-            return 0;
-        };
-        let dt = t1.saturating_sub(t0);
-        if dt >= CALIBRATION_NS {
-            return c1.wrapping_sub(c0).saturating_mul(1_000_000) / dt;
+        let Some(t) = now_ns() else { return 0 };
+        if t.saturating_sub(t0) >= CALIBRATION_NS {
+            let Some((t1, c1)) = clock_and_tsc(now_ns) else {
+                return 0;
+            };
+            // (checked: no panic path, which objtool could not follow, even for t1 == t0)
+            return c1
+                .wrapping_sub(c0)
+                .saturating_mul(1_000_000)
+                .checked_div(t1.saturating_sub(t0))
+                .unwrap_or(0);
         }
     }
     0

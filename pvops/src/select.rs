@@ -166,6 +166,8 @@ pub enum Reason {
     Unsupported(HypervisorKind),
     /// A hypervisor was found whose backend this build does not contain.
     NotBuilt(BackendId),
+    /// The backend for the hypervisor found could not start (see [`Selection::fall_back`]).
+    StartFailed(BackendId),
 }
 
 impl fmt::Display for Reason {
@@ -177,6 +179,7 @@ impl fmt::Display for Reason {
             Reason::NoInterface => f.write_str("hypervisor without a CPUID interface"),
             Reason::Unsupported(k) => write!(f, "no backend for {}", k.name()),
             Reason::NotBuilt(b) => write!(f, "{b} backend not built"),
+            Reason::StartFailed(b) => write!(f, "{b} backend failed to start"),
         }
     }
 }
@@ -280,6 +283,19 @@ pub fn select(
         reason,
         interface: primary,
     })
+}
+
+impl Selection {
+    /// The selection to use when the selected backend failed to start: native, saying which
+    /// backend failed, for an `auto` request; `None` when the backend was asked for by name
+    /// (the request is refused instead) or native itself failed.
+    pub fn fall_back(&self, request: Request) -> Option<Selection> {
+        (request == Request::Auto && self.backend != BackendId::Native).then_some(Selection {
+            backend: BackendId::Native,
+            reason: Reason::StartFailed(self.backend),
+            interface: self.interface,
+        })
+    }
 }
 
 impl fmt::Display for Selection {

@@ -1,0 +1,441 @@
+//! The Xen backend, HVM guests (PV domains: not yet). ABI: shared/docs/abi-xen.md.
+//!
+//! - **Found** by the CPUID scan (`XenVMMXenVMM` with at least two leaves after its base, as
+//!   Linux demands), at 0x4000_0000 or 0x4000_0100 behind Viridian.
+//! - **Hypercalls** fill `cpu.hypercall`: Xen's convention (RAX = number, RDI, RSI, RDX, R10, R8)
+//!   with `vmcall` or `vmmcall` chosen once from the CPU vendor, as for KVM.
+//! - **Time** from a pvclock record Xen keeps for vCPU 0: the kernel's secondary time area (the
+//!   one it registers for its vDSO when the TSC is stable, published through
+//!   `pvclock_get_pvti_cpu0_va()`), read back; or, where the kernel registered none, one the
+//!   backend registers with `VCPUOP_register_vcpu_time_memory_area` and unregisters at
+//!   teardown. The kernel's `vcpu_info` and `shared_info` are not reachable from a module in
+//!   6.12 (neither `xen_vcpu` nor `HYPERVISOR_shared_info` is exported), and mapping
+//!   `shared_info` again would move the kernel's, so the backend stays off both: the wall clock
+//!   reads 0 (unknown).
+//! - **One-shot timer** with `VCPUOP_set_singleshot_timer` (absolute Xen system time).
+//! - **Steal time** from `VCPUOP_get_runstate_info` (runnable + offline), 0 where the host does
+//!   not implement it (QEMU's emulation).
+//! - **Everything else is native**: an HVM guest's kernel runs in ring 0 with real interrupt
+//!   flags and page tables.
+
+use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Ordering};
+
+use pvops::detect::{CpuVendor, Detection, HypervisorKind};
+use pvops::ops::{Op, PvOps};
+use pvops::{arch, Backend, BackendId, Inline, InlineSource};
+
+use crate::pvclock::{self, PvclockVcpuTimeInfo};
+use crate::{native, Platform};
+
+/// `__HYPERVISOR_xen_version`.
+pub const HYPERVISOR_XEN_VERSION: u64 = 17;
+/// `__HYPERVISOR_sched_op`.
+pub const HYPERVISOR_SCHED_OP: u64 = 29;
+/// `__HYPERVISOR_vcpu_op`.
+pub const HYPERVISOR_VCPU_OP: u64 = 24;
+/// `XENVER_version`: returns `major << 16 | minor`.
+pub const XENVER_VERSION: u64 = 0;
+/// `XENVER_get_features`.
+pub const XENVER_GET_FEATURES: u64 = 6;
+/// `XENFEAT_hvm_safe_pvclock`: the pvclock may be used by an HVM guest.
+pub const XENFEAT_HVM_SAFE_PVCLOCK: u32 = 1 << 9;
+/// `SCHEDOP_yield`.
+pub const SCHEDOP_YIELD: u64 = 0;
+/// `VCPUOP_get_runstate_info`.
+pub const VCPUOP_GET_RUNSTATE_INFO: u64 = 4;
+/// `VCPUOP_set_singleshot_timer`.
+pub const VCPUOP_SET_SINGLESHOT_TIMER: u64 = 8;
+/// `VCPUOP_register_vcpu_time_memory_area`.
+pub const VCPUOP_REGISTER_VCPU_TIME_MEMORY_AREA: u64 = 13;
+
+/// Defines a Xen hypercall function for one instruction: the C arguments (RDI = nr, RSI, RDX,
+/// RCX, R8 = a0..a3) moved into Xen's registers (RAX = nr, RDI, RSI, RDX, R10 = a0..a3).
+macro_rules! xen_hypercall_fn {
+    ($(#[$doc:meta])* $name:ident, $insn:literal) => {
+        $(#[$doc])*
+        ///
+        /// # Safety
+        ///
+        /// A Xen host is present (the instruction faults on bare metal) and the hypercall's own
+        /// contract holds (pointers in the arguments are valid for it).
+        #[unsafe(naked)]
+        // rustc gives each naked function a section of its own (`.text.<symbol>`), which the
+        // kernel's vmlinux linker script does not place: keep them in `.text`.
+        #[link_section = ".text"]
+        pub unsafe extern "C" fn $name(nr: u64, a0: u64, a1: u64, a2: u64, a3: u64) -> i64 {
+            core::arch::naked_asm!(
+                "endbr64",
+                "mov rax, rdi",
+                "mov rdi, rsi",
+                "mov rsi, rdx",
+                "mov rdx, rcx",
+                "mov r10, r8",
+                $insn,
+                pvops::__asm_ret!(),
+            )
+        }
+    };
+}
+
+xen_hypercall_fn!(
+    /// A Xen hypercall with `vmcall` (Intel VMX).
+    hypercall_vmcall,
+    "vmcall"
+);
+xen_hypercall_fn!(
+    /// A Xen hypercall with `vmmcall` (AMD SVM, Hygon).
+    hypercall_vmmcall,
+    "vmmcall"
+);
+
+/// The hypercall function for this CPU vendor.
+pub fn hypercall_for(vendor: CpuVendor) -> unsafe extern "C" fn(u64, u64, u64, u64, u64) -> i64 {
+    if vendor.uses_vmmcall() {
+        hypercall_vmmcall
+    } else {
+        hypercall_vmcall
+    }
+}
+
+/// `struct vcpu_runstate_info` (48 bytes).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct VcpuRunstateInfo {
+    /// 0 running, 1 runnable, 2 blocked, 3 offline.
+    pub state: i32,
+    /// Bit 63: update in progress.
+    pub state_entry_time: u64,
+    /// Time spent in each state.
+    pub time: [u64; 4],
+}
+
+/// `struct vcpu_set_singleshot_timer` (16 bytes).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct SingleshotTimer {
+    timeout_abs_ns: u64,
+    flags: u32,
+    pad: u32,
+}
+
+static_assertions::assert_eq_size!(VcpuRunstateInfo, [u8; 48]);
+static_assertions::assert_eq_size!(SingleshotTimer, [u8; 16]);
+
+/// CPUs whose Xen vCPU ids the backend knows.
+pub const MAX_CPUS: usize = 64;
+
+struct State {
+    clock: AtomicPtr<PvclockVcpuTimeInfo>,
+    vmmcall: AtomicBool,
+    version: AtomicU32,
+    tsc_khz: AtomicU64,
+    offset: AtomicU64,
+    /// Xen vCPU id of each CPU (u32::MAX: unknown).
+    vcpu_ids: [AtomicU32; MAX_CPUS],
+    /// The vCPU the backend registered its own time area for (u32::MAX: none).
+    own_area: AtomicU32,
+    /// VCPUOP_get_runstate_info answered once with an error: do not ask again.
+    no_runstate: AtomicBool,
+}
+
+static STATE: State = State {
+    clock: AtomicPtr::new(core::ptr::null_mut()),
+    vmmcall: AtomicBool::new(false),
+    version: AtomicU32::new(0),
+    tsc_khz: AtomicU64::new(0),
+    offset: AtomicU64::new(0),
+    vcpu_ids: [const { AtomicU32::new(u32::MAX) }; MAX_CPUS],
+    own_area: AtomicU32::new(u32::MAX),
+    no_runstate: AtomicBool::new(false),
+};
+
+/// The backend's own time area, for kernels that registered none: 64-byte aligned.
+#[repr(C, align(64))]
+struct OwnRecord(core::cell::UnsafeCell<PvclockVcpuTimeInfo>);
+// SAFETY: written by the host through the registration, read with the version protocol.
+unsafe impl Sync for OwnRecord {}
+static OWN_RECORD: OwnRecord = OwnRecord(core::cell::UnsafeCell::new(PvclockVcpuTimeInfo {
+    version: 0,
+    pad0: 0,
+    tsc_timestamp: 0,
+    system_time: 0,
+    tsc_to_system_mul: 0,
+    tsc_shift: 0,
+    flags: 0,
+    pad: [0; 2],
+}));
+
+/// A Xen hypercall through the function chosen at init.
+///
+/// # Safety
+///
+/// The backend is started (a Xen host is present) and the hypercall's contract holds.
+unsafe fn hypercall(nr: u64, a0: u64, a1: u64, a2: u64) -> i64 {
+    let f = if STATE.vmmcall.load(Ordering::Relaxed) {
+        hypercall_vmmcall
+    } else {
+        hypercall_vmcall
+    };
+    // SAFETY: forwarded contract.
+    unsafe { f(nr, a0, a1, a2, 0) }
+}
+
+/// Xen system time (ns since domain start), 0 when the record cannot be read.
+fn system_time() -> u64 {
+    let rec = STATE.clock.load(Ordering::Acquire);
+    if rec.is_null() {
+        return 0;
+    }
+    // SAFETY: the record stays registered while the backend is installed.
+    unsafe { pvclock::read(rec, arch::rdtsc_ordered) }.map_or(0, |r| r.ns)
+}
+
+/// Xen system time since the backend was set up.
+pub extern "C" fn sched_clock() -> u64 {
+    system_time().saturating_sub(STATE.offset.load(Ordering::Relaxed))
+}
+
+extern "C" fn tsc_khz() -> u64 {
+    STATE.tsc_khz.load(Ordering::Relaxed)
+}
+
+extern "C" fn wall_clock() -> u64 {
+    0
+}
+
+/// The CPU this runs on, from TSC_AUX (Linux stores the CPU number in its low 12 bits).
+fn this_cpu() -> usize {
+    let aux: u32;
+    // SAFETY: RDTSCP only reads the TSC and TSC_AUX.
+    unsafe {
+        core::arch::asm!("rdtscp", out("eax") _, out("edx") _, out("ecx") aux, options(nostack, nomem))
+    };
+    (aux & 0xfff) as usize
+}
+
+fn vcpu_id(cpu: usize) -> Option<u64> {
+    let id = STATE.vcpu_ids.get(cpu)?.load(Ordering::Relaxed);
+    (id != u32::MAX).then_some(u64::from(id))
+}
+
+extern "C" fn steal_clock(cpu: u32) -> u64 {
+    if STATE.no_runstate.load(Ordering::Relaxed) {
+        return 0;
+    }
+    let Some(id) = vcpu_id(cpu as usize) else {
+        return 0;
+    };
+    let mut info = VcpuRunstateInfo::default();
+    // SAFETY: VCPUOP_get_runstate_info only writes the 48-byte structure we pass.
+    let rc = unsafe {
+        hypercall(
+            HYPERVISOR_VCPU_OP,
+            VCPUOP_GET_RUNSTATE_INFO,
+            id,
+            core::ptr::addr_of_mut!(info) as u64,
+        )
+    };
+    if rc != 0 {
+        STATE.no_runstate.store(true, Ordering::Relaxed);
+        return 0;
+    }
+    info.time[1] + info.time[3]
+}
+
+/// Arm this vCPU's one-shot timer `delta_ns` from now.
+///
+/// # Safety
+///
+/// The caller owns this CPU's timer (see the op's contract).
+unsafe extern "C" fn set_next_event(delta_ns: u64) -> i32 {
+    let Some(id) = vcpu_id(this_cpu()) else {
+        return -(native::EINVAL);
+    };
+    let t = SingleshotTimer {
+        timeout_abs_ns: system_time().saturating_add(delta_ns),
+        flags: 0,
+        pad: 0,
+    };
+    // SAFETY: forwarded contract; the structure lives across the call.
+    let rc = unsafe {
+        hypercall(
+            HYPERVISOR_VCPU_OP,
+            VCPUOP_SET_SINGLESHOT_TIMER,
+            id,
+            core::ptr::addr_of!(t) as u64,
+        )
+    };
+    rc as i32
+}
+
+/// Why the Xen backend could not start.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum XenError {
+    /// No Xen interface (with at least two leaves) in the CPUID scan.
+    Absent,
+    /// Xen does not let an HVM guest use its pvclock.
+    NoSafePvclock,
+    /// No time record could be found or registered.
+    ClockUnavailable,
+}
+
+impl core::fmt::Display for XenError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(match self {
+            XenError::Absent => "no Xen interface",
+            XenError::NoSafePvclock => "Xen does not offer hvm_safe_pvclock",
+            XenError::ClockUnavailable => "no Xen time record could be found or registered",
+        })
+    }
+}
+
+/// The Xen backend.
+#[derive(Debug)]
+pub struct Xen;
+
+/// The one instance.
+pub static XEN: Xen = Xen;
+
+/// The Xen interface of a detection, if it has the leaves Linux requires.
+pub fn interface(detection: &Detection) -> Option<&pvops::Interface> {
+    detection
+        .find(HypervisorKind::Xen)
+        .filter(|i| i.leaves() >= 2)
+}
+
+/// Start the backend: version and features, the time record, the vCPU ids.
+pub fn init(detection: &Detection, platform: &dyn Platform) -> Result<&'static Xen, XenError> {
+    let iface = interface(detection).ok_or(XenError::Absent)?;
+    STATE
+        .vmmcall
+        .store(detection.vendor.uses_vmmcall(), Ordering::Relaxed);
+    STATE
+        .version
+        .store(platform.cpuid(iface.base + 1, 0).eax, Ordering::Relaxed);
+    let mut features = [0u32; 2]; // xen_feature_info { submap_idx, submap }
+                                  // SAFETY: Xen is present; XENVER_get_features writes the 8-byte structure we pass.
+    let rc = unsafe {
+        hypercall(
+            HYPERVISOR_XEN_VERSION,
+            XENVER_GET_FEATURES,
+            features.as_mut_ptr() as u64,
+            0,
+        )
+    };
+    if rc != 0 || features[1] & XENFEAT_HVM_SAFE_PVCLOCK == 0 {
+        return Err(XenError::NoSafePvclock);
+    }
+    for cpu in 0..platform.nr_cpus().min(MAX_CPUS as u32) {
+        if let Some(id) = platform.xen_vcpu_id(cpu) {
+            STATE.vcpu_ids[cpu as usize].store(id, Ordering::Relaxed);
+        }
+    }
+
+    let rec = match platform.kernel_pvclock_cpu0() {
+        Some(va) => va as *mut PvclockVcpuTimeInfo,
+        None => {
+            let vcpu0 = vcpu_id(0).ok_or(XenError::ClockUnavailable)?;
+            let own = OWN_RECORD.0.get();
+            // SAFETY: our own record, not registered right now.
+            unsafe { own.write_volatile(PvclockVcpuTimeInfo::default()) };
+            let area = own as u64; // a guest virtual address, which Xen translates
+                                   // SAFETY: registers our static record for vCPU 0; unregistered at teardown.
+            let rc = unsafe {
+                hypercall(
+                    HYPERVISOR_VCPU_OP,
+                    VCPUOP_REGISTER_VCPU_TIME_MEMORY_AREA,
+                    vcpu0,
+                    core::ptr::addr_of!(area) as u64,
+                )
+            };
+            if rc != 0 {
+                return Err(XenError::ClockUnavailable);
+            }
+            STATE.own_area.store(vcpu0 as u32, Ordering::Relaxed);
+            own
+        }
+    };
+    // SAFETY: `rec` is registered with Xen (the kernel's or ours).
+    let Ok(first) = (unsafe { pvclock::read(rec, arch::rdtsc_ordered) }) else {
+        let _ = teardown();
+        return Err(XenError::ClockUnavailable);
+    };
+    STATE.clock.store(rec, Ordering::Release);
+    STATE
+        .tsc_khz
+        .store(pvclock::tsc_khz(first.mul, first.shift), Ordering::Relaxed);
+    STATE.offset.store(first.ns, Ordering::Relaxed);
+    Ok(&XEN)
+}
+
+/// Unregister what `init` registered; says what was released.
+pub fn teardown() -> &'static str {
+    let vcpu = STATE.own_area.swap(u32::MAX, Ordering::Relaxed);
+    STATE.clock.store(core::ptr::null_mut(), Ordering::Release);
+    if vcpu == u32::MAX {
+        return "nothing registered";
+    }
+    let area = 0u64;
+    // SAFETY: unregisters (NULL area) what init registered.
+    let rc = unsafe {
+        hypercall(
+            HYPERVISOR_VCPU_OP,
+            VCPUOP_REGISTER_VCPU_TIME_MEMORY_AREA,
+            u64::from(vcpu),
+            core::ptr::addr_of!(area) as u64,
+        )
+    };
+    if rc == 0 {
+        "own time area unregistered"
+    } else {
+        "own time area could NOT be unregistered"
+    }
+}
+
+/// Whether the backend registered a time area of its own.
+pub fn owns_clock() -> bool {
+    STATE.own_area.load(Ordering::Relaxed) != u32::MAX
+}
+
+impl InlineSource for Xen {
+    fn inline(&self, op: Op) -> Option<Inline> {
+        native::inline(op)
+    }
+}
+
+impl Backend for Xen {
+    fn id(&self) -> BackendId {
+        BackendId::Xen
+    }
+
+    fn ops(&self) -> PvOps {
+        let mut ops = native::NATIVE.ops();
+        ops.timer.sched_clock = sched_clock;
+        ops.timer.steal_clock = steal_clock;
+        ops.timer.tsc_khz = tsc_khz;
+        ops.timer.wall_clock = wall_clock;
+        ops.timer.set_next_event = set_next_event;
+        ops.cpu.hypercall = if STATE.vmmcall.load(Ordering::Relaxed) {
+            hypercall_vmmcall
+        } else {
+            hypercall_vmcall
+        };
+        ops
+    }
+
+    fn null_hypercall(&self) -> Option<pvops::select::NullHypercall> {
+        // XENVER_version: answers the version CPUID announced.
+        Some(pvops::select::NullHypercall {
+            args: [HYPERVISOR_XEN_VERSION, XENVER_VERSION, 0, 0, 0],
+            expect: i64::from(STATE.version.load(Ordering::Relaxed)),
+        })
+    }
+
+    fn describe(&self) -> &'static str {
+        if owns_clock() {
+            "xen hvm: own time area for vCPU 0, registered at load"
+        } else {
+            "xen hvm: the kernel's secondary time area, read back"
+        }
+    }
+}
