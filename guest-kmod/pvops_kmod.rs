@@ -68,6 +68,8 @@ mod shim {
         pub(crate) fn pvops_shim_kernel_pvclock_cpu0() -> c_ulong;
         pub(crate) fn pvops_shim_xen_pv() -> c_int;
         pub(crate) fn pvops_shim_xen_vcpu_id(cpu: u32) -> core::ffi::c_long;
+        pub(crate) fn pvops_shim_alloc_page() -> c_ulong;
+        pub(crate) fn pvops_shim_free_page(va: c_ulong);
         pub(crate) fn pvops_shim_ktime_ns() -> u64;
         pub(crate) fn pvops_shim_ktime_real_ns() -> u64;
         pub(crate) fn pvops_shim_mdelay(ms: u32);
@@ -119,6 +121,17 @@ impl pvops_backends::Platform for KernelPlatform {
     fn xen_vcpu_id(&self, cpu: u32) -> Option<u32> {
         // SAFETY: reads a possible CPU's xen_vcpu_id.
         u32::try_from(unsafe { shim::pvops_shim_xen_vcpu_id(cpu) }).ok()
+    }
+
+    fn alloc_page(&self) -> Option<usize> {
+        // SAFETY: the kernel's page allocator.
+        let va = unsafe { shim::pvops_shim_alloc_page() };
+        (va != 0).then_some(va as usize)
+    }
+
+    fn free_page(&self, va: usize) {
+        // SAFETY: `va` came from alloc_page and nothing uses it any more (the backends' contract).
+        unsafe { shim::pvops_shim_free_page(va as _) }
     }
 
     fn kernel_kvmclock(&self) -> Option<bool> {

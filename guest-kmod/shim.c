@@ -9,6 +9,7 @@
 #include <linux/kobject.h>
 #include <linux/sysfs.h>
 #include <linux/mm.h>
+#include <linux/gfp.h>
 #include <linux/vmalloc.h>
 #include <linux/slab.h>
 #include <linux/stop_machine.h>
@@ -291,6 +292,16 @@ long pvops_shim_xen_vcpu_id(unsigned int cpu)
 		return per_cpu(xen_vcpu_id, cpu);
 #endif
 	return -1;
+}
+
+unsigned long pvops_shim_alloc_page(void)
+{
+	return get_zeroed_page(GFP_KERNEL);
+}
+
+void pvops_shim_free_page(unsigned long va)
+{
+	free_page(va);
 }
 
 u64 pvops_shim_ktime_ns(void)

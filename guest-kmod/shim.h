@@ -66,6 +66,8 @@ int pvops_shim_kernel_kvmclock(void);
 unsigned long pvops_shim_kernel_pvclock_cpu0(void);
 int pvops_shim_xen_pv(void);
 long pvops_shim_xen_vcpu_id(unsigned int cpu);
+unsigned long pvops_shim_alloc_page(void);
+void pvops_shim_free_page(unsigned long va);
 u64 pvops_shim_ktime_ns(void);
 u64 pvops_shim_ktime_real_ns(void);
 void pvops_shim_mdelay(unsigned int ms);

@@ -85,7 +85,7 @@ rmmod pvops_guest; rc=$?
 check unload "$( [ $rc = 0 ] && ! loaded && dmesg | grep -q "pvops_guest: unload: $t sites restored byte-exact"; echo $?)" "$(last_dmesg 2)"
 [ -d /sys/kernel/pvops ]; check sysfs-removed "$( [ $? != 0 ]; echo $?)" ""
 if [ -n "$release" ]; then
-	check released "$(dmesg | grep 'unload: backend' | tail -1 | grep -q "$release"; echo $?)" "$(last_dmesg)"
+	check released "$(dmesg | grep 'unload: backend' | tail -1 | grep -qE "$release"; echo $?)" "$(last_dmesg)"
 fi
 
 # 5. Forcing native works everywhere, and a second load after unload patches again.

@@ -86,6 +86,14 @@ pub trait Platform {
         None
     }
 
+    /// A zeroed page of kernel memory (its address), for records a hypervisor writes into.
+    fn alloc_page(&self) -> Option<usize> {
+        None
+    }
+
+    /// Free a page from [`Platform::alloc_page`].
+    fn free_page(&self, _va: usize) {}
+
     /// The number of possible CPUs.
     fn nr_cpus(&self) -> u32 {
         1
@@ -165,7 +173,7 @@ pub fn start(
 pub fn stop(id: BackendId, platform: &dyn Platform) -> &'static str {
     match id {
         BackendId::Kvm => kvm::teardown(platform),
-        BackendId::Xen => xen::teardown(),
+        BackendId::Xen => xen::teardown(platform),
         _ => "nothing registered",
     }
 }

@@ -7,8 +7,10 @@
 //! - **Time** from a pvclock record Xen keeps for vCPU 0: the kernel's secondary time area (the
 //!   one it registers for its vDSO when the TSC is stable, published through
 //!   `pvclock_get_pvti_cpu0_va()`), read back; or, where the kernel registered none, one the
-//!   backend registers with `VCPUOP_register_vcpu_time_memory_area` and unregisters at
-//!   teardown. The kernel's `vcpu_info` and `shared_info` are not reachable from a module in
+//!   backend registers with `VCPUOP_register_vcpu_time_memory_area`, in a page of its own, and
+//!   unregisters at teardown (a NULL area). QEMU's Xen emulation refuses the NULL area, so the
+//!   host would go on writing into that page: the page is then kept allocated (a deliberate
+//!   leak of one page, reported) rather than freed under the host's writes. The kernel's `vcpu_info` and `shared_info` are not reachable from a module in
 //!   6.12 (neither `xen_vcpu` nor `HYPERVISOR_shared_info` is exported), and mapping
 //!   `shared_info` again would move the kernel's, so the backend stays off both: the wall clock
 //!   reads 0 (unknown).
@@ -149,21 +151,8 @@ static STATE: State = State {
     no_runstate: AtomicBool::new(false),
 };
 
-/// The backend's own time area, for kernels that registered none: 64-byte aligned.
-#[repr(C, align(64))]
-struct OwnRecord(core::cell::UnsafeCell<PvclockVcpuTimeInfo>);
-// SAFETY: written by the host through the registration, read with the version protocol.
-unsafe impl Sync for OwnRecord {}
-static OWN_RECORD: OwnRecord = OwnRecord(core::cell::UnsafeCell::new(PvclockVcpuTimeInfo {
-    version: 0,
-    pad0: 0,
-    tsc_timestamp: 0,
-    system_time: 0,
-    tsc_to_system_mul: 0,
-    tsc_shift: 0,
-    flags: 0,
-    pad: [0; 2],
-}));
+/// The page holding the backend's own time area (0: none).
+static OWN_PAGE: AtomicU64 = AtomicU64::new(0);
 
 /// A Xen hypercall through the function chosen at init.
 ///
@@ -335,11 +324,11 @@ pub fn init(detection: &Detection, platform: &dyn Platform) -> Result<&'static X
         Some(va) => va as *mut PvclockVcpuTimeInfo,
         None => {
             let vcpu0 = vcpu_id(0).ok_or(XenError::ClockUnavailable)?;
-            let own = OWN_RECORD.0.get();
-            // SAFETY: our own record, not registered right now.
-            unsafe { own.write_volatile(PvclockVcpuTimeInfo::default()) };
-            let area = own as u64; // a guest virtual address, which Xen translates
-                                   // SAFETY: registers our static record for vCPU 0; unregistered at teardown.
+            // A page of its own, not module memory: it may have to outlive the module.
+            let page = platform.alloc_page().ok_or(XenError::ClockUnavailable)?;
+            let own = page as *mut PvclockVcpuTimeInfo;
+            let area = page as u64; // a guest virtual address, which Xen translates
+                                    // SAFETY: registers our static record for vCPU 0; unregistered at teardown.
             let rc = unsafe {
                 hypercall(
                     HYPERVISOR_VCPU_OP,
@@ -349,15 +338,17 @@ pub fn init(detection: &Detection, platform: &dyn Platform) -> Result<&'static X
                 )
             };
             if rc != 0 {
+                platform.free_page(page);
                 return Err(XenError::ClockUnavailable);
             }
             STATE.own_area.store(vcpu0 as u32, Ordering::Relaxed);
+            OWN_PAGE.store(page as u64, Ordering::Relaxed);
             own
         }
     };
     // SAFETY: `rec` is registered with Xen (the kernel's or ours).
     let Ok(first) = (unsafe { pvclock::read(rec, arch::rdtsc_ordered) }) else {
-        let _ = teardown();
+        let _ = teardown(platform);
         return Err(XenError::ClockUnavailable);
     };
     STATE.clock.store(rec, Ordering::Release);
@@ -369,7 +360,7 @@ pub fn init(detection: &Detection, platform: &dyn Platform) -> Result<&'static X
 }
 
 /// Unregister what `init` registered; says what was released.
-pub fn teardown() -> &'static str {
+pub fn teardown(platform: &dyn Platform) -> &'static str {
     let vcpu = STATE.own_area.swap(u32::MAX, Ordering::Relaxed);
     STATE.clock.store(core::ptr::null_mut(), Ordering::Release);
     if vcpu == u32::MAX {
@@ -385,10 +376,13 @@ pub fn teardown() -> &'static str {
             core::ptr::addr_of!(area) as u64,
         )
     };
+    let page = OWN_PAGE.swap(0, Ordering::Relaxed) as usize;
     if rc == 0 {
+        platform.free_page(page);
         "own time area unregistered"
     } else {
-        "own time area could NOT be unregistered"
+        // The host keeps writing into the page: it must never be reused.
+        "own time area kept: the host refused to unregister it (its page stays allocated)"
     }
 }
 
