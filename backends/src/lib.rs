@@ -10,7 +10,7 @@
 //! | VMI | `vmi.rs` | not built yet |
 //! | lguest | `lguest.rs` | not built yet |
 //!
-//! [`candidates`] asks each backend whether its hypervisor is here; [`pvops::select`] picks one;
+//! [`candidates`] asks each backend whether its hypervisor is here; [`pvops::select()`] picks one;
 //! [`start`] brings the chosen backend up, ready to install, and [`stop`] releases it. A
 //! backend that is not part of this build answers [`Presence::NotBuilt`], so a guest of its
 //! hypervisor reports "vmi backend not built" rather than silently running native.

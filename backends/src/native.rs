@@ -1,7 +1,7 @@
 //! The native backend: the real instructions, for bare hardware and for hypervisors that offer
 //! no paravirtual interface (QEMU's TCG, or a hypervisor whose backend was not asked for).
 //!
-//! Every callee-save op has one byte sequence, defined once in [`native_ops!`]: it is both the
+//! Every callee-save op has one byte sequence, defined once in `native_ops!`: it is both the
 //! inline replacement the patch engine copies into call sites and the body of the function the
 //! table slot points at, so the inline, direct and indirect paths execute the same
 //! instructions. The host tests decode each sequence to check it is what its comment says.

@@ -8,7 +8,7 @@
 //! 3. Very old KVM returned EAX = 0 at its base: that means "highest leaf = base + 1".
 //!
 //! VMI (an option ROM) and lguest (boot data) are not announced through CPUID: their backends
-//! detect them through the platform hooks of [`crate::select`].
+//! detect them through the platform hooks of [`crate::select`](mod@crate::select).
 
 use crate::ops::CpuidResult;
 

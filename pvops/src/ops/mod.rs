@@ -1,6 +1,6 @@
 //! The ops table: four groups of low-level operations a backend fills in.
 //!
-//! Every op is described once, in the [`define_ops!`] invocation below: its table slot, its
+//! Every op is described once, in the `define_ops!` invocation below: its table slot, its
 //! [`Op`] identifier, its C signature, its calling [`Convention`] and the length of its call
 //! sites. The call-site wrappers (what kernel code calls) live in one file per group:
 //! [`cpu`], [`irq`], [`mmu`], [`timer`].
