@@ -91,7 +91,7 @@ impl CpuidModel {
         CpuidResult::default()
     }
 
-    /// A source for [`pvops::detect`].
+    /// A source for [`pvops::detect()`].
     pub fn source(&self) -> impl Fn(u32, u32) -> CpuidResult + '_ {
         move |leaf, sub| self.get(leaf, sub)
     }
