@@ -530,11 +530,14 @@ impl kernel::Module for PvopsGuest {
                 )
             }
         };
-        let text = AliasText {
-            page: 0,
-            alias: core::ptr::null_mut(),
+        let verified = !patched || patcher.verify(&ReadOnlyText, true).is_ok();
+        // From here on, dropping `guest` (an error below) undoes everything: sites, table,
+        // backend, sysfs, debugfs.
+        let guest = PvopsGuest {
+            backend,
+            ops,
+            patched,
         };
-        let verified = !patched || patcher.verify(&text, true).is_ok();
 
         // report
         let st = selftest(backend);
@@ -618,11 +621,7 @@ impl kernel::Module for PvopsGuest {
         };
         // SAFETY: creates /sys/kernel/debug/pvops; removed in drop.
         unsafe { shim::pvops_shim_debugfs_create() };
-        Ok(PvopsGuest {
-            backend,
-            ops,
-            patched,
-        })
+        Ok(guest)
     }
 }
 
@@ -637,12 +636,8 @@ impl Drop for PvopsGuest {
         }
         let patcher = self.patcher();
         if self.patched {
-            let text = AliasText {
-                page: 0,
-                alias: core::ptr::null_mut(),
-            };
             match transition(&patcher, true) {
-                Ok(r) => match patcher.verify(&text, false) {
+                Ok(r) => match patcher.verify(&ReadOnlyText, false) {
                     Ok(()) => pr_info!("unload: {} sites restored byte-exact\n", r.total),
                     Err(e) => pr_err!("unload: restore did not verify: {}\n", e),
                 },
