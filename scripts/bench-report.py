@@ -11,9 +11,9 @@ import math
 import os
 import sys
 
-PATHS = ["raw", "inline", "direct", "indirect", "backend", "linux", "linux_indirect"]
+PATHS = ["raw", "inline", "direct", "indirect", "linux", "linux_indirect"]
 COLORS = {"raw": "#444444", "inline": "#1b9e77", "direct": "#66a61e", "indirect": "#e6ab02",
-          "backend": "#7570b3", "linux": "#d95f02", "linux_indirect": "#e7298a"}
+          "linux": "#d95f02", "linux_indirect": "#e7298a"}
 
 
 def cyc(stats):
@@ -98,7 +98,8 @@ def svg(rigs):
                     x = xs(cyc(o[p]))
                     s.append(f'<circle cx="{x:.1f}" cy="{y}" r="4" fill="{COLORS[p]}" opacity="0.85">'
                              f'<title>{p}: {fmt(cyc(o[p]))}</title></circle>')
-        for j, p in enumerate(PATHS):
+        present = [p for p in PATHS if any(p in o for o in d["ops"])]
+        for j, p in enumerate(present):
             ly = y0 + top + j * 16
             s.append(f'<circle cx="{left + width + 60}" cy="{ly}" r="4" fill="{COLORS[p]}"/>'
                      f'<text x="{left + width + 70}" y="{ly + 4}">{p}</text>')
