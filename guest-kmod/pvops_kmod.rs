@@ -477,7 +477,7 @@ impl kernel::Module for PvopsGuest {
             match pvops_backends::start(selection.backend, &detection, &KernelPlatform) {
                 Ok(b) => (selection, b),
                 Err(e) => {
-                    let Some(native) = selection.fall_back(request) else {
+                    let Some(native) = selection.fall_back(request, &candidates) else {
                         pr_err!(
                             "backend {} failed to start ({}); nothing patched\n",
                             selection.backend,

@@ -148,7 +148,7 @@ fn xen_hvm_as_qemu_emulates_it() {
     .unwrap();
     assert_eq!((s.backend, s.reason), (BackendId::Xen, Reason::Detected));
 
-    // A Xen PV domain (announced by the boot path) is not served yet: native, and why.
+    // A Xen PV domain (announced by the boot path) is not served yet ...
     struct Pv;
     impl pvops_backends::Platform for Pv {
         fn tsc_khz(&self) -> u64 {
@@ -158,10 +158,17 @@ fn xen_hvm_as_qemu_emulates_it() {
             true
         }
     }
-    let s = select(Request::Auto, &d, &pvops_backends::candidates(&d, &Pv)).unwrap();
+    // ... and native would fault there (the kernel is deprivileged): nothing is selected, so
+    // nothing is installed or patched.
+    let c = pvops_backends::candidates(&d, &Pv);
+    assert_eq!(select(Request::Auto, &d, &c), Err(SelectError::NothingRuns));
     assert_eq!(
-        (s.backend, s.reason),
-        (BackendId::Native, Reason::Unsupported(HypervisorKind::Xen))
+        select(Request::Backend(BackendId::Native), &d, &c),
+        Err(SelectError::Absent(BackendId::Native))
+    );
+    assert_eq!(
+        SelectError::NothingRuns.to_string(),
+        "no backend can run here: none serves this hypervisor and native would fault"
     );
 }
 
@@ -270,15 +277,15 @@ fn requests() {
     // name is refused instead.
     let c = present(&[(BackendId::Kvm, Some(0x4000_0000))]);
     let s = select(Request::Auto, &d, &c).unwrap();
-    let f = s.fall_back(Request::Auto).unwrap();
+    let f = s.fall_back(Request::Auto, &c).unwrap();
     assert_eq!(
         (f.backend, f.reason),
         (BackendId::Native, Reason::StartFailed(BackendId::Kvm))
     );
     assert_eq!(f.interface, s.interface);
-    assert_eq!(s.fall_back(Request::Backend(BackendId::Kvm)), None);
+    assert_eq!(s.fall_back(Request::Backend(BackendId::Kvm), &c), None);
     assert_eq!(
-        f.fall_back(Request::Auto),
+        f.fall_back(Request::Auto, &c),
         None,
         "native has nothing to fall back to"
     );

@@ -115,6 +115,8 @@ pub fn candidates(detection: &Detection, platform: &dyn Platform) -> [Candidate;
     BackendId::ALL.map(|id| Candidate {
         id,
         presence: match id {
+            // A Xen PV kernel runs deprivileged: cli, CR and MSR accesses would fault
+            BackendId::Native if platform.xen_pv() => Presence::Absent,
             BackendId::Native => Presence::Present { base: None },
             BackendId::Kvm => match kvm::interface(detection) {
                 Some(i) => Presence::Present { base: Some(i.base) },

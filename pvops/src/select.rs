@@ -202,36 +202,49 @@ pub enum SelectError {
     Absent(BackendId),
     /// The requested backend is not part of this build (`-ENODEV`).
     NotBuilt(BackendId),
+    /// `auto` found nothing that can run: no backend serves this hypervisor and the native
+    /// instructions would fault (a deprivileged kernel, such as a Xen PV domain) (`-ENODEV`).
+    NothingRuns,
 }
 
 impl fmt::Display for SelectError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            SelectError::Absent(BackendId::Native) => {
+                f.write_str("backend native requested but this kernel runs deprivileged")
+            }
             SelectError::Absent(b) => {
                 write!(f, "backend {b} requested but its hypervisor is absent")
             }
+            SelectError::NothingRuns => f.write_str(
+                "no backend can run here: none serves this hypervisor and native would fault",
+            ),
             SelectError::NotBuilt(b) => write!(f, "backend {b} requested but not built"),
         }
     }
 }
 
+/// A backend's answer; native, unless the platform says otherwise, can always run.
 fn presence(candidates: &[Candidate], id: BackendId) -> Presence {
-    if id == BackendId::Native {
-        return Presence::Present { base: None };
-    }
+    let default = if id == BackendId::Native {
+        Presence::Present { base: None }
+    } else {
+        Presence::NotBuilt
+    };
     candidates
         .iter()
         .find(|c| c.id == id)
-        .map_or(Presence::NotBuilt, |c| c.presence)
+        .map_or(default, |c| c.presence)
 }
 
 /// Choose a backend.
 ///
-/// - A named backend is chosen if its hypervisor is present (native always is), and refused
-///   otherwise.
+/// - A named backend is chosen if its hypervisor is present, and refused otherwise. Native is
+///   present unless its candidate says otherwise (a deprivileged kernel, where the real
+///   instructions fault).
 /// - `auto` prefers a backend found by a platform hook (VMI, lguest: they are exclusive), then
 ///   the CPUID interface at the highest base whose backend is present; otherwise native, with the
-///   reason.
+///   reason; and if native cannot run either, nothing ([`SelectError::NothingRuns`]).
 pub fn select(
     request: Request,
     detection: &Detection,
@@ -278,6 +291,9 @@ pub fn select(
             _ => Reason::Unsupported(i.kind),
         },
     };
+    if presence(candidates, BackendId::Native) != (Presence::Present { base: None }) {
+        return Err(SelectError::NothingRuns);
+    }
     Ok(Selection {
         backend: BackendId::Native,
         reason,
@@ -287,14 +303,21 @@ pub fn select(
 
 impl Selection {
     /// The selection to use when the selected backend failed to start: native, saying which
-    /// backend failed, for an `auto` request; `None` when the backend was asked for by name
-    /// (the request is refused instead) or native itself failed.
-    pub fn fall_back(&self, request: Request) -> Option<Selection> {
-        (request == Request::Auto && self.backend != BackendId::Native).then_some(Selection {
-            backend: BackendId::Native,
-            reason: Reason::StartFailed(self.backend),
-            interface: self.interface,
-        })
+    /// backend failed, for an `auto` request where native can run; `None` when the backend was
+    /// asked for by name (the request is refused instead), native itself failed, or native
+    /// cannot run here.
+    pub fn fall_back(&self, request: Request, candidates: &[Candidate]) -> Option<Selection> {
+        let native_runs = matches!(
+            presence(candidates, BackendId::Native),
+            Presence::Present { .. }
+        );
+        (request == Request::Auto && self.backend != BackendId::Native && native_runs).then_some(
+            Selection {
+                backend: BackendId::Native,
+                reason: Reason::StartFailed(self.backend),
+                interface: self.interface,
+            },
+        )
     }
 }
 
