@@ -53,6 +53,19 @@ if grep -q 'rig_mode=builtin' /proc/cmdline; then
 	poweroff -f
 fi
 
+if [ "$expect" = none ]; then
+	# Nothing can run here (a deprivileged kernel no backend serves yet): every load is
+	# refused with -ENODEV and a message, and nothing faults.
+	out=$(insmod $ko 2>&1); rc=$?
+	check refuse-auto "$( [ $rc != 0 ] && ! loaded && echo "$out" | grep -q 'No such device' && last_dmesg | grep -q 'no backend can run here'; echo $?)" "$(last_dmesg)"
+	out=$(insmod $ko backend=native 2>&1); rc=$?
+	check refuse-native "$( [ $rc != 0 ] && ! loaded && echo "$out" | grep -q 'No such device' && last_dmesg | grep -q 'runs deprivileged'; echo $?)" "$(last_dmesg)"
+	check no-fault "$(dmesg | grep -qE 'Oops|general protection|BUG:'; [ $? != 0 ]; echo $?)" ""
+	echo "RIG-RESULT backend=none sites=0/0"
+	echo "RIG-DONE"
+	poweroff -f
+fi
+
 # 1. A refused parameter patches nothing and leaves nothing loaded.
 out=$(insmod $ko backend=bogus 2>&1); rc=$?
 ! loaded; nl=$?
