@@ -346,8 +346,7 @@ pub fn init(detection: &Detection, platform: &dyn Platform) -> Result<&'static X
             own
         }
     };
-    // SAFETY: `rec` is registered with Xen (the kernel's or ours).
-    let Ok(first) = (unsafe { pvclock::read(rec, arch::rdtsc_ordered) }) else {
+    let Some(first) = first_reading(rec, platform) else {
         let _ = teardown(platform);
         return Err(XenError::ClockUnavailable);
     };
@@ -357,6 +356,30 @@ pub fn init(detection: &Detection, platform: &dyn Platform) -> Result<&'static X
         .store(pvclock::tsc_khz(first.mul, first.shift), Ordering::Relaxed);
     STATE.offset.store(first.ns, Ordering::Relaxed);
     Ok(&XEN)
+}
+
+/// How long a newly registered time area may take to be filled: the registration can complete
+/// asynchronously (QEMU's emulation applies it when the target vCPU next runs).
+pub const REGISTRATION_TIMEOUT_NS: u64 = 200_000_000;
+
+/// The first consistent reading of `rec`, waiting up to [`REGISTRATION_TIMEOUT_NS`] (measured on
+/// the platform's clock; a bounded number of polls without one) for the host to fill it.
+fn first_reading(
+    rec: *const PvclockVcpuTimeInfo,
+    platform: &dyn Platform,
+) -> Option<pvclock::Reading> {
+    let start = platform.clock_ns();
+    for _ in 0..1_000_000u32 {
+        // SAFETY: `rec` is registered with Xen (the kernel's or ours) and stays mapped.
+        if let Ok(r) = unsafe { pvclock::read(rec, arch::rdtsc_ordered) } {
+            return Some(r);
+        }
+        match (start, platform.clock_ns()) {
+            (Some(t0), Some(t)) if t.saturating_sub(t0) > REGISTRATION_TIMEOUT_NS => return None,
+            _ => core::hint::spin_loop(),
+        }
+    }
+    None
 }
 
 /// Unregister what `init` registered; says what was released.
