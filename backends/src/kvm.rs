@@ -19,7 +19,7 @@
 
 use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering};
 
-use pvops::detect::{CpuVendor, Detection, HypervisorKind};
+use pvops::detect::{Detection, HypervisorKind};
 use pvops::ops::{Clobbers, Op, PvOps};
 use pvops::{arch, Backend, BackendId, Inline, InlineSource};
 
@@ -64,45 +64,17 @@ pub const KVM_EPERM: i64 = 1;
 /// `KVM_ENOSYS`: an unknown hypercall (negated).
 pub const KVM_ENOSYS: i64 = 1000;
 
-/// Defines a hypercall function for one instruction: the C arguments (RDI = nr, RSI, RDX,
-/// RCX, R8 = a0..a3) moved into KVM's registers (RAX = nr, RBX, RCX, RDX, RSI = a0..a3).
-macro_rules! kvm_hypercall_fn {
-    ($(#[$doc:meta])* $name:ident, $insn:literal) => {
-        $(#[$doc])*
-        ///
-        /// # Safety
-        ///
-        /// A KVM host is present (the instruction faults on bare metal) and the hypercall's own
-        /// contract holds.
-        #[unsafe(naked)]
-        // rustc gives each naked function a section of its own (`.text.<symbol>`), which the
-        // kernel's vmlinux linker script does not place: keep them in `.text`.
-        #[link_section = ".text"]
-        pub unsafe extern "C" fn $name(nr: u64, a0: u64, a1: u64, a2: u64, a3: u64) -> i64 {
-            core::arch::naked_asm!(
-                "endbr64",
-                "push rbx",
-                "mov rax, rdi",
-                "mov rbx, rsi",
-                "mov rsi, r8",
-                "xchg rcx, rdx",
-                $insn,
-                "pop rbx",
-                pvops::__asm_ret!(),
-            )
-        }
-    };
-}
-
-kvm_hypercall_fn!(
-    /// A KVM hypercall with `vmcall` (Intel VMX).
-    hypercall_vmcall,
-    "vmcall"
-);
-kvm_hypercall_fn!(
-    /// A KVM hypercall with `vmmcall` (AMD SVM, Hygon).
-    hypercall_vmmcall,
-    "vmmcall"
+// KVM's registers: RAX = nr, RBX, RCX, RDX, RSI = a0..a3 (RBX is callee-saved: kept).
+crate::hypercall_fns!(
+    "KVM",
+    [
+        "push rbx",
+        "mov rax, rdi",
+        "mov rbx, rsi",
+        "mov rsi, r8",
+        "xchg rcx, rdx"
+    ],
+    ["pop rbx"]
 );
 
 /// The bare hypercall instruction, inline: `nr` and `a0` in KVM's registers, `vmmcall` or
@@ -126,15 +98,6 @@ pub unsafe fn raw_hypercall1(vmmcall: bool, nr: u64, a0: u64) -> i64 {
         }
     };
     r
-}
-
-/// The hypercall function for this CPU vendor.
-pub fn hypercall_for(vendor: CpuVendor) -> unsafe extern "C" fn(u64, u64, u64, u64, u64) -> i64 {
-    if vendor.uses_vmmcall() {
-        hypercall_vmmcall
-    } else {
-        hypercall_vmcall
-    }
 }
 
 /// `struct kvm_steal_time` (64 bytes).

@@ -23,6 +23,7 @@
 //! 3. Add a rig (`scripts/rig <name>`) and host tests with a modelled hypervisor.
 #![cfg_attr(not(test), no_std)]
 
+pub mod hypercall;
 pub mod kvm;
 pub mod native;
 pub mod pvclock;

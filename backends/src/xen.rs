@@ -22,7 +22,7 @@
 
 use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Ordering};
 
-use pvops::detect::{CpuVendor, Detection, HypervisorKind};
+use pvops::detect::{Detection, HypervisorKind};
 use pvops::ops::{Op, PvOps};
 use pvops::{arch, Backend, BackendId, Inline, InlineSource};
 
@@ -50,54 +50,18 @@ pub const VCPUOP_SET_SINGLESHOT_TIMER: u64 = 8;
 /// `VCPUOP_register_vcpu_time_memory_area`.
 pub const VCPUOP_REGISTER_VCPU_TIME_MEMORY_AREA: u64 = 13;
 
-/// Defines a Xen hypercall function for one instruction: the C arguments (RDI = nr, RSI, RDX,
-/// RCX, R8 = a0..a3) moved into Xen's registers (RAX = nr, RDI, RSI, RDX, R10 = a0..a3).
-macro_rules! xen_hypercall_fn {
-    ($(#[$doc:meta])* $name:ident, $insn:literal) => {
-        $(#[$doc])*
-        ///
-        /// # Safety
-        ///
-        /// A Xen host is present (the instruction faults on bare metal) and the hypercall's own
-        /// contract holds (pointers in the arguments are valid for it).
-        #[unsafe(naked)]
-        // rustc gives each naked function a section of its own (`.text.<symbol>`), which the
-        // kernel's vmlinux linker script does not place: keep them in `.text`.
-        #[link_section = ".text"]
-        pub unsafe extern "C" fn $name(nr: u64, a0: u64, a1: u64, a2: u64, a3: u64) -> i64 {
-            core::arch::naked_asm!(
-                "endbr64",
-                "mov rax, rdi",
-                "mov rdi, rsi",
-                "mov rsi, rdx",
-                "mov rdx, rcx",
-                "mov r10, r8",
-                $insn,
-                pvops::__asm_ret!(),
-            )
-        }
-    };
-}
-
-xen_hypercall_fn!(
-    /// A Xen hypercall with `vmcall` (Intel VMX).
-    hypercall_vmcall,
-    "vmcall"
+// Xen's registers: RAX = nr, RDI, RSI, RDX, R10 = a0..a3.
+crate::hypercall_fns!(
+    "Xen",
+    [
+        "mov rax, rdi",
+        "mov rdi, rsi",
+        "mov rsi, rdx",
+        "mov rdx, rcx",
+        "mov r10, r8"
+    ],
+    []
 );
-xen_hypercall_fn!(
-    /// A Xen hypercall with `vmmcall` (AMD SVM, Hygon).
-    hypercall_vmmcall,
-    "vmmcall"
-);
-
-/// The hypercall function for this CPU vendor.
-pub fn hypercall_for(vendor: CpuVendor) -> unsafe extern "C" fn(u64, u64, u64, u64, u64) -> i64 {
-    if vendor.uses_vmmcall() {
-        hypercall_vmmcall
-    } else {
-        hypercall_vmcall
-    }
-}
 
 /// `struct vcpu_runstate_info` (48 bytes).
 #[repr(C)]
