@@ -133,6 +133,33 @@ unsafe fn hypercall(nr: u64, a0: u64, a1: u64, a2: u64) -> i64 {
     unsafe { f(nr, a0, a1, a2, 0) }
 }
 
+/// `vcpu_op(cmd, vcpu, arg)`.
+///
+/// # Safety
+///
+/// As [`hypercall`]; `arg` points at the structure `cmd` reads or writes.
+unsafe fn vcpu_op<T>(cmd: u64, vcpu: u64, arg: *mut T) -> i64 {
+    // SAFETY: forwarded contract.
+    unsafe { hypercall(HYPERVISOR_VCPU_OP, cmd, vcpu, arg as u64) }
+}
+
+/// Register `va` (a guest virtual address; 0 unregisters) as `vcpu`'s secondary time area.
+///
+/// # Safety
+///
+/// As [`hypercall`]; `va` is 0 or a 32-byte area that stays allocated while registered.
+unsafe fn register_time_area(vcpu: u64, va: u64) -> i64 {
+    let mut area = va;
+    // SAFETY: forwarded contract; `area` lives across the call.
+    unsafe {
+        vcpu_op(
+            VCPUOP_REGISTER_VCPU_TIME_MEMORY_AREA,
+            vcpu,
+            core::ptr::addr_of_mut!(area),
+        )
+    }
+}
+
 /// Xen system time (ns since domain start), 0 when the record cannot be read.
 fn system_time() -> u64 {
     let rec = STATE.clock.load(Ordering::Acquire);
@@ -180,14 +207,7 @@ extern "C" fn steal_clock(cpu: u32) -> u64 {
     };
     let mut info = VcpuRunstateInfo::default();
     // SAFETY: VCPUOP_get_runstate_info only writes the 48-byte structure we pass.
-    let rc = unsafe {
-        hypercall(
-            HYPERVISOR_VCPU_OP,
-            VCPUOP_GET_RUNSTATE_INFO,
-            id,
-            core::ptr::addr_of_mut!(info) as u64,
-        )
-    };
+    let rc = unsafe { vcpu_op(VCPUOP_GET_RUNSTATE_INFO, id, core::ptr::addr_of_mut!(info)) };
     if rc != 0 {
         STATE.no_runstate.store(true, Ordering::Relaxed);
         return 0;
@@ -204,20 +224,13 @@ unsafe extern "C" fn set_next_event(delta_ns: u64) -> i32 {
     let Some(id) = vcpu_id(this_cpu()) else {
         return -(native::EINVAL);
     };
-    let t = SingleshotTimer {
+    let mut t = SingleshotTimer {
         timeout_abs_ns: system_time().saturating_add(delta_ns),
         flags: 0,
         pad: 0,
     };
     // SAFETY: forwarded contract; the structure lives across the call.
-    let rc = unsafe {
-        hypercall(
-            HYPERVISOR_VCPU_OP,
-            VCPUOP_SET_SINGLESHOT_TIMER,
-            id,
-            core::ptr::addr_of!(t) as u64,
-        )
-    };
+    let rc = unsafe { vcpu_op(VCPUOP_SET_SINGLESHOT_TIMER, id, core::ptr::addr_of_mut!(t)) };
     rc as i32
 }
 
@@ -291,16 +304,9 @@ pub fn init(detection: &Detection, platform: &dyn Platform) -> Result<&'static X
             // A page of its own, not module memory: it may have to outlive the module.
             let page = platform.alloc_page().ok_or(XenError::ClockUnavailable)?;
             let own = page as *mut PvclockVcpuTimeInfo;
-            let area = page as u64; // a guest virtual address, which Xen translates
-                                    // SAFETY: registers our static record for vCPU 0; unregistered at teardown.
-            let rc = unsafe {
-                hypercall(
-                    HYPERVISOR_VCPU_OP,
-                    VCPUOP_REGISTER_VCPU_TIME_MEMORY_AREA,
-                    vcpu0,
-                    core::ptr::addr_of!(area) as u64,
-                )
-            };
+            // SAFETY: registers the page for vCPU 0 (Xen translates the virtual address); it
+            // stays allocated until teardown unregisters it, or for good if that is refused.
+            let rc = unsafe { register_time_area(vcpu0, page as u64) };
             if rc != 0 {
                 platform.free_page(page);
                 return Err(XenError::ClockUnavailable);
@@ -353,16 +359,8 @@ pub fn teardown(platform: &dyn Platform) -> &'static str {
     if vcpu == u32::MAX {
         return "nothing registered";
     }
-    let area = 0u64;
     // SAFETY: unregisters (NULL area) what init registered.
-    let rc = unsafe {
-        hypercall(
-            HYPERVISOR_VCPU_OP,
-            VCPUOP_REGISTER_VCPU_TIME_MEMORY_AREA,
-            u64::from(vcpu),
-            core::ptr::addr_of!(area) as u64,
-        )
-    };
+    let rc = unsafe { register_time_area(u64::from(vcpu), 0) };
     let page = OWN_PAGE.swap(0, Ordering::Relaxed) as usize;
     if rc == 0 {
         platform.free_page(page);
