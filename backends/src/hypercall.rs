@@ -22,7 +22,12 @@ macro_rules! hypercall_fns {
         pub fn hypercall_for(
             vendor: pvops::detect::CpuVendor,
         ) -> unsafe extern "C" fn(u64, u64, u64, u64, u64) -> i64 {
-            if vendor.uses_vmmcall() {
+            hypercall_pick(vendor.uses_vmmcall())
+        }
+
+        /// `hypercall_vmmcall` or `hypercall_vmcall`.
+        pub fn hypercall_pick(vmmcall: bool) -> unsafe extern "C" fn(u64, u64, u64, u64, u64) -> i64 {
+            if vmmcall {
                 hypercall_vmmcall
             } else {
                 hypercall_vmcall

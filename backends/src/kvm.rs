@@ -432,11 +432,7 @@ impl Backend for Kvm {
         ops.timer.steal_clock = steal_clock;
         ops.timer.tsc_khz = tsc_khz;
         ops.timer.wall_clock = wall_clock;
-        ops.cpu.hypercall = if self.vmmcall.load(Ordering::Relaxed) {
-            hypercall_vmmcall
-        } else {
-            hypercall_vmcall
-        };
+        ops.cpu.hypercall = hypercall_pick(self.vmmcall.load(Ordering::Relaxed));
         if features() & KVM_FEATURE_NOP_IO_DELAY != 0 {
             ops.cpu.io_delay = native::nothing_callee_save;
         }

@@ -124,11 +124,7 @@ static OWN_PAGE: AtomicU64 = AtomicU64::new(0);
 ///
 /// The backend is started (a Xen host is present) and the hypercall's contract holds.
 unsafe fn hypercall(nr: u64, a0: u64, a1: u64, a2: u64) -> i64 {
-    let f = if STATE.vmmcall.load(Ordering::Relaxed) {
-        hypercall_vmmcall
-    } else {
-        hypercall_vmcall
-    };
+    let f = hypercall_pick(STATE.vmmcall.load(Ordering::Relaxed));
     // SAFETY: forwarded contract.
     unsafe { f(nr, a0, a1, a2, 0) }
 }
@@ -394,11 +390,7 @@ impl Backend for Xen {
         ops.timer.tsc_khz = tsc_khz;
         ops.timer.wall_clock = wall_clock;
         ops.timer.set_next_event = set_next_event;
-        ops.cpu.hypercall = if STATE.vmmcall.load(Ordering::Relaxed) {
-            hypercall_vmmcall
-        } else {
-            hypercall_vmcall
-        };
+        ops.cpu.hypercall = hypercall_pick(STATE.vmmcall.load(Ordering::Relaxed));
         ops
     }
 
