@@ -23,7 +23,7 @@ use pvops::detect::{Detection, HypervisorKind};
 use pvops::ops::{Clobbers, Op, PvOps};
 use pvops::{arch, Backend, BackendId, Inline, InlineSource};
 
-use crate::pvclock::{self, Monotonic, PvclockVcpuTimeInfo, PvclockWallClock};
+use crate::pvclock::{self, Clock, PvclockVcpuTimeInfo, PvclockWallClock};
 use crate::{native, Platform};
 
 /// `KVM_FEATURE_CLOCKSOURCE`: kvmclock on the legacy MSRs.
@@ -126,15 +126,8 @@ pub const MAX_CPUS: usize = 64;
 
 /// What the backend found and set up; the table's functions read it.
 struct State {
-    /// The record sched_clock reads (the kernel's, or the backend's own).
-    clock: AtomicPtr<PvclockVcpuTimeInfo>,
-    /// Readings from any CPU are mutually monotonic.
-    stable: AtomicBool,
-    /// Clamp for when they are not.
-    last: Monotonic,
-    /// `sched_clock` starts near zero at load, like the kernel's.
-    offset: AtomicU64,
-    tsc_khz: AtomicU64,
+    /// kvmclock: the kernel's record, or the backend's own.
+    clock: Clock,
     /// Wall time at system_time 0, in ns (read once at setup).
     wall_base: AtomicU64,
     steal: [AtomicPtr<KvmStealTime>; MAX_CPUS],
@@ -144,11 +137,7 @@ struct State {
 }
 
 static STATE: State = State {
-    clock: AtomicPtr::new(core::ptr::null_mut()),
-    stable: AtomicBool::new(false),
-    last: Monotonic::new(),
-    offset: AtomicU64::new(0),
-    tsc_khz: AtomicU64::new(0),
+    clock: Clock::new(),
     wall_base: AtomicU64::new(0),
     steal: [const { AtomicPtr::new(core::ptr::null_mut()) }; MAX_CPUS],
     own_msr: AtomicU64::new(0),
@@ -184,32 +173,13 @@ static WALL: WallBuf = WallBuf(core::cell::UnsafeCell::new(PvclockWallClock {
     nsec: 0,
 }));
 
-fn clock_ns() -> u64 {
-    let rec = STATE.clock.load(Ordering::Acquire);
-    if rec.is_null() {
-        return 0;
-    }
-    // SAFETY: the record stays registered (by the kernel, or by us until teardown) while the
-    // backend is installed.
-    match unsafe { pvclock::read(rec, arch::rdtsc_ordered) } {
-        Ok(r)
-            if STATE.stable.load(Ordering::Relaxed)
-                && r.flags & pvclock::PVCLOCK_TSC_STABLE_BIT != 0 =>
-        {
-            r.ns
-        }
-        Ok(r) => STATE.last.clamp(r.ns),
-        Err(_) => STATE.last.clamp(0),
-    }
-}
-
 /// kvmclock nanoseconds since the backend was set up.
 pub extern "C" fn sched_clock() -> u64 {
-    clock_ns().saturating_sub(STATE.offset.load(Ordering::Relaxed))
+    STATE.clock.since_start()
 }
 
 extern "C" fn tsc_khz() -> u64 {
-    STATE.tsc_khz.load(Ordering::Relaxed)
+    STATE.clock.tsc_khz()
 }
 
 extern "C" fn wall_clock() -> u64 {
@@ -217,7 +187,7 @@ extern "C" fn wall_clock() -> u64 {
     if base == 0 {
         return 0;
     }
-    base + clock_ns()
+    base + STATE.clock.now()
 }
 
 /// The steal time of `cpu` in ns (0 when KVM does not offer it or the CPU is not tracked).
@@ -334,15 +304,9 @@ pub fn init(detection: &Detection, platform: &dyn Platform) -> Result<&'static K
         let _ = teardown(platform);
         return Err(KvmError::ClockUnavailable);
     };
-    STATE.clock.store(rec, Ordering::Release);
-    STATE.stable.store(
-        features & KVM_FEATURE_CLOCKSOURCE_STABLE_BIT != 0,
-        Ordering::Relaxed,
-    );
-    STATE
-        .tsc_khz
-        .store(pvclock::tsc_khz(first.mul, first.shift), Ordering::Relaxed);
-    STATE.offset.store(first.ns, Ordering::Relaxed);
+    let stable = features & KVM_FEATURE_CLOCKSOURCE_STABLE_BIT != 0;
+    // SAFETY: the record stays registered (the kernel's, or ours until teardown) and mapped.
+    unsafe { STATE.clock.start(rec, first, stable) };
 
     // Wall clock: ask the host for one fill of our buffer (this redirects no update stream).
     let wall_msr = if msr == MSR_KVM_SYSTEM_TIME_NEW {
@@ -392,7 +356,7 @@ pub fn teardown(platform: &dyn Platform) -> &'static str {
     } else {
         "own kvmclock record could NOT be unregistered"
     };
-    STATE.clock.store(core::ptr::null_mut(), Ordering::Release);
+    STATE.clock.stop();
     for s in &STATE.steal {
         s.store(core::ptr::null_mut(), Ordering::Relaxed);
     }

@@ -7,7 +7,9 @@
 //! (no division), and a record with a zero multiplier (never registered, or emulated away) is
 //! refused rather than read as time zero.
 
-use core::sync::atomic::{compiler_fence, AtomicU64, Ordering};
+use core::sync::atomic::{compiler_fence, AtomicBool, AtomicPtr, AtomicU64, Ordering};
+
+use pvops::arch;
 
 /// `struct pvclock_vcpu_time_info` (32 bytes, packed in the ABI; naturally aligned here).
 #[repr(C)]
@@ -189,6 +191,87 @@ impl Monotonic {
     }
 }
 
+/// The clock a backend's timer ops read: a registered pvclock record (KVM's kvmclock, Xen's
+/// time area), read with the version protocol, clamped to stay monotonic unless the interface
+/// and the record both vouch for cross-vCPU consistency, and offset so that `since_start`
+/// begins near zero.
+#[derive(Debug)]
+pub struct Clock {
+    rec: AtomicPtr<PvclockVcpuTimeInfo>,
+    /// The interface says the record's stable flag can be trusted.
+    stable: AtomicBool,
+    last: Monotonic,
+    offset: AtomicU64,
+    tsc_khz: AtomicU64,
+}
+
+impl Clock {
+    /// A clock with no record (it reads 0).
+    pub const fn new() -> Clock {
+        Clock {
+            rec: AtomicPtr::new(core::ptr::null_mut()),
+            stable: AtomicBool::new(false),
+            last: Monotonic::new(),
+            offset: AtomicU64::new(0),
+            tsc_khz: AtomicU64::new(0),
+        }
+    }
+
+    /// Start reading `rec`, whose `first` reading was just taken; `stable`: the interface
+    /// vouches for the record's stable flag.
+    ///
+    /// # Safety
+    ///
+    /// `rec` stays registered and mapped until [`Clock::stop`].
+    pub unsafe fn start(&self, rec: *mut PvclockVcpuTimeInfo, first: Reading, stable: bool) {
+        self.stable.store(stable, Ordering::Relaxed);
+        self.tsc_khz
+            .store(tsc_khz(first.mul, first.shift), Ordering::Relaxed);
+        self.offset.store(first.ns, Ordering::Relaxed);
+        self.rec.store(rec, Ordering::Release);
+    }
+
+    /// Stop reading the record (it reads 0 from now on).
+    pub fn stop(&self) {
+        self.rec.store(core::ptr::null_mut(), Ordering::Release);
+    }
+
+    /// Nanoseconds on the record's timeline (0 without a record).
+    pub fn now(&self) -> u64 {
+        let rec = self.rec.load(Ordering::Acquire);
+        if rec.is_null() {
+            return 0;
+        }
+        // SAFETY: `start`'s contract keeps the record registered and mapped until `stop`.
+        match unsafe { read(rec, arch::rdtsc_ordered) } {
+            Ok(r)
+                if self.stable.load(Ordering::Relaxed) && r.flags & PVCLOCK_TSC_STABLE_BIT != 0 =>
+            {
+                r.ns
+            }
+            Ok(r) => self.last.clamp(r.ns),
+            Err(_) => self.last.clamp(0),
+        }
+    }
+
+    /// Nanoseconds since [`Clock::start`].
+    pub fn since_start(&self) -> u64 {
+        self.now()
+            .saturating_sub(self.offset.load(Ordering::Relaxed))
+    }
+
+    /// The TSC frequency the record implies, in kHz.
+    pub fn tsc_khz(&self) -> u64 {
+        self.tsc_khz.load(Ordering::Relaxed)
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Clock {
+        Clock::new()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -283,6 +366,26 @@ mod tests {
         let r = rec(1 << 31, 1);
         // SAFETY: a live local record.
         assert_eq!(unsafe { read(&r, || 999_000) }.unwrap().ns, 5_000_000_000);
+    }
+
+    #[test]
+    fn clock_over_a_record() {
+        let c = Clock::new();
+        assert_eq!((c.now(), c.since_start()), (0, 0), "no record, no time");
+        let r = core::cell::UnsafeCell::new(rec(1 << 31, 1));
+        // SAFETY: a live local record.
+        let first = unsafe { read(r.get(), || 1_000_000) }.unwrap();
+        // SAFETY: the record outlives `c`'s use of it (stopped below).
+        unsafe { c.start(r.get(), first, true) };
+        assert_eq!(c.tsc_khz(), 1_000_000);
+        // The record is not flagged stable: readings are clamped, so moving the record back in
+        // time does not move the clock back.
+        let t1 = c.now();
+        // SAFETY: single-threaded test.
+        unsafe { (*r.get()).system_time -= 1_000_000_000 };
+        assert!(c.now() >= t1);
+        c.stop();
+        assert_eq!(c.now(), 0);
     }
 
     #[test]

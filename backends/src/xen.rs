@@ -20,13 +20,13 @@
 //! - **Everything else is native**: an HVM guest's kernel runs in ring 0 with real interrupt
 //!   flags and page tables.
 
-use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use pvops::detect::{Detection, HypervisorKind};
 use pvops::ops::{Op, PvOps};
 use pvops::{arch, Backend, BackendId, Inline, InlineSource};
 
-use crate::pvclock::{self, PvclockVcpuTimeInfo};
+use crate::pvclock::{self, Clock, PvclockVcpuTimeInfo};
 use crate::{native, Platform};
 
 /// `__HYPERVISOR_xen_version`.
@@ -91,11 +91,10 @@ static_assertions::assert_eq_size!(SingleshotTimer, [u8; 16]);
 pub const MAX_CPUS: usize = 64;
 
 struct State {
-    clock: AtomicPtr<PvclockVcpuTimeInfo>,
+    /// Xen system time: the kernel's secondary time area, or the backend's own.
+    clock: Clock,
     vmmcall: AtomicBool,
     version: AtomicU32,
-    tsc_khz: AtomicU64,
-    offset: AtomicU64,
     /// Xen vCPU id of each CPU (u32::MAX: unknown).
     vcpu_ids: [AtomicU32; MAX_CPUS],
     /// The vCPU the backend registered its own time area for (u32::MAX: none).
@@ -105,11 +104,9 @@ struct State {
 }
 
 static STATE: State = State {
-    clock: AtomicPtr::new(core::ptr::null_mut()),
+    clock: Clock::new(),
     vmmcall: AtomicBool::new(false),
     version: AtomicU32::new(0),
-    tsc_khz: AtomicU64::new(0),
-    offset: AtomicU64::new(0),
     vcpu_ids: [const { AtomicU32::new(u32::MAX) }; MAX_CPUS],
     own_area: AtomicU32::new(u32::MAX),
     no_runstate: AtomicBool::new(false),
@@ -156,23 +153,13 @@ unsafe fn register_time_area(vcpu: u64, va: u64) -> i64 {
     }
 }
 
-/// Xen system time (ns since domain start), 0 when the record cannot be read.
-fn system_time() -> u64 {
-    let rec = STATE.clock.load(Ordering::Acquire);
-    if rec.is_null() {
-        return 0;
-    }
-    // SAFETY: the record stays registered while the backend is installed.
-    unsafe { pvclock::read(rec, arch::rdtsc_ordered) }.map_or(0, |r| r.ns)
-}
-
 /// Xen system time since the backend was set up.
 pub extern "C" fn sched_clock() -> u64 {
-    system_time().saturating_sub(STATE.offset.load(Ordering::Relaxed))
+    STATE.clock.since_start()
 }
 
 extern "C" fn tsc_khz() -> u64 {
-    STATE.tsc_khz.load(Ordering::Relaxed)
+    STATE.clock.tsc_khz()
 }
 
 extern "C" fn wall_clock() -> u64 {
@@ -221,7 +208,7 @@ unsafe extern "C" fn set_next_event(delta_ns: u64) -> i32 {
         return -(native::EINVAL);
     };
     let mut t = SingleshotTimer {
-        timeout_abs_ns: system_time().saturating_add(delta_ns),
+        timeout_abs_ns: STATE.clock.now().saturating_add(delta_ns),
         flags: 0,
         pad: 0,
     };
@@ -316,11 +303,9 @@ pub fn init(detection: &Detection, platform: &dyn Platform) -> Result<&'static X
         let _ = teardown(platform);
         return Err(XenError::ClockUnavailable);
     };
-    STATE.clock.store(rec, Ordering::Release);
-    STATE
-        .tsc_khz
-        .store(pvclock::tsc_khz(first.mul, first.shift), Ordering::Relaxed);
-    STATE.offset.store(first.ns, Ordering::Relaxed);
+    // SAFETY: the area stays registered (the kernel's, or ours until teardown) and mapped.
+    // Xen's stable flag means cross-vCPU consistency (abi-xen.md §3.4).
+    unsafe { STATE.clock.start(rec, first, true) };
     Ok(&XEN)
 }
 
@@ -351,7 +336,7 @@ fn first_reading(
 /// Unregister what `init` registered; says what was released.
 pub fn teardown(platform: &dyn Platform) -> &'static str {
     let vcpu = STATE.own_area.swap(u32::MAX, Ordering::Relaxed);
-    STATE.clock.store(core::ptr::null_mut(), Ordering::Release);
+    STATE.clock.stop();
     if vcpu == u32::MAX {
         return "nothing registered";
     }
