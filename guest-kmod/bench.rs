@@ -364,10 +364,9 @@ fn run(state: &State) -> Result {
             // native: the slot answers -ENOSYS without a hypervisor; only the pvops path runs
         }
     }
+    // the vendor alone: one CPUID, not the whole hypervisor scan
     VMMCALL.store(
-        pvops::detect(&pvops::arch::NativeCpuid)
-            .vendor
-            .uses_vmmcall(),
+        pvops::detect::CpuVendor::of(&raw_cpuid(0, 0)).uses_vmmcall(),
         core::sync::atomic::Ordering::Relaxed,
     );
     if !kvm {

@@ -206,20 +206,28 @@ fn signature(r: &CpuidResult) -> [u8; 12] {
     s
 }
 
+impl CpuVendor {
+    /// The vendor CPUID leaf 0 names (EBX, EDX, ECX).
+    pub fn of(leaf0: &CpuidResult) -> CpuVendor {
+        let spelled = signature(&CpuidResult {
+            ebx: leaf0.ebx,
+            ecx: leaf0.edx,
+            edx: leaf0.ecx,
+            eax: 0,
+        });
+        match &spelled {
+            b"GenuineIntel" => CpuVendor::Intel,
+            b"AuthenticAMD" => CpuVendor::Amd,
+            b"HygonGenuine" => CpuVendor::Hygon,
+            _ => CpuVendor::Other,
+        }
+    }
+}
+
 /// Scan CPUID as described in the module docs.
 pub fn detect(cpu: &dyn CpuidSource) -> Detection {
     let leaf0 = cpu.cpuid(0, 0);
-    let vendor = match &signature(&CpuidResult {
-        ebx: leaf0.ebx,
-        ecx: leaf0.edx,
-        edx: leaf0.ecx,
-        eax: 0,
-    }) {
-        b"GenuineIntel" => CpuVendor::Intel,
-        b"AuthenticAMD" => CpuVendor::Amd,
-        b"HygonGenuine" => CpuVendor::Hygon,
-        _ => CpuVendor::Other,
-    };
+    let vendor = CpuVendor::of(&leaf0);
     let hypervisor_bit = leaf0.eax >= 1 && cpu.cpuid(1, 0).ecx & CPUID_1_ECX_HYPERVISOR != 0;
     let mut det = Detection {
         hypervisor_bit,
