@@ -394,30 +394,20 @@ fn selftest(backend: &dyn Backend) -> SelfTest {
 
 use pvops_backends::Platform as _;
 
-/// ktime and the backend's sched_clock read at (nearly) the same instant: the ktime value is
-/// the midpoint of two reads around the sched_clock read, taken with interrupts off, from the
-/// tightest of a few tries.
+/// ktime and the backend's sched_clock read at (nearly) the same instant, with interrupts off
+/// (see [`pvops::arch::bracketed`]).
 fn clock_pair() -> (u64, u64) {
-    let mut best = (u64::MAX, 0, 0);
-    for _ in 0..8 {
-        // SAFETY: the kernel's local_irq_save/restore around three clock reads.
-        let (before, clock, after) = unsafe {
-            let flags = shim::pvops_shim_irq_save();
-            let before = shim::pvops_shim_ktime_ns();
-            let clock = timer::sched_clock();
-            let after = shim::pvops_shim_ktime_ns();
-            shim::pvops_shim_irq_restore(flags);
-            (before, clock, after)
-        };
-        let width = after - before;
-        if width < best.0 {
-            best = (width, before + width / 2, clock);
-        }
-        if width < 20_000 {
-            break;
-        }
-    }
-    (best.1, best.2)
+    // SAFETY: the kernel's local_irq_save; restored below.
+    let flags = unsafe { shim::pvops_shim_irq_save() };
+    let pair = pvops::arch::bracketed(
+        // SAFETY: reads the kernel's monotonic clock.
+        &mut || Some(unsafe { shim::pvops_shim_ktime_ns() }),
+        &mut timer::sched_clock,
+        20_000,
+    );
+    // SAFETY: restores the flags saved above.
+    unsafe { shim::pvops_shim_irq_restore(flags) };
+    pair.unwrap_or((0, 0))
 }
 
 fn raw_flags() -> u64 {

@@ -424,24 +424,9 @@ const TSC_CALIBRATED: u64 = 2;
 /// How long [`calibrate_tsc_khz`] measures.
 pub const CALIBRATION_NS: u64 = 50_000_000;
 
-/// The other clock and the TSC at (nearly) the same instant: the clock value is the midpoint
-/// of two reads around the TSC read, from the tightest of a few tries (a preemption between
-/// the reads widens the bracket and is thrown away).
+/// The other clock and the TSC at (nearly) the same instant (see [`arch::bracketed`]).
 fn clock_and_tsc(now_ns: &dyn Fn() -> Option<u64>) -> Option<(u64, u64)> {
-    let mut best: Option<(u64, u64, u64)> = None;
-    for _ in 0..8 {
-        let before = now_ns()?;
-        let tsc = arch::rdtsc_ordered();
-        let after = now_ns()?;
-        let width = after.saturating_sub(before);
-        if best.is_none_or(|(w, _, _)| width < w) {
-            best = Some((width, before.saturating_add(width / 2), tsc));
-        }
-        if width < 10_000 {
-            break;
-        }
-    }
-    best.map(|(_, ns, tsc)| (ns, tsc))
+    arch::bracketed(&mut || now_ns(), &mut arch::rdtsc_ordered, 10_000)
 }
 
 /// The TSC frequency measured against another clock (`now_ns`) over [`CALIBRATION_NS`];

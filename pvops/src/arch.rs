@@ -46,6 +46,31 @@ pub fn rdtsc_ordered() -> u64 {
     (u64::from(hi) << 32) | u64::from(lo)
 }
 
+/// A reading of `sample` and of the reference clock `now` at (nearly) the same instant: the
+/// clock value is the midpoint of two reads around `sample`, from the tightest of up to eight
+/// tries (a preemption or interrupt between the reads widens the bracket and is thrown away);
+/// tries stop early once a bracket is narrower than `good_ns`. `None` if `now` has no value.
+pub fn bracketed(
+    now: &mut dyn FnMut() -> Option<u64>,
+    sample: &mut dyn FnMut() -> u64,
+    good_ns: u64,
+) -> Option<(u64, u64)> {
+    let mut best: Option<(u64, u64, u64)> = None;
+    for _ in 0..8 {
+        let before = now()?;
+        let value = sample();
+        let after = now()?;
+        let width = after.saturating_sub(before);
+        if best.is_none_or(|(w, _, _)| width < w) {
+            best = Some((width, before.saturating_add(width / 2), value));
+        }
+        if width < good_ns {
+            break;
+        }
+    }
+    best.map(|(_, ns, value)| (ns, value))
+}
+
 /// The instruction that returns from an assembly function: a plain `ret`, or a jump to the
 /// kernel's return thunk when the kernel is built with return-thunk mitigations.
 #[cfg(pvops_rethunk)]
