@@ -92,6 +92,38 @@ macro_rules! __asm_ret {
     };
 }
 
+/// `syscall` inside a function, as a Xen PV hypercall uses it. In kernel builds it carries
+/// objtool's save/restore unwind hints (as Linux's `xen_hypercall_pv` does): the stack is the
+/// same after the instruction as before, which objtool cannot know of a `syscall`.
+#[cfg(pvops_kernel)]
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __asm_syscall {
+    () => {
+        concat!(
+            "988:\n",
+            ".pushsection .discard.unwind_hints\n",
+            ".long 988b - .\n.short 0\n.byte 0\n.byte 6\n.byte 0\n.balign 4\n",
+            ".popsection\n",
+            "syscall\n",
+            "989:\n",
+            ".pushsection .discard.unwind_hints\n",
+            ".long 989b - .\n.short 0\n.byte 0\n.byte 7\n.byte 0\n.balign 4\n",
+            ".popsection",
+        )
+    };
+}
+
+/// `syscall` inside a function (no objtool outside the kernel).
+#[cfg(not(pvops_kernel))]
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __asm_syscall {
+    () => {
+        "syscall"
+    };
+}
+
 /// Define a callee-save thunk: an assembly function with an op's signature that preserves every
 /// register but RAX and calls the ordinary `extern "C"` function `$target` with the same
 /// arguments. This is how a Rust function fills a [`Convention::CalleeSave`] slot
