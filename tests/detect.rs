@@ -148,7 +148,8 @@ fn xen_hvm_as_qemu_emulates_it() {
     .unwrap();
     assert_eq!((s.backend, s.reason), (BackendId::Xen, Reason::Detected));
 
-    // A Xen PV domain (announced by the boot path) is not served yet ...
+    // A Xen PV domain (announced by the boot path), scanned through Xen's forced-emulation
+    // CPUID, which shows Xen's leaves: the Xen backend (its PV half) serves it ...
     struct Pv;
     impl pvops_backends::Platform for Pv {
         fn tsc_khz(&self) -> u64 {
@@ -158,13 +159,23 @@ fn xen_hvm_as_qemu_emulates_it() {
             true
         }
     }
-    // ... and native would fault there (the kernel is deprivileged): nothing is selected, so
-    // nothing is installed or patched.
     let c = pvops_backends::candidates(&d, &Pv);
-    assert_eq!(select(Request::Auto, &d, &c), Err(SelectError::NothingRuns));
+    assert_eq!(
+        select(Request::Auto, &d, &c).map(|s| s.backend),
+        Ok(BackendId::Xen)
+    );
+    // ... and native would fault there (the kernel is deprivileged): refused by name.
     assert_eq!(
         select(Request::Backend(BackendId::Native), &d, &c),
         Err(SelectError::Absent(BackendId::Native))
+    );
+    // A PV domain whose scan showed no Xen (the bare instruction reports the physical CPU):
+    // nothing is selected, so nothing is installed or patched.
+    let bare = detect(&models::tcg().source());
+    let c = pvops_backends::candidates(&bare, &Pv);
+    assert_eq!(
+        select(Request::Auto, &bare, &c),
+        Err(SelectError::NothingRuns)
     );
     assert_eq!(
         SelectError::NothingRuns.to_string(),

@@ -6,7 +6,7 @@
 //! |---|---|---|
 //! | native | [`native`] | built |
 //! | KVM | [`kvm`] | built (kvmclock, steal time, hypercalls) |
-//! | Xen HVM (PV: not yet) | [`xen`] | built for HVM guests |
+//! | Xen, HVM and PV | [`xen`], PV ops in [`xen_pv`] | built (pvclock/vcpu_info time; PV: upcall mask, mmuext, mmu_update) |
 //! | VMI | `vmi.rs` | not built yet |
 //! | lguest | `lguest.rs` | not built yet |
 //!
@@ -28,6 +28,7 @@ pub mod kvm;
 pub mod native;
 pub mod pvclock;
 pub mod xen;
+pub mod xen_pv;
 
 pub use pvclock::PvclockVcpuTimeInfo;
 
@@ -82,6 +83,11 @@ pub trait Platform {
         false
     }
 
+    /// What a Xen PV kernel shares with the backend (`None`: not a PV domain, or unknown).
+    fn xen_pv_kernel(&self) -> Option<xen_pv::XenPvKernel> {
+        None
+    }
+
     /// The Xen vCPU id of `cpu`.
     fn xen_vcpu_id(&self, _cpu: u32) -> Option<u32> {
         None
@@ -111,6 +117,16 @@ pub trait Platform {
     }
 }
 
+/// Where detection reads CPUID: a PV domain must ask Xen through the forced-emulation prefix
+/// (the instruction alone shows the physical CPU).
+pub fn cpuid_source(platform: &dyn Platform) -> &'static dyn pvops::detect::CpuidSource {
+    if platform.xen_pv() {
+        &xen_pv::PvCpuid
+    } else {
+        &pvops::arch::NativeCpuid
+    }
+}
+
 /// Each backend's answer to "is your hypervisor here?".
 pub fn candidates(detection: &Detection, platform: &dyn Platform) -> [Candidate; 5] {
     BackendId::ALL.map(|id| Candidate {
@@ -123,10 +139,10 @@ pub fn candidates(detection: &Detection, platform: &dyn Platform) -> [Candidate;
                 Some(i) => Presence::Present { base: Some(i.base) },
                 None => Presence::Absent,
             },
-            // PV domains are not served yet: their Xen counts as absent
+            // In a PV domain the detection must have asked Xen (xen_pv::PvCpuid)
             BackendId::Xen => match xen::interface(detection) {
-                Some(i) if !platform.xen_pv() => Presence::Present { base: Some(i.base) },
-                _ => Presence::Absent,
+                Some(i) => Presence::Present { base: Some(i.base) },
+                None => Presence::Absent,
             },
             BackendId::Vmi | BackendId::Lguest => Presence::NotBuilt,
         },

@@ -1,4 +1,8 @@
-//! The Xen backend, HVM guests (PV domains: not yet). ABI: shared/docs/abi-xen.md.
+//! The Xen backend, for HVM guests and PV domains. ABI: shared/docs/abi-xen.md.
+//!
+//! What both share lives here (version, time, steal, one-shot timer); what a PV domain needs
+//! instead of privileged instructions is in [`crate::xen_pv`], chosen at start when the kernel
+//! says it is a PV domain.
 //!
 //! - **Found** by the CPUID scan (`XenVMMXenVMM` with at least two leaves after its base, as
 //!   Linux demands), at 0x4000_0000 or 0x4000_0100 behind Viridian.
@@ -17,8 +21,11 @@
 //! - **One-shot timer** with `VCPUOP_set_singleshot_timer` (absolute Xen system time).
 //! - **Steal time** from `VCPUOP_get_runstate_info` (runnable + offline), 0 where the host does
 //!   not implement it (QEMU's emulation).
-//! - **Everything else is native**: an HVM guest's kernel runs in ring 0 with real interrupt
-//!   flags and page tables.
+//! - **PV domains** take time from vCPU 0's `vcpu_info` (the kernel's, which Xen keeps
+//!   current), the wall clock from `shared_info`, hypercalls through `syscall`, and every
+//!   privileged op through its PV replacement ([`crate::xen_pv`]).
+//! - **Everything else is native** on HVM: an HVM guest's kernel runs in ring 0 with real
+//!   interrupt flags and page tables.
 
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
@@ -27,6 +34,7 @@ use pvops::ops::{Op, PvOps};
 use pvops::{arch, Backend, BackendId, Inline, InlineSource};
 
 use crate::pvclock::{self, Clock, PvclockVcpuTimeInfo};
+use crate::xen_pv::{self, PvError};
 use crate::{native, Platform};
 
 /// `__HYPERVISOR_xen_version`.
@@ -94,6 +102,8 @@ struct State {
     /// Xen system time: the kernel's secondary time area, or the backend's own.
     clock: Clock,
     vmmcall: AtomicBool,
+    /// A PV domain: `syscall` hypercalls and the ops of [`xen_pv`].
+    pv: AtomicBool,
     version: AtomicU32,
     /// Xen vCPU id of each CPU (u32::MAX: unknown).
     vcpu_ids: [AtomicU32; MAX_CPUS],
@@ -106,6 +116,7 @@ struct State {
 static STATE: State = State {
     clock: Clock::new(),
     vmmcall: AtomicBool::new(false),
+    pv: AtomicBool::new(false),
     version: AtomicU32::new(0),
     vcpu_ids: [const { AtomicU32::new(u32::MAX) }; MAX_CPUS],
     own_area: AtomicU32::new(u32::MAX),
@@ -121,9 +132,22 @@ static OWN_PAGE: AtomicU64 = AtomicU64::new(0);
 ///
 /// The backend is started (a Xen host is present) and the hypercall's contract holds.
 unsafe fn hypercall(nr: u64, a0: u64, a1: u64, a2: u64) -> i64 {
-    let f = hypercall_pick(STATE.vmmcall.load(Ordering::Relaxed));
     // SAFETY: forwarded contract.
-    unsafe { f(nr, a0, a1, a2, 0) }
+    unsafe { hypercall_fn()(nr, a0, a1, a2, 0) }
+}
+
+/// The `cpu.hypercall` of this domain: `syscall` (PV) or the vendor's instruction (HVM).
+fn hypercall_fn() -> unsafe extern "C" fn(u64, u64, u64, u64, u64) -> i64 {
+    if is_pv() {
+        xen_pv::hypercall_syscall
+    } else {
+        hypercall_pick(STATE.vmmcall.load(Ordering::Relaxed))
+    }
+}
+
+/// Whether the backend runs a PV domain.
+pub fn is_pv() -> bool {
+    STATE.pv.load(Ordering::Relaxed)
 }
 
 /// `vcpu_op(cmd, vcpu, arg)`.
@@ -163,7 +187,11 @@ extern "C" fn tsc_khz() -> u64 {
 }
 
 extern "C" fn wall_clock() -> u64 {
-    0
+    if is_pv() {
+        xen_pv::wall_clock(STATE.clock.now())
+    } else {
+        0
+    }
 }
 
 /// The CPU this runs on, from TSC_AUX (Linux stores the CPU number in its low 12 bits).
@@ -226,6 +254,8 @@ pub enum XenError {
     NoSafePvclock,
     /// No time record could be found or registered.
     ClockUnavailable,
+    /// The PV half could not start.
+    Pv(PvError),
 }
 
 impl core::fmt::Display for XenError {
@@ -234,6 +264,7 @@ impl core::fmt::Display for XenError {
             XenError::Absent => "no Xen interface",
             XenError::NoSafePvclock => "Xen does not offer hvm_safe_pvclock",
             XenError::ClockUnavailable => "no Xen time record could be found or registered",
+            XenError::Pv(e) => return write!(f, "pv: {e}"),
         })
     }
 }
@@ -258,6 +289,10 @@ pub fn init(detection: &Detection, platform: &dyn Platform) -> Result<&'static X
     STATE
         .vmmcall
         .store(detection.vendor.uses_vmmcall(), Ordering::Relaxed);
+    if platform.xen_pv() {
+        return init_pv(iface, platform);
+    }
+    STATE.pv.store(false, Ordering::Relaxed);
     STATE
         .version
         .store(platform.cpuid(iface.base + 1, 0).eax, Ordering::Relaxed);
@@ -274,11 +309,7 @@ pub fn init(detection: &Detection, platform: &dyn Platform) -> Result<&'static X
     if rc != 0 || features[1] & XENFEAT_HVM_SAFE_PVCLOCK == 0 {
         return Err(XenError::NoSafePvclock);
     }
-    for cpu in 0..platform.nr_cpus().min(MAX_CPUS as u32) {
-        if let Some(id) = platform.xen_vcpu_id(cpu) {
-            STATE.vcpu_ids[cpu as usize].store(id, Ordering::Relaxed);
-        }
-    }
+    learn_vcpu_ids(platform);
 
     let rec = match platform.kernel_pvclock_cpu0() {
         Some(va) => va as *mut PvclockVcpuTimeInfo,
@@ -305,6 +336,36 @@ pub fn init(detection: &Detection, platform: &dyn Platform) -> Result<&'static X
     };
     // SAFETY: the area stays registered (the kernel's, or ours until teardown) and mapped.
     // Xen's stable flag means cross-vCPU consistency (abi-xen.md §3.4).
+    unsafe { STATE.clock.start(rec, first, true) };
+    Ok(&XEN)
+}
+
+fn learn_vcpu_ids(platform: &dyn Platform) {
+    for cpu in 0..platform.nr_cpus().min(MAX_CPUS as u32) {
+        if let Some(id) = platform.xen_vcpu_id(cpu) {
+            STATE.vcpu_ids[cpu as usize].store(id, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Start in a PV domain: the kernel's `vcpu_info` (interrupt flag, CR2, time), `syscall`
+/// hypercalls. No feature check: a PV domain's time is always Xen's to give.
+fn init_pv(iface: &pvops::Interface, platform: &dyn Platform) -> Result<&'static Xen, XenError> {
+    STATE.pv.store(true, Ordering::Relaxed);
+    STATE
+        .version
+        .store(xen_pv::pv_cpuid(iface.base + 1, 0).eax, Ordering::Relaxed);
+    learn_vcpu_ids(platform);
+    let kernel = platform
+        .xen_pv_kernel()
+        .ok_or(XenError::Pv(PvError::NoKernelInfo))?;
+    let rec = xen_pv::start(kernel).map_err(XenError::Pv)?;
+    xen_pv::set_direct_map(platform.phys_to_virt(0));
+    let Some(first) = first_reading(rec, platform) else {
+        xen_pv::stop();
+        return Err(XenError::ClockUnavailable);
+    };
+    // SAFETY: CPU 0's vcpu_info is the kernel's, registered with Xen for the kernel's lifetime.
     unsafe { STATE.clock.start(rec, first, true) };
     Ok(&XEN)
 }
@@ -337,6 +398,10 @@ fn first_reading(
 pub fn teardown(platform: &dyn Platform) -> &'static str {
     let vcpu = STATE.own_area.swap(u32::MAX, Ordering::Relaxed);
     STATE.clock.stop();
+    if STATE.pv.swap(false, Ordering::Relaxed) {
+        xen_pv::stop();
+        return "nothing registered (the kernel's vcpu_info and shared_info were read)";
+    }
     if vcpu == u32::MAX {
         return "nothing registered";
     }
@@ -359,7 +424,12 @@ pub fn owns_clock() -> bool {
 
 impl InlineSource for Xen {
     fn inline(&self, op: Op) -> Option<Inline> {
-        native::inline(op)
+        // A PV kernel runs in ring 3: no native instruction may be inlined.
+        if is_pv() {
+            None
+        } else {
+            native::inline(op)
+        }
     }
 }
 
@@ -369,13 +439,17 @@ impl Backend for Xen {
     }
 
     fn ops(&self) -> PvOps {
-        let mut ops = native::NATIVE.ops();
+        let mut ops = if is_pv() {
+            pv_ops()
+        } else {
+            native::NATIVE.ops()
+        };
         ops.timer.sched_clock = sched_clock;
         ops.timer.steal_clock = steal_clock;
         ops.timer.tsc_khz = tsc_khz;
         ops.timer.wall_clock = wall_clock;
         ops.timer.set_next_event = set_next_event;
-        ops.cpu.hypercall = hypercall_pick(STATE.vmmcall.load(Ordering::Relaxed));
+        ops.cpu.hypercall = hypercall_fn();
         ops
     }
 
@@ -388,10 +462,48 @@ impl Backend for Xen {
     }
 
     fn describe(&self) -> &'static str {
-        if owns_clock() {
+        if is_pv() {
+            "xen pv: the kernel's vcpu_info (upcall mask, cr2, time) and shared_info (wall clock)"
+        } else if owns_clock() {
             "xen hvm: own time area for vCPU 0, registered at load"
         } else {
             "xen hvm: the kernel's secondary time area, read back"
         }
     }
+}
+
+/// The PV domain's table: [`xen_pv`]'s ops over the native ones that stay (MSRs, which Xen
+/// emulates for PV kernels); the time ops are set by [`Xen::ops`].
+fn pv_ops() -> PvOps {
+    let mut ops = native::NATIVE.ops();
+    let (cpu, irq, mmu) = (&mut ops.cpu, &mut ops.irq, &mut ops.mmu);
+    cpu.cpuid = xen_pv::cpuid;
+    cpu.read_cr0 = xen_pv::read_cr0;
+    cpu.write_cr0 = xen_pv::write_cr0;
+    cpu.read_cr4 = xen_pv::read_cr4;
+    cpu.write_cr4 = xen_pv::write_cr4;
+    cpu.wbinvd = xen_pv::wbinvd;
+    cpu.load_idt = xen_pv::load_idt;
+    cpu.load_gdt = xen_pv::load_gdt;
+    cpu.store_tr = xen_pv::store_tr;
+    cpu.io_delay = xen_pv::io_delay;
+    irq.save_fl = xen_pv::save_fl;
+    irq.restore_fl = xen_pv::restore_fl;
+    irq.irq_disable = xen_pv::irq_disable;
+    irq.irq_enable = xen_pv::irq_enable;
+    irq.safe_halt = xen_pv::safe_halt;
+    irq.halt = xen_pv::halt;
+    mmu.read_cr2 = xen_pv::read_cr2;
+    mmu.write_cr2 = xen_pv::write_cr2;
+    mmu.read_cr3 = xen_pv::read_cr3;
+    mmu.write_cr3 = xen_pv::write_cr3;
+    mmu.flush_tlb_user = xen_pv::flush_tlb_user;
+    mmu.flush_tlb_kernel = xen_pv::flush_tlb_kernel;
+    mmu.flush_tlb_one_user = xen_pv::flush_tlb_one_user;
+    mmu.set_pte = xen_pv::set_pte;
+    mmu.set_pmd = xen_pv::set_pmd;
+    mmu.set_pud = xen_pv::set_pud;
+    mmu.alloc_pt = xen_pv::alloc_pt;
+    mmu.release_pt = xen_pv::release_pt;
+    ops
 }

@@ -1,0 +1,771 @@
+//! The Xen backend's PV half: the ops a deprivileged (PV) kernel needs. ABI:
+//! shared/docs/abi-xen.md §6.
+//!
+//! A PV kernel runs in ring 3 of a 64-bit domain: `cli`, `mov %cr3` or `invlpg` would trap, so
+//! no patched site may execute one. [`crate::xen`] selects these ops when the kernel says it is
+//! a PV domain ([`crate::Platform::xen_pv`]); everything shared with HVM (version, time, steal, timer)
+//! stays there.
+//!
+//! - **Detection.** CPUID is not intercepted in a PV domain (it returns the physical CPU's
+//!   leaves, without Xen's); the forced-emulation prefix (`ud2; .ascii "xen"; cpuid`) asks Xen.
+//!   [`PvCpuid`] scans with it, and `cpu.cpuid` uses it.
+//! - **Hypercalls** are `syscall` with Xen's registers ([`hypercall_syscall`]).
+//! - **Interrupt flag** = the vCPU's `evtchn_upcall_mask` in its `vcpu_info`. The kernel
+//!   registered a per-CPU `vcpu_info` (`xen_vcpu_info`), which Linux 6.12 does not export; its
+//!   per-CPU offset is read from the kernel's own PV `irq_disable` and `save_fl` (the functions
+//!   `pv_ops` holds: `movb $1, %gs:xen_vcpu_info+1(%rip)` and `testb $0xff, ...`), accepted only
+//!   when both decode to the same address ([`vcpu_info_offset`]). The ops then work on
+//!   `%gs:offset`, as Linux's do: disable stores 1 to the mask, enable stores 0 and, when an
+//!   event is already pending, makes a hypercall so that Xen delivers it.
+//! - **CR2** is `vcpu_info.arch.cr2`. **CR0** is the value the kernel read at load (Xen keeps
+//!   it; only TS may change, through `fpu_taskswitch`). **CR3 and CR4** belong to the kernel: it
+//!   keeps the pseudo-physical CR3 and the kernel/user page-table pair Xen runs on, and CR4's
+//!   value; the backend asks the kernel ([`XenPvKernel`]). Writes to CR4 are ignored, as Xen
+//!   ignores the bits a PV kernel may not change.
+//! - **TLB and caches** through `mmuext_op`: `TLB_FLUSH_LOCAL`, `INVLPG_LOCAL`, `FLUSH_CACHE`.
+//! - **Page-table writes** through `mmu_update` (the entry's machine address, the value as the
+//!   hardware sees it); `alloc_pt`/`release_pt` pin and unpin the page (Xen validates it as a
+//!   table of that level; it must be mapped read-only, which the backend arranges with
+//!   `update_va_mapping` on the kernel's direct map, and undoes on release).
+//! - **Halting**: `safe_halt` is `SCHEDOP_block` (which unmasks events atomically); `halt` with
+//!   events masked yields instead, as a PV domain has no halt that keeps them masked.
+//! - **Descriptor tables** stay the kernel's: `load_idt`/`load_gdt` take Xen's formats
+//!   (`set_trap_table`, `set_gdt` with frame lists) and are not taken over; they change nothing.
+//!   `store_tr` returns 0, as in Linux. MSRs have no hypercall in the PV ABI: Xen emulates
+//!   `rdmsr`/`wrmsr` for PV kernels (or reflects #GP, caught by the `_safe` variants), so the
+//!   MSR ops stay native — the one trapping instruction the ABI prescribes, as in Linux.
+//! - **Wall clock** from `shared_info.wc` (the kernel maps `shared_info` at the
+//!   `FIX_PARAVIRT_BOOTMAP` fixmap slot) plus Xen system time.
+
+use core::cell::UnsafeCell;
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use pvops::ops::{CpuidResult, DescriptorPointer};
+
+use crate::pvclock::{self, PvclockVcpuTimeInfo, PvclockWallClock};
+
+/// `__HYPERVISOR_mmu_update`.
+pub const HYPERVISOR_MMU_UPDATE: u64 = 1;
+/// `__HYPERVISOR_fpu_taskswitch`.
+pub const HYPERVISOR_FPU_TASKSWITCH: u64 = 5;
+/// `__HYPERVISOR_update_va_mapping`.
+pub const HYPERVISOR_UPDATE_VA_MAPPING: u64 = 14;
+/// `__HYPERVISOR_mmuext_op`.
+pub const HYPERVISOR_MMUEXT_OP: u64 = 26;
+/// `SCHEDOP_block`.
+pub const SCHEDOP_BLOCK: u64 = 1;
+/// `DOMID_SELF`.
+pub const DOMID_SELF: u64 = 0x7ff0;
+/// `UVMF_INVLPG` (flush this address on this CPU after the update).
+pub const UVMF_INVLPG: u64 = 2;
+
+/// `mmuext_op` commands.
+pub mod mmuext {
+    /// `MMUEXT_PIN_L1_TABLE`; L2..L4 follow (1..3).
+    pub const PIN_L1_TABLE: u32 = 0;
+    /// `MMUEXT_UNPIN_TABLE`.
+    pub const UNPIN_TABLE: u32 = 4;
+    /// `MMUEXT_TLB_FLUSH_LOCAL`.
+    pub const TLB_FLUSH_LOCAL: u32 = 6;
+    /// `MMUEXT_INVLPG_LOCAL`.
+    pub const INVLPG_LOCAL: u32 = 7;
+    /// `MMUEXT_FLUSH_CACHE`.
+    pub const FLUSH_CACHE: u32 = 12;
+}
+
+/// `struct mmuext_op` (24 bytes): a command and up to two arguments.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MmuextOp {
+    /// One of [`mmuext`].
+    pub cmd: u32,
+    /// A machine frame or a linear address.
+    pub arg1: u64,
+    /// A count, a mask pointer or a source frame.
+    pub arg2: u64,
+}
+
+/// `struct mmu_update` (16 bytes): `ptr` is the entry's machine address (low bits: the
+/// command, 0 = `MMU_NORMAL_PT_UPDATE`), `val` the new entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MmuUpdate {
+    /// Machine address of the entry.
+    pub ptr: u64,
+    /// The new entry.
+    pub val: u64,
+}
+
+static_assertions::assert_eq_size!(MmuextOp, [u8; 24]);
+static_assertions::assert_eq_size!(MmuUpdate, [u8; 16]);
+
+/// `vcpu_info` offsets (abi-xen.md §3.3).
+pub const VCPU_INFO_PENDING: u64 = 0;
+/// `evtchn_upcall_mask`: the PV interrupt flag (1 = masked).
+pub const VCPU_INFO_MASK: u64 = 1;
+/// `arch.cr2`.
+pub const VCPU_INFO_CR2: u64 = 16;
+/// `time`: the vCPU's pvclock record.
+pub const VCPU_INFO_TIME: u64 = 32;
+/// `shared_info.wc` (the wall clock at system time 0).
+pub const SHARED_INFO_WC: usize = 0xc00;
+/// `shared_info.wc_sec_hi`.
+pub const SHARED_INFO_WC_SEC_HI: usize = 0xc0c;
+
+/// What a PV kernel shares with the backend: where its per-CPU state is, and its accessors for
+/// the control registers it owns. Provided by the platform ([`crate::Platform::xen_pv_kernel`]).
+#[derive(Clone, Copy, Debug)]
+pub struct XenPvKernel {
+    /// The kernel's PV `irq_disable` (the function its `pv_ops` holds).
+    pub irq_disable: usize,
+    /// The kernel's PV `save_fl`.
+    pub save_fl: usize,
+    /// CPU 0's per-CPU base (`per_cpu_offset(0)`).
+    pub percpu_base0: usize,
+    /// Where the kernel mapped `shared_info` (0: unknown).
+    pub shared_info: usize,
+    /// CR0 as the kernel reads it.
+    pub cr0: u64,
+    /// The kernel's `__read_cr3()` (pseudo-physical).
+    pub read_cr3: unsafe extern "C" fn() -> u64,
+    /// The kernel's `write_cr3()` (switches the kernel/user pair Xen runs on).
+    pub write_cr3: unsafe extern "C" fn(u64),
+    /// The kernel's `__read_cr4()`.
+    pub read_cr4: unsafe extern "C" fn() -> u64,
+    /// Machine address of a kernel virtual address (0: none).
+    pub virt_to_machine: unsafe extern "C" fn(usize) -> u64,
+    /// The kernel's page-table entry that maps a direct-map address at 4 KiB (0: none).
+    pub pte_of: unsafe extern "C" fn(usize) -> usize,
+}
+
+/// Set once by [`start`] before the table is installed; read by the ops afterwards.
+struct KernelCell(UnsafeCell<Option<XenPvKernel>>);
+
+// SAFETY: written only by `start`/`stop`, which run before the ops are installed and after they
+// are removed (no op can run concurrently); read-only in between.
+unsafe impl Sync for KernelCell {}
+
+static KERNEL: KernelCell = KernelCell(UnsafeCell::new(None));
+
+/// The per-CPU offset of the kernel's `vcpu_info` (`%gs`-relative).
+static VCPU_INFO: AtomicU64 = AtomicU64::new(0);
+
+fn kernel() -> &'static XenPvKernel {
+    // SAFETY: see `KernelCell`: the ops run only between `start` and `stop`.
+    match unsafe { &*KERNEL.0.get() } {
+        Some(k) => k,
+        None => unreachable!("xen pv ops used before start"),
+    }
+}
+
+/// Decode the `%gs`-relative address one instruction of the kernel's PV irq code touches:
+/// `[endbr64] 65 <op> 05 <disp32> ...` at `addr`, where `op` is `opcode` (c6 for `movb $imm`, f6
+/// for `testb $imm`), and the effective address is RIP-relative (the per-CPU symbol's offset).
+/// `insn_len` is the whole instruction's length (the immediate follows the displacement).
+pub fn gs_rip_target(code: &[u8], addr: u64, opcode: u8, insn_len: u64) -> Option<u64> {
+    let (code, addr) = match code {
+        [0xf3, 0x0f, 0x1e, 0xfa, rest @ ..] => (rest, addr + 4),
+        _ => (code, addr),
+    };
+    match code {
+        [0x65, op, 0x05, d0, d1, d2, d3, ..] if *op == opcode => {
+            let disp = i32::from_le_bytes([*d0, *d1, *d2, *d3]);
+            Some(addr.wrapping_add(insn_len).wrapping_add(disp as i64 as u64))
+        }
+        _ => None,
+    }
+}
+
+/// The largest per-CPU offset accepted (per-CPU sections are far smaller).
+pub const MAX_PERCPU_OFFSET: u64 = 1 << 24;
+
+/// The per-CPU offset of the kernel's `vcpu_info`, from the first instruction of its PV
+/// `irq_disable` (`movb $1, %gs:vcpu_info+1(%rip)`, 8 bytes) and of its `save_fl`
+/// (`testb $0xff, %gs:vcpu_info+1(%rip)`, 8 bytes): both must name the same mask byte.
+pub fn vcpu_info_offset(disable: (&[u8], u64), save_fl: (&[u8], u64)) -> Option<u64> {
+    let a = gs_rip_target(disable.0, disable.1, 0xc6, 8)?;
+    let b = gs_rip_target(save_fl.0, save_fl.1, 0xf6, 8)?;
+    let offset = a.wrapping_sub(VCPU_INFO_MASK);
+    (a == b && offset < MAX_PERCPU_OFFSET && offset % 64 == 0).then_some(offset)
+}
+
+/// Why the PV half could not start.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PvError {
+    /// The platform shares nothing about the PV kernel.
+    NoKernelInfo,
+    /// The kernel's PV irq code does not show where its `vcpu_info` is.
+    VcpuInfoNotFound,
+}
+
+impl core::fmt::Display for PvError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(match self {
+            PvError::NoKernelInfo => "the kernel shares nothing about its PV state",
+            PvError::VcpuInfoNotFound => {
+                "the kernel's vcpu_info could not be located from its PV irq ops"
+            }
+        })
+    }
+}
+
+/// Locate the kernel's `vcpu_info` and keep what the kernel shares; returns vCPU 0's time
+/// record (in CPU 0's `vcpu_info`).
+pub fn start(k: XenPvKernel) -> Result<*mut PvclockVcpuTimeInfo, PvError> {
+    let (mut d, mut s) = ([0u8; 12], [0u8; 12]);
+    // SAFETY: the platform names two functions of the kernel's text, which is mapped and at
+    // least 12 bytes long for each (an endbr64 and one instruction, then the return).
+    unsafe {
+        core::ptr::copy_nonoverlapping(k.irq_disable as *const u8, d.as_mut_ptr(), 12);
+        core::ptr::copy_nonoverlapping(k.save_fl as *const u8, s.as_mut_ptr(), 12);
+    }
+    let off = vcpu_info_offset((&d, k.irq_disable as u64), (&s, k.save_fl as u64))
+        .ok_or(PvError::VcpuInfoNotFound)?;
+    VCPU_INFO.store(off, Ordering::Relaxed);
+    CR0.store(k.cr0, Ordering::Relaxed);
+    // SAFETY: no op of this backend is installed yet (see `KernelCell`).
+    unsafe { *KERNEL.0.get() = Some(k) };
+    Ok((k.percpu_base0 as u64 + off + VCPU_INFO_TIME) as *mut PvclockVcpuTimeInfo)
+}
+
+/// Forget the kernel's state (the ops are uninstalled).
+pub fn stop() {
+    // SAFETY: no op of this backend is installed any more (see `KernelCell`).
+    unsafe { *KERNEL.0.get() = None };
+}
+
+/// CPUID through Xen's forced-emulation prefix: the leaves Xen shows this domain.
+pub fn pv_cpuid(leaf: u32, subleaf: u32) -> CpuidResult {
+    let (eax, ebx, ecx, edx);
+    // SAFETY: in a PV domain Xen recognises `ud2; "xen"` before CPUID and emulates the CPUID
+    // (RIP moves past it); no other effect. RBX is reserved by LLVM, so saved around it.
+    unsafe {
+        core::arch::asm!(
+            "mov {tmp:r}, rbx",
+            ".byte 0x0f, 0x0b, 0x78, 0x65, 0x6e",
+            "cpuid",
+            "xchg {tmp:r}, rbx",
+            tmp = out(reg) ebx,
+            inout("eax") leaf => eax,
+            inout("ecx") subleaf => ecx,
+            out("edx") edx,
+            options(nostack, preserves_flags, nomem),
+        )
+    };
+    CpuidResult { eax, ebx, ecx, edx }
+}
+
+/// A [`pvops::detect::CpuidSource`] for PV domains (see [`pv_cpuid`]).
+#[derive(Debug)]
+pub struct PvCpuid;
+
+impl pvops::detect::CpuidSource for PvCpuid {
+    fn cpuid(&self, leaf: u32, subleaf: u32) -> CpuidResult {
+        pv_cpuid(leaf, subleaf)
+    }
+}
+
+/// A Xen hypercall from a PV kernel: `syscall` with RAX = nr, RDI, RSI, RDX, R10 = a0..a3
+/// (RCX and R11 are the `syscall`'s, caller-saved in the C ABI anyway).
+///
+/// # Safety
+///
+/// This is a Xen PV domain (elsewhere `syscall` enters the kernel's own entry code), and the
+/// hypercall's contract holds.
+#[unsafe(naked)]
+#[link_section = ".text"]
+pub unsafe extern "C" fn hypercall_syscall(nr: u64, a0: u64, a1: u64, a2: u64, a3: u64) -> i64 {
+    core::arch::naked_asm!(
+        "endbr64",
+        "mov rax, rdi",
+        "mov rdi, rsi",
+        "mov rsi, rdx",
+        "mov rdx, rcx",
+        "mov r10, r8",
+        pvops::__asm_syscall!(),
+        pvops::__asm_ret!(),
+    )
+}
+
+/// A hypercall with up to four arguments.
+///
+/// # Safety
+///
+/// As [`hypercall_syscall`].
+pub unsafe fn hypercall(nr: u64, a0: u64, a1: u64, a2: u64, a3: u64) -> i64 {
+    // SAFETY: forwarded contract.
+    unsafe { hypercall_syscall(nr, a0, a1, a2, a3) }
+}
+
+// ---- interrupt flag: the vCPU's upcall mask -------------------------------------------------
+
+/// `save_fl`: `X86_EFLAGS_IF` when events are unmasked, else 0.
+///
+/// # Safety
+///
+/// [`start`] located the `vcpu_info`.
+#[unsafe(naked)]
+#[link_section = ".text"]
+pub unsafe extern "C" fn save_fl() -> u64 {
+    core::arch::naked_asm!(
+        "endbr64",
+        "mov rax, qword ptr [rip + {vi}]",
+        "cmp byte ptr gs:[rax + 1], 0",
+        "sete al",
+        "movzx eax, al",
+        "shl eax, 9",
+        pvops::__asm_ret!(),
+        vi = sym VCPU_INFO,
+    )
+}
+
+/// `irq_disable`: mask events.
+///
+/// # Safety
+///
+/// As [`save_fl`].
+#[unsafe(naked)]
+#[link_section = ".text"]
+pub unsafe extern "C" fn irq_disable() {
+    core::arch::naked_asm!(
+        "endbr64",
+        "mov rax, qword ptr [rip + {vi}]",
+        "mov byte ptr gs:[rax + 1], 1",
+        pvops::__asm_ret!(),
+        vi = sym VCPU_INFO,
+    )
+}
+
+/// `irq_enable`: unmask events; if one is already pending, a hypercall makes Xen deliver it.
+///
+/// # Safety
+///
+/// As [`save_fl`].
+#[unsafe(naked)]
+#[link_section = ".text"]
+pub unsafe extern "C" fn irq_enable() {
+    core::arch::naked_asm!(
+        "endbr64",
+        "mov rax, qword ptr [rip + {vi}]",
+        "mov byte ptr gs:[rax + 1], 0",
+        "cmp byte ptr gs:[rax], 0",
+        "jne {check}",
+        pvops::__asm_ret!(),
+        vi = sym VCPU_INFO,
+        check = sym check_events,
+    )
+}
+
+/// `restore_fl(flags)`: enable or disable from bit 9.
+///
+/// # Safety
+///
+/// As [`save_fl`].
+#[unsafe(naked)]
+#[link_section = ".text"]
+pub unsafe extern "C" fn restore_fl(flags: u64) {
+    core::arch::naked_asm!(
+        "endbr64",
+        "test edi, 0x200",
+        "jnz {enable}",
+        "jmp {disable}",
+        enable = sym irq_enable,
+        disable = sym irq_disable,
+    )
+}
+
+/// Deliver pending events: any hypercall does (`xen_version(0, NULL)`, as Linux's
+/// `xen_force_evtchn_callback`); every register but RAX is kept (the callee-save contract of
+/// the irq ops that jump here).
+///
+/// # Safety
+///
+/// A PV domain.
+#[unsafe(naked)]
+#[link_section = ".text"]
+unsafe extern "C" fn check_events() {
+    core::arch::naked_asm!(
+        "push rcx",
+        "push rdx",
+        "push rsi",
+        "push rdi",
+        "push r8",
+        "push r9",
+        "push r10",
+        "push r11",
+        "mov eax, 17",
+        "xor edi, edi",
+        "xor esi, esi",
+        pvops::__asm_syscall!(),
+        "pop r11",
+        "pop r10",
+        "pop r9",
+        "pop r8",
+        "pop rdi",
+        "pop rsi",
+        "pop rdx",
+        "pop rcx",
+        pvops::__asm_ret!(),
+    )
+}
+
+extern "C" fn block() {
+    // SAFETY: SCHEDOP_block takes no argument; it unmasks events and sleeps until one arrives.
+    unsafe { hypercall(crate::xen::HYPERVISOR_SCHED_OP, SCHEDOP_BLOCK, 0, 0, 0) };
+}
+
+extern "C" fn halt_as_is() {
+    // SAFETY: reads the mask (see `save_fl`).
+    let masked = unsafe { save_fl() } == 0;
+    let cmd = if masked {
+        crate::xen::SCHEDOP_YIELD
+    } else {
+        SCHEDOP_BLOCK
+    };
+    // SAFETY: yield and block take no argument.
+    unsafe { hypercall(crate::xen::HYPERVISOR_SCHED_OP, cmd, 0, 0, 0) };
+}
+
+pvops::callee_save_thunk!(
+    /// `safe_halt`: `SCHEDOP_block`.
+    pub fn safe_halt() => block
+);
+pvops::callee_save_thunk!(
+    /// `halt`: block if events are unmasked, else yield.
+    pub fn halt() => halt_as_is
+);
+
+// ---- control registers ----------------------------------------------------------------------
+
+/// `read_cr2`: `vcpu_info.arch.cr2`.
+///
+/// # Safety
+///
+/// As [`save_fl`].
+#[unsafe(naked)]
+#[link_section = ".text"]
+pub unsafe extern "C" fn read_cr2() -> u64 {
+    core::arch::naked_asm!(
+        "endbr64",
+        "mov rax, qword ptr [rip + {vi}]",
+        "mov rax, qword ptr gs:[rax + 16]",
+        pvops::__asm_ret!(),
+        vi = sym VCPU_INFO,
+    )
+}
+
+/// `write_cr2`: `vcpu_info.arch.cr2`.
+///
+/// # Safety
+///
+/// As [`save_fl`].
+#[unsafe(naked)]
+#[link_section = ".text"]
+pub unsafe extern "C" fn write_cr2(value: u64) {
+    core::arch::naked_asm!(
+        "endbr64",
+        "mov rax, qword ptr [rip + {vi}]",
+        "mov qword ptr gs:[rax + 16], rdi",
+        pvops::__asm_ret!(),
+        vi = sym VCPU_INFO,
+    )
+}
+
+/// CR0 as the kernel read it at load, with TS as last set through `write_cr0`.
+static CR0: AtomicU64 = AtomicU64::new(0);
+const X86_CR0_TS: u64 = 1 << 3;
+
+extern "C" fn cr0() -> u64 {
+    CR0.load(Ordering::Relaxed)
+}
+
+extern "C" fn set_cr0(value: u64) {
+    let old = CR0.swap(value, Ordering::Relaxed);
+    if (old ^ value) & X86_CR0_TS != 0 {
+        // SAFETY: fpu_taskswitch sets (1) or clears (0) this vCPU's CR0.TS.
+        unsafe {
+            hypercall(
+                HYPERVISOR_FPU_TASKSWITCH,
+                u64::from(value & X86_CR0_TS != 0),
+                0,
+                0,
+                0,
+            )
+        };
+    }
+}
+
+extern "C" fn cr3() -> u64 {
+    // SAFETY: the kernel's accessor, callable in any context the op allows.
+    unsafe { (kernel().read_cr3)() }
+}
+
+extern "C" fn set_cr3(value: u64) {
+    // SAFETY: forwarded: the caller switches to page tables the kernel built (and pinned).
+    unsafe { (kernel().write_cr3)(value) }
+}
+
+extern "C" fn cr4() -> u64 {
+    // SAFETY: the kernel's accessor.
+    unsafe { (kernel().read_cr4)() }
+}
+
+extern "C" fn ignore(_value: u64) {}
+
+pvops::callee_save_thunk!(
+    /// `read_cr0`: the kernel's CR0.
+    pub fn read_cr0() -> u64 => cr0
+);
+pvops::callee_save_thunk!(
+    /// `write_cr0`: only TS reaches Xen (`fpu_taskswitch`).
+    pub fn write_cr0(value: u64) => set_cr0
+);
+pvops::callee_save_thunk!(
+    /// `read_cr3`: the kernel's (pseudo-physical) CR3.
+    pub fn read_cr3() -> u64 => cr3
+);
+pvops::callee_save_thunk!(
+    /// `write_cr3`: through the kernel, which switches the kernel/user page-table pair.
+    pub fn write_cr3(value: u64) => set_cr3
+);
+pvops::callee_save_thunk!(
+    /// `read_cr4`: the kernel's CR4.
+    pub fn read_cr4() -> u64 => cr4
+);
+pvops::callee_save_thunk!(
+    /// `write_cr4`: Xen owns CR4 in a PV domain; ignored.
+    pub fn write_cr4(value: u64) => ignore
+);
+
+// ---- TLB, caches, page tables ---------------------------------------------------------------
+
+/// One `mmuext_op` on this domain; its return value.
+fn mmuext(cmd: u32, arg1: u64) -> i64 {
+    let mut op = MmuextOp { cmd, arg1, arg2: 0 };
+    // SAFETY: the structure lives across the call; commands used here only flush or (un)pin.
+    unsafe {
+        hypercall(
+            HYPERVISOR_MMUEXT_OP,
+            core::ptr::addr_of_mut!(op) as u64,
+            1,
+            0,
+            DOMID_SELF,
+        )
+    }
+}
+
+extern "C" fn flush_local() {
+    mmuext(mmuext::TLB_FLUSH_LOCAL, 0);
+}
+
+extern "C" fn invlpg_local(address: u64) {
+    mmuext(mmuext::INVLPG_LOCAL, address);
+}
+
+extern "C" fn flush_cache() {
+    mmuext(mmuext::FLUSH_CACHE, 0);
+}
+
+pvops::callee_save_thunk!(
+    /// `flush_tlb_user`: `MMUEXT_TLB_FLUSH_LOCAL`.
+    pub fn flush_tlb_user() => flush_local
+);
+pvops::callee_save_thunk!(
+    /// `flush_tlb_one_user`: `MMUEXT_INVLPG_LOCAL`.
+    pub fn flush_tlb_one_user(address: u64) => invlpg_local
+);
+pvops::callee_save_thunk!(
+    /// `wbinvd`: `MMUEXT_FLUSH_CACHE`.
+    pub fn wbinvd() => flush_cache
+);
+
+/// `flush_tlb_kernel`: `MMUEXT_TLB_FLUSH_LOCAL` (Xen flushes global entries of a PV domain
+/// with it too: a PV kernel's mappings are never global in the guest's sense).
+///
+/// # Safety
+///
+/// A PV domain.
+pub unsafe extern "C" fn flush_tlb_kernel() {
+    flush_local();
+}
+
+/// `mmu_update` of one entry at `entry` (a kernel virtual address): 0 or a Xen error.
+pub fn update_entry(entry: *mut u64, value: u64) -> i64 {
+    // SAFETY: the kernel's accessor.
+    let ma = unsafe { (kernel().virt_to_machine)(entry as usize) };
+    if ma == 0 {
+        return -i64::from(crate::native::EINVAL);
+    }
+    let mut req = MmuUpdate {
+        ptr: ma,
+        val: value,
+    };
+    // SAFETY: the request lives across the call; Xen validates the new entry against the
+    // domain's pages (it refuses a mapping of a page the domain may not map that way).
+    unsafe {
+        hypercall(
+            HYPERVISOR_MMU_UPDATE,
+            core::ptr::addr_of_mut!(req) as u64,
+            1,
+            0,
+            DOMID_SELF,
+        )
+    }
+}
+
+extern "C" fn set_entry(entry: *mut u64, value: u64) {
+    update_entry(entry, value);
+}
+
+pvops::callee_save_thunk!(
+    /// `set_pte`: `mmu_update`.
+    pub fn set_pte(ptep: *mut u64, value: u64) => set_entry
+);
+pvops::callee_save_thunk!(
+    /// `set_pmd`: `mmu_update`.
+    pub fn set_pmd(pmdp: *mut u64, value: u64) => set_entry
+);
+pvops::callee_save_thunk!(
+    /// `set_pud`: `mmu_update`.
+    pub fn set_pud(pudp: *mut u64, value: u64) => set_entry
+);
+
+const PAGE_RW: u64 = 1 << 1;
+
+/// Map the direct-map page of `pfn` read-only (or writable again); 0 or a Xen error.
+fn protect(pfn: u64, writable: bool) -> i64 {
+    let k = kernel();
+    let Some(dm) = DIRECT_MAP.get() else {
+        return -i64::from(crate::native::EINVAL);
+    };
+    let va = dm + (pfn << 12) as usize;
+    // SAFETY: the kernel's accessor.
+    let ptep = unsafe { (k.pte_of)(va) } as *const u64;
+    if ptep.is_null() {
+        return -i64::from(crate::native::EINVAL);
+    }
+    // SAFETY: the kernel's entry for `va`, mapped (readable) by the kernel.
+    let pte = unsafe { core::ptr::read_volatile(ptep) };
+    let new = if writable {
+        pte | PAGE_RW
+    } else {
+        pte & !PAGE_RW
+    };
+    // SAFETY: changes only the write permission of the page's own direct-map mapping.
+    unsafe { hypercall(HYPERVISOR_UPDATE_VA_MAPPING, va as u64, new, UVMF_INVLPG, 0) }
+}
+
+/// The kernel's direct-map base (`PAGE_OFFSET`), for `alloc_pt`/`release_pt`.
+struct DirectMap(AtomicU64);
+
+impl DirectMap {
+    fn get(&self) -> Option<usize> {
+        match self.0.load(Ordering::Relaxed) {
+            0 => None,
+            v => Some(v as usize),
+        }
+    }
+}
+
+static DIRECT_MAP: DirectMap = DirectMap(AtomicU64::new(0));
+
+/// Tell the backend where the direct map starts (`phys_to_virt(0)`).
+pub fn set_direct_map(base: Option<usize>) {
+    DIRECT_MAP
+        .0
+        .store(base.unwrap_or(0) as u64, Ordering::Relaxed);
+}
+
+/// `alloc_pt(pfn, level)`: map the page read-only and pin it as a table of `level`.
+///
+/// # Safety
+///
+/// `pfn` is a page the caller owns, holding a valid table of `level` (e.g. zeroed).
+pub unsafe extern "C" fn alloc_pt(pfn: u64, level: u32) {
+    if !(1..=4).contains(&level) || protect(pfn, false) != 0 {
+        return;
+    }
+    // SAFETY: the kernel's accessor.
+    let ma =
+        unsafe { (kernel().virt_to_machine)(DIRECT_MAP.get().unwrap_or(0) + (pfn << 12) as usize) };
+    if mmuext(mmuext::PIN_L1_TABLE + level - 1, ma >> 12) != 0 {
+        protect(pfn, true);
+    }
+}
+
+/// `release_pt(pfn, level)`: unpin the page and map it writable again.
+///
+/// # Safety
+///
+/// `pfn` went through [`alloc_pt`] and no table points at it any more.
+pub unsafe extern "C" fn release_pt(pfn: u64, _level: u32) {
+    let Some(dm) = DIRECT_MAP.get() else {
+        return;
+    };
+    // SAFETY: the kernel's accessor.
+    let ma = unsafe { (kernel().virt_to_machine)(dm + (pfn << 12) as usize) };
+    mmuext(mmuext::UNPIN_TABLE, ma >> 12);
+    protect(pfn, true);
+}
+
+// ---- descriptor tables, wall clock ----------------------------------------------------------
+
+extern "C" fn keep_tables(_desc: *const DescriptorPointer) {}
+extern "C" fn no_tr() -> u64 {
+    0
+}
+
+pvops::callee_save_thunk!(
+    /// `load_idt`: the kernel's trap table stays (see the module docs).
+    pub fn load_idt(desc: *const DescriptorPointer) => keep_tables
+);
+pvops::callee_save_thunk!(
+    /// `load_gdt`: the kernel's GDT frames stay (see the module docs).
+    pub fn load_gdt(desc: *const DescriptorPointer) => keep_tables
+);
+pvops::callee_save_thunk!(
+    /// `store_tr`: 0, as in Linux (a PV domain has no task register of its own).
+    pub fn store_tr() -> u64 => no_tr
+);
+
+/// `io_delay`: nothing (Xen has no legacy port timing to honour).
+///
+/// # Safety
+///
+/// None.
+#[unsafe(naked)]
+#[link_section = ".text"]
+pub unsafe extern "C" fn io_delay() {
+    core::arch::naked_asm!("endbr64", pvops::__asm_ret!())
+}
+
+/// `cpu.cpuid` for PV: [`pv_cpuid`].
+///
+/// # Safety
+///
+/// `out` is valid for a write.
+pub unsafe extern "C" fn cpuid(leaf: u32, subleaf: u32, out: *mut CpuidResult) {
+    // SAFETY: forwarded contract.
+    unsafe { out.write(pv_cpuid(leaf, subleaf)) };
+}
+
+/// Wall-clock nanoseconds: `shared_info.wc` (+ `wc_sec_hi`) plus Xen system time `now`; 0 when
+/// `shared_info` is unknown or its record stays torn.
+pub fn wall_clock(now: u64) -> u64 {
+    let base = kernel().shared_info;
+    if base == 0 {
+        return 0;
+    }
+    let wc = (base + SHARED_INFO_WC) as *const PvclockWallClock;
+    // SAFETY: the kernel maps shared_info for its lifetime; the wall-clock record sits in it.
+    let Ok((sec, nsec)) = (unsafe { pvclock::read_wall(wc) }) else {
+        return 0;
+    };
+    // SAFETY: as above; a torn high word is caught by the version check only for sec, which
+    // changes its high half once every 136 years.
+    let hi = unsafe { core::ptr::read_volatile((base + SHARED_INFO_WC_SEC_HI) as *const u32) };
+    let secs = (u64::from(hi) << 32) | u64::from(sec);
+    secs.saturating_mul(1_000_000_000)
+        .saturating_add(u64::from(nsec))
+        .saturating_add(now)
+}
