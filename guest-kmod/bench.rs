@@ -347,6 +347,12 @@ pub(crate) extern "C" fn pvops_bench_run() -> c_int {
 }
 
 fn run(state: &State) -> Result {
+    if pvops_backends::Platform::xen_pv(&crate::KernelPlatform) {
+        // The raw paths are ring-0 instructions and the MMU rows write scratch memory as if it
+        // were a page table: neither is safe in a deprivileged kernel.
+        pr_warn!("benchmark: not available in a Xen PV domain (its raw paths need ring 0)\n");
+        return Err(Error::from_errno(-95)); // EOPNOTSUPP
+    }
     let normal = Patcher::new(module_sites(), PV_OPS.addr(), state.ops, state.backend)
         .map_err(|_| EINVAL)?;
     let direct_only =

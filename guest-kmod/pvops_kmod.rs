@@ -12,7 +12,6 @@ use core::ffi::{c_int, c_void};
 use core::format_args as fmt;
 use kernel::prelude::*;
 use kernel::str::CString;
-use pvops::arch::NativeCpuid;
 use pvops::ops::{cpu, irq, mmu, timer};
 use pvops::{Backend, BackendId, PatchError, PatchReport, Patcher, Request, SiteTable, PV_OPS};
 
@@ -68,6 +67,19 @@ mod shim {
         pub(crate) fn pvops_shim_kernel_pvclock_cpu0() -> c_ulong;
         pub(crate) fn pvops_shim_xen_pv() -> c_int;
         pub(crate) fn pvops_shim_xen_vcpu_id(cpu: u32) -> core::ffi::c_long;
+        pub(crate) fn pvops_shim_xen_pv_irq_fn(which: c_int) -> c_ulong;
+        pub(crate) fn pvops_shim_xen_pv_shared_info() -> c_ulong;
+        pub(crate) fn pvops_shim_percpu_base(cpu: u32) -> c_ulong;
+        pub(crate) fn pvops_shim_read_cr0() -> u64;
+        pub(crate) fn pvops_shim_read_cr3() -> u64;
+        pub(crate) fn pvops_shim_write_cr3(cr3: u64);
+        pub(crate) fn pvops_shim_read_cr4() -> u64;
+        pub(crate) fn pvops_shim_virt_to_machine(va: usize) -> u64;
+        pub(crate) fn pvops_shim_pte_of(va: usize) -> usize;
+        pub(crate) fn pvops_shim_irqs_disabled() -> c_int;
+        pub(crate) fn pvops_shim_cpuid(leaf: u32, subleaf: u32, out: *mut u32);
+        pub(crate) fn pvops_shim_vmalloc_page() -> c_ulong;
+        pub(crate) fn pvops_shim_vfree(va: c_ulong);
         pub(crate) fn pvops_shim_alloc_page() -> c_ulong;
         pub(crate) fn pvops_shim_free_page(va: c_ulong);
         pub(crate) fn pvops_shim_ktime_ns() -> u64;
@@ -121,6 +133,34 @@ impl pvops_backends::Platform for KernelPlatform {
     fn xen_vcpu_id(&self, cpu: u32) -> Option<u32> {
         // SAFETY: reads a possible CPU's xen_vcpu_id.
         u32::try_from(unsafe { shim::pvops_shim_xen_vcpu_id(cpu) }).ok()
+    }
+
+    fn xen_pv_kernel(&self) -> Option<pvops_backends::xen_pv::XenPvKernel> {
+        if !self.xen_pv() {
+            return None;
+        }
+        // SAFETY: plain queries of the kernel's state.
+        let (irq_disable, save_fl, percpu_base0, shared_info, cr0) = unsafe {
+            (
+                shim::pvops_shim_xen_pv_irq_fn(0) as usize,
+                shim::pvops_shim_xen_pv_irq_fn(1) as usize,
+                shim::pvops_shim_percpu_base(0) as usize,
+                shim::pvops_shim_xen_pv_shared_info() as usize,
+                shim::pvops_shim_read_cr0(),
+            )
+        };
+        (irq_disable != 0 && save_fl != 0).then_some(pvops_backends::xen_pv::XenPvKernel {
+            irq_disable,
+            save_fl,
+            percpu_base0,
+            shared_info,
+            cr0,
+            read_cr3: shim::pvops_shim_read_cr3,
+            write_cr3: shim::pvops_shim_write_cr3,
+            read_cr4: shim::pvops_shim_read_cr4,
+            virt_to_machine: shim::pvops_shim_virt_to_machine,
+            pte_of: shim::pvops_shim_pte_of,
+        })
     }
 
     fn alloc_page(&self) -> Option<usize> {
@@ -313,7 +353,12 @@ fn selftest(backend: &dyn Backend) -> SelfTest {
     let mut hypercall = None;
     let native = backend.id() == BackendId::Native;
 
-    check("cpuid", cpu::cpuid(0, 0) == pvops::arch::raw_cpuid(0, 0));
+    // CPUID as the kernel sees it (the instruction, or Xen's emulation in a PV domain).
+    let mut k = [0u32; 4];
+    // SAFETY: writes four words.
+    unsafe { shim::pvops_shim_cpuid(0, 0, k.as_mut_ptr()) };
+    let c = cpu::cpuid(0, 0);
+    check("cpuid", [c.eax, c.ebx, c.ecx, c.edx] == k);
 
     // Interrupt flag: off and on again through the sites; the raw flags must agree on native.
     let f0 = irq::save_fl();
@@ -323,10 +368,14 @@ fn selftest(backend: &dyn Backend) -> SelfTest {
         irq::irq_disable();
         let off = irq::save_fl();
         let raw_off = raw_flags();
+        let kernel_off = shim::pvops_shim_irqs_disabled();
         irq::irq_enable();
         let on = irq::save_fl();
+        let kernel_on = shim::pvops_shim_irqs_disabled();
         check("irq-disable", off & irq::X86_EFLAGS_IF == 0);
         check("irq-enable", on & irq::X86_EFLAGS_IF != 0);
+        // the kernel's own view of the flag follows the sites' (cli/sti, or Xen's upcall mask)
+        check("irq-kernel-view", kernel_off != 0 && kernel_on == 0);
         check("irq-raw", !native || raw_off & irq::X86_EFLAGS_IF == 0);
         irq::restore_fl(off);
         let restored_off = irq::save_fl();
@@ -339,12 +388,22 @@ fn selftest(backend: &dyn Backend) -> SelfTest {
     unsafe {
         let cr0 = cpu::read_cr0();
         check("cr0", cr0 & 0x8000_0001 == 0x8000_0001); // PG | PE
-        check("cr3", !native || mmu::read_cr3() == raw_cr3());
-        check("cr4", cpu::read_cr4() & (1 << 5) != 0); // PAE
+        let cr3 = mmu::read_cr3();
+        check(
+            "cr3",
+            cr3 == shim::pvops_shim_read_cr3() && (!native || cr3 == raw_cr3()),
+        );
+        let cr4 = cpu::read_cr4();
+        check(
+            "cr4",
+            cr4 & (1 << 5) != 0 && cr4 == shim::pvops_shim_read_cr4(),
+        ); // PAE
         let efer = cpu::read_msr_safe(0xc000_0080);
         check("msr-efer", matches!(efer, Ok(v) if v & 0x500 == 0x500)); // LME | LMA
         mmu::flush_tlb_one_user(core::ptr::addr_of!(PV_OPS) as u64);
     }
+    check("set-pte", set_pte_round_trip());
+    check("alloc-pt", alloc_pt_round_trip());
 
     let t0 = timer::sched_clock();
     let mut t1 = t0;
@@ -372,9 +431,11 @@ fn selftest(backend: &dyn Backend) -> SelfTest {
     let wall = timer::wall_clock();
     // SAFETY: reads the kernel's wall clock.
     let real = unsafe { shim::pvops_shim_ktime_real_ns() };
+    // Every backend knows the wall clock but Xen HVM (its shared_info is the kernel's, unexported).
+    let may_not_know = backend.id() == BackendId::Xen && !KernelPlatform.xen_pv();
     check(
         "wall-clock",
-        wall == 0 || wall.abs_diff(real) < WALL_CLOCK_TOLERANCE_NS,
+        (wall == 0 && may_not_know) || wall.abs_diff(real) < WALL_CLOCK_TOLERANCE_NS,
     );
 
     // A real hypercall, answered as the hypervisor documents.
@@ -393,6 +454,68 @@ fn selftest(backend: &dyn Backend) -> SelfTest {
 }
 
 use pvops_backends::Platform as _;
+
+const PAGE_ACCESSED: u64 = 1 << 5;
+const PAGE_RW: u64 = 1 << 1;
+
+/// A page-table write through `set_pte` (a store natively, `mmu_update` on Xen PV): toggle the
+/// Accessed bit in the PTE of a page the module owns, read it back, restore it.
+fn set_pte_round_trip() -> bool {
+    // SAFETY: allocates a page; freed below.
+    let page = unsafe { shim::pvops_shim_vmalloc_page() } as usize;
+    if page == 0 {
+        return false;
+    }
+    // SAFETY: the kernel's entry for a page only this function uses.
+    let ptep = unsafe { shim::pvops_shim_pte_of(page) } as *mut u64;
+    let ok = !ptep.is_null() && {
+        // SAFETY: `ptep` is the page's live 4 KiB entry; only the Accessed bit changes, and the
+        // page is not touched meanwhile (the CPU would set that bit itself).
+        unsafe {
+            let old = core::ptr::read_volatile(ptep);
+            mmu::set_pte(ptep, old ^ PAGE_ACCESSED);
+            let toggled = core::ptr::read_volatile(ptep);
+            mmu::set_pte(ptep, old);
+            mmu::flush_tlb_one_user(page as u64);
+            toggled == old ^ PAGE_ACCESSED && core::ptr::read_volatile(ptep) == old
+        }
+    };
+    // SAFETY: frees the page allocated above.
+    unsafe { shim::pvops_shim_vfree(page as core::ffi::c_ulong) };
+    ok
+}
+
+/// `alloc_pt`/`release_pt` on a zeroed page (a valid empty table): a Xen PV backend pins it,
+/// which needs it read-only everywhere, and undoes both; elsewhere they change nothing here.
+fn alloc_pt_round_trip() -> bool {
+    let Some(va) = KernelPlatform.alloc_page() else {
+        return false;
+    };
+    let Some(pfn) = KernelPlatform.virt_to_phys(va).map(|pa| pa >> 12) else {
+        KernelPlatform.free_page(va);
+        return false;
+    };
+    // SAFETY: the kernel's direct-map entry for the page (0 when mapped by a large page).
+    let pte = || unsafe {
+        let p = shim::pvops_shim_pte_of(va) as *const u64;
+        (!p.is_null()).then(|| core::ptr::read_volatile(p))
+    };
+    // SAFETY: the page is the module's, zeroed (an empty table of any level), and referenced
+    // by no table; it is released before it is freed.
+    let (during, after) = unsafe {
+        mmu::alloc_pt(pfn, 1);
+        let during = pte();
+        mmu::release_pt(pfn, 1);
+        (during, pte())
+    };
+    KernelPlatform.free_page(va);
+    let writable_after = after.is_none_or(|p| p & PAGE_RW != 0);
+    if KernelPlatform.xen_pv() {
+        matches!(during, Some(p) if p & PAGE_RW == 0) && writable_after
+    } else {
+        writable_after
+    }
+}
 
 /// ktime and the backend's sched_clock read at (nearly) the same instant, with interrupts off
 /// (see [`pvops::arch::bracketed`]).
@@ -456,7 +579,7 @@ impl kernel::Module for PvopsGuest {
             EINVAL
         })?;
         let t0 = pvops::arch::rdtsc_ordered();
-        let detection = pvops::detect(&NativeCpuid);
+        let detection = pvops::detect(pvops_backends::cpuid_source(&KernelPlatform));
         let t1 = pvops::arch::rdtsc_ordered();
         let candidates = pvops_backends::candidates(&detection, &KernelPlatform);
         let selection = pvops::select(request, &detection, &candidates).map_err(|e| {

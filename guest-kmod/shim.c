@@ -24,6 +24,13 @@
 #include <asm/pvclock.h>
 #include <asm/hypervisor.h>
 #include <xen/xen-ops.h>
+#include <asm/xen/page.h>
+#include <asm/fixmap.h>
+#include <asm/paravirt.h>
+#include <asm/pgtable.h>
+#include <asm/special_insns.h>
+#include <asm/percpu.h>
+#include <linux/irqflags.h>
 #include <linux/delay.h>
 #include <linux/ktime.h>
 #include <linux/timekeeping.h>
@@ -292,6 +299,96 @@ long pvops_shim_xen_vcpu_id(unsigned int cpu)
 		return per_cpu(xen_vcpu_id, cpu);
 #endif
 	return -1;
+}
+
+/*
+ * What a Xen PV kernel shares with the Xen backend (backends/src/xen_pv.rs). Its vcpu_info is
+ * per-CPU and unexported: the backend finds it in the PV irq functions pv_ops holds.
+ */
+unsigned long pvops_shim_xen_pv_irq_fn(int which)
+{
+#if defined(CONFIG_XEN_PV) && defined(CONFIG_PARAVIRT_XXL)
+	if (x86_hyper_type == X86_HYPER_XEN_PV)
+		return (unsigned long)(which ? pv_ops.irq.save_fl.func : pv_ops.irq.irq_disable.func);
+#endif
+	return 0;
+}
+
+/* Where a PV kernel maps shared_info (0 elsewhere). */
+unsigned long pvops_shim_xen_pv_shared_info(void)
+{
+#ifdef CONFIG_XEN_PV
+	if (x86_hyper_type == X86_HYPER_XEN_PV)
+		return fix_to_virt(FIX_PARAVIRT_BOOTMAP);
+#endif
+	return 0;
+}
+
+unsigned long pvops_shim_percpu_base(unsigned int cpu)
+{
+	return cpu < nr_cpu_ids ? per_cpu_offset(cpu) : 0;
+}
+
+/* The kernel's own accessors (on PV they go through its Xen pv_ops or Xen's emulation). */
+u64 pvops_shim_read_cr0(void)
+{
+	return read_cr0();
+}
+
+u64 pvops_shim_read_cr3(void)
+{
+	return __read_cr3();
+}
+
+void pvops_shim_write_cr3(u64 cr3)
+{
+	write_cr3(cr3);
+}
+
+u64 pvops_shim_read_cr4(void)
+{
+	return __read_cr4();
+}
+
+/* Machine address of a kernel virtual address (the pseudo-physical one outside PV). */
+u64 pvops_shim_virt_to_machine(unsigned long va)
+{
+#ifdef CONFIG_XEN_PV
+	if (x86_hyper_type == X86_HYPER_XEN_PV)
+		return arbitrary_virt_to_machine((void *)va).maddr;
+#endif
+	return 0;
+}
+
+/* The kernel's 4 KiB page-table entry for va (0 when va is not mapped by one). */
+unsigned long pvops_shim_pte_of(unsigned long va)
+{
+	unsigned int level;
+	pte_t *pte = lookup_address(va, &level);
+
+	return pte && level == PG_LEVEL_4K ? (unsigned long)pte : 0;
+}
+
+/* The kernel's view of the interrupt flag and of CPUID, for the module's self-test. */
+int pvops_shim_irqs_disabled(void)
+{
+	return irqs_disabled();
+}
+
+void pvops_shim_cpuid(u32 leaf, u32 subleaf, u32 *out)
+{
+	cpuid_count(leaf, subleaf, &out[0], &out[1], &out[2], &out[3]);
+}
+
+/* A page mapped at 4 KiB (vmalloc), for the page-table self-test. */
+unsigned long pvops_shim_vmalloc_page(void)
+{
+	return (unsigned long)vzalloc(PAGE_SIZE);
+}
+
+void pvops_shim_vfree(unsigned long va)
+{
+	vfree((void *)va);
 }
 
 unsigned long pvops_shim_alloc_page(void)
