@@ -3,6 +3,7 @@
 //! `scripts/kernel`, with their addresses), the hypercall structures, and that the PV table
 //! never keeps a privileged native op.
 
+use pvops::ops::Op;
 use pvops_backends::xen_pv::{self, gs_rip_target, vcpu_info_offset, MmuUpdate, MmuextOp};
 
 const DISABLE_AT: u64 = 0xffff_ffff_8159_2370;
@@ -94,4 +95,33 @@ fn hypercall_structures_have_xens_layout() {
     assert_eq!(xen_pv::VCPU_INFO_CR2, 16);
     assert_eq!(xen_pv::VCPU_INFO_TIME, 32);
     assert_eq!(xen_pv::SHARED_INFO_WC, 0xc00);
+}
+
+/// Native ops a PV table may keep: none of them executes a privileged instruction, or (MSRs)
+/// the PV ABI itself has Xen emulate it.
+const KEPT: &[Op] = &[
+    Op::ReadMsr,
+    Op::WriteMsr,
+    Op::ReadMsrSafe,
+    Op::WriteMsrSafe,
+    Op::LazyModeEnter,
+    Op::LazyModeLeave,
+    // the time ops and the hypercall are the Xen backend's own (set by `Xen::ops`)
+    Op::SchedClock,
+    Op::StealClock,
+    Op::TscKhz,
+    Op::WallClock,
+    Op::SetNextEvent,
+    Op::Hypercall,
+];
+
+#[test]
+fn pv_table_replaces_every_privileged_native_op() {
+    use pvops::Backend;
+    let pv = pvops_backends::xen::pv_ops();
+    let native = pvops_backends::native::NATIVE.ops();
+    for &op in Op::ALL {
+        let replaced = pv.target(op) != native.target(op);
+        assert_eq!(replaced, !KEPT.contains(&op), "{}", op.name());
+    }
 }

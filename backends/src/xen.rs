@@ -474,7 +474,7 @@ impl Backend for Xen {
 
 /// The PV domain's table: [`xen_pv`]'s ops over the native ones that stay (MSRs, which Xen
 /// emulates for PV kernels); the time ops are set by [`Xen::ops`].
-fn pv_ops() -> PvOps {
+pub fn pv_ops() -> PvOps {
     let mut ops = native::NATIVE.ops();
     let (cpu, irq, mmu) = (&mut ops.cpu, &mut ops.irq, &mut ops.mmu);
     cpu.cpuid = xen_pv::cpuid;
