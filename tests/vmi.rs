@@ -470,7 +470,12 @@ fn arena_bytes() -> Vec<u8> {
 fn backend_runs_the_rom_copied_into_its_arena() {
     let pristine = arena_bytes();
     assert_eq!(&pristine[..4], &[0xf3, 0x0f, 0x1e, 0xfa]);
-    assert!(pristine[4..].iter().all(|b| *b == 0xcc), "arena is int3");
+    let n = pristine.len();
+    assert!(
+        pristine[4..n - 2].iter().all(|b| *b == 0xcc),
+        "arena is int3"
+    );
+    assert_eq!(&pristine[n - 2..], &[0x0f, 0x0b], "then ud2");
 
     // Bad ROMs: absent to the selection, refused by init, arena untouched.
     for bad in [variant(|r| r[0x0d] = 2), {
@@ -617,6 +622,10 @@ fn backend_runs_the_rom_copied_into_its_arena() {
     assert!(seen.contains(&(Op::SaveFl, Action::Inline)));
     assert!(seen.contains(&(Op::Cpuid, Action::DirectCall)));
     assert!(seen.contains(&(Op::FlushTlbUser, Action::DirectCall)));
+    assert!(
+        seen.contains(&(Op::LazyModeEnter, Action::Inline)),
+        "SetLazyMode is NOP: the site becomes NOPs"
+    );
     run_user_ops(khz); // inline ROM bodies and direct calls into the arena
     p.revert(&mut text).expect("revert succeeds");
     p.verify(&text, false).unwrap();

@@ -592,7 +592,8 @@ const INT3: u8 = 0xcc;
 // kernel's vmlinux linker script does not place: keep it in `.text`.
 #[link_section = ".text"]
 pub unsafe extern "C" fn arena() {
-    core::arch::naked_asm!("endbr64", ".fill {n}, 1, 0xcc", n = const ARENA_LEN - 4)
+    // (ends in ud2: objtool wants every function to end in a dead end, and int3 is not one)
+    core::arch::naked_asm!("endbr64", ".fill {n}, 1, 0xcc", "ud2", n = const ARENA_LEN - 6)
 }
 
 /// The return this image uses (`ret`, or `jmp __x86_return_thunk` in rethunk kernels): the
@@ -610,7 +611,7 @@ pub unsafe extern "C" fn return_template() {
 /// The return sequence for code at `at`: a copy of [`return_template`]'s, with its jump (if
 /// any) retargeted. Returns the bytes and their length.
 fn return_sequence(at: usize) -> ([u8; 5], usize) {
-    let t = return_template as *const () as usize + ENDBR64.len();
+    let t = fn_addr(return_template) + ENDBR64.len();
     let mut b = [0u8; 5];
     // SAFETY: return_template is 9 bytes of this image's text at most (endbr64 + jmp rel32),
     // and at least 5 (endbr64 + ret); reading 5 bytes after its endbr64 stays inside it or in
@@ -624,6 +625,13 @@ fn return_sequence(at: usize) -> ([u8; 5], usize) {
     } else {
         ([0xc3, 0, 0, 0, 0], 1)
     }
+}
+
+/// The address of a naked function of this file, opaque to the optimiser: an address
+/// constant-folded to `function + n` would be a relocation into the middle of a function,
+/// which objtool flags under IBT ("relocation to !ENDBR").
+fn fn_addr(f: unsafe extern "C" fn()) -> usize {
+    core::hint::black_box(f as *const () as usize)
 }
 
 /// How the backend serves an op.
@@ -674,6 +682,14 @@ fn route(op: Op) -> Route {
             Route::Native
         }
     }
+}
+
+/// The wrapped ops that return nothing (a NOP call can stand for them).
+fn returns_nothing(op: Op) -> bool {
+    matches!(
+        op,
+        Op::FlushTlbUser | Op::FlushTlbKernel | Op::LazyModeEnter | Op::LazyModeLeave
+    )
 }
 
 /// What the backend copied from the ROM, per call number. Written by [`init`] and
@@ -911,7 +927,7 @@ fn forget() {
 /// Write the arena back to `int3` (after `endbr64`).
 fn wipe_arena(platform: &dyn Platform) -> bool {
     const FILL: [u8; 256] = [INT3; 256];
-    let base = arena as *const () as usize;
+    let base = fn_addr(arena);
     let used = ARENA_USED.load(Ordering::Relaxed).min(ARENA_LEN);
     let mut at = ARENA_START;
     while at < used {
@@ -933,7 +949,7 @@ fn wipe_arena(platform: &dyn Platform) -> bool {
 pub fn init(platform: &dyn Platform) -> Result<&'static Vmi, VmiError> {
     let (pa, rom) = probe(platform).map_err(VmiError::Probe)?;
     forget();
-    let base = arena as *const () as usize;
+    let base = fn_addr(arena);
     // SAFETY: init and teardown are exclusive (contract above); nothing else uses STAGING.
     let stage = unsafe { &mut *STAGING.0.get() };
     stage.fill(INT3);
@@ -1002,7 +1018,7 @@ pub fn init(platform: &dyn Platform) -> Result<&'static Vmi, VmiError> {
     let _ = fmt::Write::write_fmt(
         &mut w,
         format_args!(
-            "ROM at {pa:#x} API {maj}.{min} ({} bytes): {copied} calls copied ({inlinable} inlinable, arena {used} bytes); TSC: {khz_source}",
+            "ROM at {pa:#x} API {maj}.{min} ({} bytes): {copied} calls in the arena ({inlinable} inlinable, {used} bytes); TSC: {khz_source}",
             rom.bytes().len()
         ),
     );
@@ -1033,7 +1049,15 @@ impl InlineSource for Vmi {
     fn inline(&self, op: Op) -> Option<Inline> {
         match route(op) {
             Route::Native => native::inline(op),
-            Route::Wrapped(c) => (!provided(c)).then(|| native::inline(op)).flatten(),
+            Route::Wrapped(c) => match kind_of(c) {
+                RelocType::None | RelocType::Jump => native::inline(op),
+                // "does nothing here": the site becomes NOPs (ops without a result only)
+                RelocType::Nop if returns_nothing(op) => Some(Inline {
+                    bytes: &[],
+                    clobbers: Clobbers::empty(),
+                }),
+                _ => None,
+            },
             Route::Direct(c) => match kind_of(c) {
                 RelocType::None | RelocType::Jump => native::inline(op),
                 RelocType::Nop => Some(Inline {
@@ -1084,6 +1108,9 @@ impl Backend for Vmi {
         for &op in Op::ALL {
             match route(op) {
                 Route::Direct(c) if provided(c) => set_slot(&mut ops, op, entry_of(c)),
+                Route::Wrapped(c) if kind_of(c) == RelocType::Nop && returns_nothing(op) => {
+                    set_slot(&mut ops, op, entry_of(c))
+                }
                 Route::Wrapped(c) if provided(c) => {
                     let f = match op {
                         Op::FlushTlbUser => flush_tlb_user as *const () as usize,
