@@ -506,6 +506,45 @@ fn backend_runs_the_rom_copied_into_its_arena() {
         );
         assert_eq!(arena_bytes(), pristine);
     }
+    // Valid ROMs the backend still cannot use: a routine that changes more than its op's
+    // convention allows (GetInterruptMask declaring RCX, for the callee-save save_fl), and a
+    // VMI_Init that does not return 0. Present, but start refuses; the arena stays as it was.
+    let get_if = reloc_offset(call::GET_INTERRUPT_MASK);
+    let init = u16::from_le_bytes([ROM[0x86], ROM[0x87]]) as usize;
+    for (bad, want) in [
+        (
+            variant(|r| r[get_if + 10] |= 0x02),
+            vmi::VmiError::Clobbers(call::GET_INTERRUPT_MASK),
+        ),
+        (
+            variant(|r| r[init..init + 2].copy_from_slice(&[0xb0, 0x01])), // mov al, 1
+            vmi::VmiError::InitFailed(0),
+        ),
+    ] {
+        let m = Machine::new(&bad, 1_000_000);
+        let c = pvops_backends::candidates(&pvops::detect(&pvops::arch::NativeCpuid), &m);
+        assert_eq!(c[3].presence, Presence::Present { base: None });
+        let e = pvops_backends::start(
+            BackendId::Vmi,
+            &pvops::detect(&pvops::arch::NativeCpuid),
+            &m,
+        )
+        .err()
+        .expect("refused");
+        match (e, want) {
+            (
+                pvops_backends::StartError::Vmi(vmi::VmiError::InitFailed(rc)),
+                vmi::VmiError::InitFailed(_),
+            ) => {
+                assert_eq!(rc & 0xff, 1, "VMI_Init's answer")
+            }
+            (pvops_backends::StartError::Vmi(got), want) => assert_eq!(got, want),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(arena_bytes(), pristine, "arena untouched or wiped");
+        assert_eq!(vmi::entry(call::CPUID), 0, "nothing kept");
+    }
+
     // No ROM at all (the machine of the tcg rig): absent.
     let none = Machine::new(&[], 1_000_000);
     assert_eq!(

@@ -957,12 +957,15 @@ pub fn init(platform: &dyn Platform) -> Result<&'static Vmi, VmiError> {
     let init_at = match init_at.and_then(|i| check_routes().map(|()| i)) {
         Ok(i) => i,
         Err(e) => {
+            // nothing was written
+            ARENA_USED.store(0, Ordering::Relaxed);
             forget();
             return Err(e);
         }
     };
     let used = ARENA_USED.load(Ordering::Relaxed);
     if !platform.write_code(base + ARENA_START, &stage[ARENA_START..used]) {
+        ARENA_USED.store(0, Ordering::Relaxed);
         forget();
         return Err(VmiError::NoWriter);
     }
@@ -1018,8 +1021,9 @@ pub fn init(platform: &dyn Platform) -> Result<&'static Vmi, VmiError> {
     let _ = fmt::Write::write_fmt(
         &mut w,
         format_args!(
-            "ROM at {pa:#x} API {maj}.{min} ({} bytes): {copied} calls in the arena ({inlinable} inlinable, {used} bytes); TSC: {khz_source}",
-            rom.bytes().len()
+            "ROM at {pa:#x} API {maj}.{min} ({} bytes): {copied} calls in the arena ({inlinable} inlinable, {used} bytes, returning by {}); TSC: {khz_source}",
+            rom.bytes().len(),
+            if return_sequence(0).1 == 1 { "ret" } else { "the return thunk" }
         ),
     );
     *len = w.len;
