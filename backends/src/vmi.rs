@@ -12,8 +12,9 @@
 //!   entry. A ROM that fails is refused with the reason and the backend is absent.
 //! - **The arena**: ROM memory is never executed (the direct map is NX). [`init`] lays out, in
 //!   a 2 KiB arena reserved in this image's own `.text`, one function per routine the ROM
-//!   provides: `endbr64`, the ROM's body byte for byte, and this image's own return (`ret`, or
-//!   a jump to the kernel's return thunk in rethunk builds), then writes it through
+//!   provides: `endbr64`, the ROM's body byte for byte, and this image's own return (a copy of
+//!   [`return_template`]'s, as the kernel patched it at load: `ret`, or a jump to the return
+//!   thunk), then writes it through
 //!   [`Platform::write_code`]. Table slots point into the arena; call sites get the body inline
 //!   when the ROM flags it inlinable and it fits, a direct call into the arena otherwise.
 //!   [`teardown`] fills the arena with `int3` again.
@@ -135,7 +136,7 @@ pub const API_MINOR_64: u8 = 1;
 /// Bytes per relocation entry.
 pub const RELOC_ENTRY_LEN: usize = 16;
 /// The longest routine body the backend copies.
-pub const MAX_BODY: usize = 256;
+pub const MAX_BODY: usize = 512;
 /// PCI_VENDOR_ID_VMWARE, PCI_DEVICE_ID_VMWARE_VMI.
 pub const PCI_IDS: (u16, u16) = (0x15AD, 0x0801);
 
@@ -596,8 +597,9 @@ pub unsafe extern "C" fn arena() {
     core::arch::naked_asm!("endbr64", ".fill {n}, 1, 0xcc", "ud2", n = const ARENA_LEN - 6)
 }
 
-/// The return this image uses (`ret`, or `jmp __x86_return_thunk` in rethunk kernels): the
-/// arena's functions end with a copy of it.
+/// The return this image uses (`ret`, or `jmp __x86_return_thunk` in rethunk kernels, which
+/// the kernel may rewrite at module load into `ret` or a jump to another thunk, as it does
+/// every return site): the arena's functions end with a copy of it, read at [`init`].
 ///
 /// # Safety
 ///

@@ -127,7 +127,7 @@ reloc:
 	reloc 65, CALL, INLINE, io_delay,    0
 	absent 66, NONE				/* GetCycleFrequency: a ROM cannot know the TSC rate */
 	reloc 67, CALL, 0,      cycles,      M_RAX|M_RDX|M_FL
-	absent 70, NONE				/* GetWallclockTime: the guest reads its own RTC */
+	reloc 70, CALL, 0,      wallclock,   M_RAX|M_RCX|M_RDX|M_RSI|M_RDI|M_R8|M_R9|M_R10|M_R11|M_FL
 	absent 73, NOP				/* SetLazyMode: nothing to batch */
 reloc_end:
 
@@ -247,6 +247,101 @@ cycles:		xor eax, eax
 		or rax, rdx
 1:
 cycles_end:
+
+/* 70 GetWallclockTime -> RAX: ns since the epoch, from the CMOS clock (ports 0x70/0x71):
+ * wait for "update in progress" to clear (bounded), read seconds … year and status B, again if
+ * the seconds moved meanwhile; BCD or binary, 12- or 24-hour as status B says; years 2000–2099;
+ * days from the civil date (era/year-of-era arithmetic). */
+.macro cmos reg, dst
+	mov al, \reg
+	out 0x70, al
+	in al, 0x71
+	movzx \dst, al
+.endm
+.macro bcd r
+	mov eax, \r
+	shr eax, 4
+	imul eax, eax, 10
+	and \r, 15
+	add \r, eax
+.endm
+wallclock:
+	mov ecx, 1000000
+1:	mov al, 0x0a
+	out 0x70, al
+	in al, 0x71
+	test al, 0x80
+	jz 2f
+	dec ecx
+	jnz 1b
+2:	cmos 0x00, r8d			/* seconds */
+	cmos 0x02, r9d			/* minutes */
+	cmos 0x04, r10d			/* hours (bit 7: PM in 12-hour mode) */
+	cmos 0x07, r11d			/* day of month */
+	cmos 0x08, esi			/* month */
+	cmos 0x09, ecx			/* year of the century */
+	cmos 0x0b, edi			/* status B: bit 2 binary, bit 1 24-hour */
+	cmos 0x00, eax
+	cmp eax, r8d
+	jne wallclock			/* a second passed while reading: again */
+	mov edx, r10d			/* the PM bit */
+	and r10d, 0x7f
+	test edi, 4
+	jnz 3f
+	bcd r8d
+	bcd r9d
+	bcd r10d
+	bcd r11d
+	bcd esi
+	bcd ecx
+3:	test edi, 2
+	jnz 4f
+	test edx, 0x80
+	jz 4f
+	cmp r10d, 12			/* 12 PM is 12, 1 PM is 13 */
+	jne 5f
+	xor r10d, r10d
+5:	add r10d, 12
+4:	imul r9d, r9d, 60		/* r8 = seconds of the day */
+	add r8d, r9d
+	imul r10d, r10d, 3600
+	add r8d, r10d
+	add ecx, 2000			/* y, counted from March */
+	cmp esi, 2
+	ja 6f
+	dec ecx
+6:	add esi, 9			/* mp = (month + 9) mod 12 */
+	cmp esi, 12
+	jb 7f
+	sub esi, 12
+7:	imul eax, esi, 153		/* day of the year = (153 mp + 2) / 5 + day - 1 */
+	add eax, 2
+	xor edx, edx
+	mov r9d, 5
+	div r9d
+	lea r11d, [r11 + rax - 1]
+	mov eax, ecx			/* era = y / 400, yoe = y mod 400 */
+	xor edx, edx
+	mov r9d, 400
+	div r9d
+	imul r10, rax, 146097
+	mov ecx, edx
+	imul edi, ecx, 365		/* day of the era = 365 yoe + yoe/4 - yoe/100 + doy */
+	add edi, r11d
+	mov eax, ecx
+	shr eax, 2
+	add edi, eax
+	mov eax, ecx
+	xor edx, edx
+	mov r9d, 100
+	div r9d
+	sub edi, eax
+	add r10, rdi
+	sub r10, 719468			/* days since 1970-01-01 */
+	imul rax, r10, 86400
+	add rax, r8
+	imul rax, rax, 1000000000
+wallclock_end:
 
 /* the last byte of the image is padding: scripts/vmi-rom sets it so the bytes sum to 0 */
 	.byte 0
