@@ -545,6 +545,24 @@ fn backend_runs_the_rom_copied_into_its_arena() {
         assert_eq!(vmi::entry(call::CPUID), 0, "nothing kept");
     }
 
+    // A Xen PV domain: the area is not even read.
+    struct Pv(Machine);
+    impl Platform for Pv {
+        fn tsc_khz(&self) -> u64 {
+            self.0.khz
+        }
+        fn xen_pv(&self) -> bool {
+            true
+        }
+        fn phys_to_virt(&self, pa: u64) -> Option<usize> {
+            self.0.phys_to_virt(pa)
+        }
+    }
+    assert_eq!(
+        vmi::probe(&Pv(Machine::new(ROM, 1_000_000))).err(),
+        Some(ProbeError::NoMap)
+    );
+
     // No ROM at all (the machine of the tcg rig): absent.
     let none = Machine::new(&[], 1_000_000);
     assert_eq!(

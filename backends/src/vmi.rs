@@ -520,8 +520,13 @@ pub fn scan(area: &[u8], base: u64) -> Result<(u64, Rom<'_>), ProbeError> {
 }
 
 /// The option-ROM area through the platform's direct map, if every page of it is mapped
-/// contiguously.
+/// contiguously (and the kernel is not a Xen PV domain).
 pub fn rom_area(platform: &dyn Platform) -> Option<&'static [u8]> {
+    // A Xen PV domain has no option-ROM area of its own (its low memory is pseudo-physical),
+    // and a ROM of native routines could not run deprivileged anyway: nothing is read there.
+    if platform.xen_pv() {
+        return None;
+    }
     let (start, end) = ROM_AREA;
     let va = platform.phys_to_virt(start)?;
     let mut pa = start;
