@@ -32,7 +32,7 @@ use core::cell::UnsafeCell;
 use core::fmt;
 use core::sync::atomic::{AtomicU16, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 
-use pvops::ops::{Clobbers, Convention, Op, PvOps, MAX_SITE_LEN};
+use pvops::ops::{Clobbers, Op, PvOps, MAX_SITE_LEN};
 use pvops::{Backend, BackendId, Inline, InlineSource};
 
 use crate::{native, Platform};
@@ -1165,4 +1165,3 @@ pub fn entry(c: u16) -> usize {
 }
 
 const _: () = assert!(ARENA_START >= ENDBR64.len());
-const _: () = assert!(matches!(Op::SaveFl.convention(), Convention::CalleeSave));
