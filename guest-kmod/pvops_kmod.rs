@@ -195,6 +195,31 @@ impl pvops_backends::Platform for KernelPlatform {
         let pa = unsafe { shim::pvops_shim_virt_to_phys(va as _) };
         (pa != 0).then_some(pa)
     }
+
+    fn write_code(&self, addr: usize, bytes: &[u8]) -> bool {
+        let end = addr + bytes.len();
+        // SAFETY: [addr, end) is this module's own text (the VMI backend's arena); the alias
+        // is dropped below.
+        let alias = unsafe { shim::pvops_shim_alias_text(addr as _, end as _) };
+        if alias.is_null() {
+            return false;
+        }
+        // SAFETY: the alias maps every page of [addr, end) writable, starting at the page of
+        // `addr`; no CPU executes these bytes while they are written (the caller's contract:
+        // nothing calls the arena yet, or any more).
+        unsafe {
+            core::ptr::copy_nonoverlapping(
+                bytes.as_ptr(),
+                alias.cast::<u8>().add(addr & 0xfff),
+                bytes.len(),
+            );
+            shim::pvops_shim_unalias_text(alias);
+            // this CPU fetches the new bytes; the others serialise in the stop_machine that
+            // patches the sites, before any of them can reach the arena
+            shim::pvops_shim_sync_core();
+        }
+        true
+    }
 }
 
 /// This module's call sites: everything between the two markers.
@@ -351,7 +376,9 @@ fn selftest(backend: &dyn Backend) -> SelfTest {
         }
     };
     let mut hypercall = None;
-    let native = backend.id() == BackendId::Native;
+    // Backends whose ops are the real instructions, checked against them: native, and VMI with
+    // the project's ROM (its routines are the native implementations).
+    let native = matches!(backend.id(), BackendId::Native | BackendId::Vmi);
 
     // CPUID as the kernel sees it (the instruction, or Xen's emulation in a PV domain).
     let mut k = [0u32; 4];
@@ -582,6 +609,11 @@ impl kernel::Module for PvopsGuest {
         let detection = pvops::detect(pvops_backends::cpuid_source(&KernelPlatform));
         let t1 = pvops::arch::rdtsc_ordered();
         let candidates = pvops_backends::candidates(&detection, &KernelPlatform);
+        if let Err(e @ pvops_backends::vmi::ProbeError::Refused { .. }) =
+            pvops_backends::vmi::probe(&KernelPlatform)
+        {
+            pr_warn!("vmi: {}; the vmi backend is absent\n", e);
+        }
         let selection = pvops::select(request, &detection, &candidates).map_err(|e| {
             pr_err!("{}; nothing patched\n", e);
             ENODEV
@@ -661,7 +693,12 @@ impl kernel::Module for PvopsGuest {
                 i.base,
                 i.max_leaf
             ))?,
-            None => CString::try_from_fmt(fmt!("none"))?,
+            None => match pvops_backends::vmi::rom_in_use() {
+                Some((pa, (major, minor))) if selection.backend == BackendId::Vmi => {
+                    CString::try_from_fmt(fmt!("VMI ROM at {pa:#x} API {major}.{minor}"))?
+                }
+                _ => CString::try_from_fmt(fmt!("none"))?,
+            },
         };
         let sites = CString::try_from_fmt(fmt!(
             "{}/{} inline={} direct={} indirect={}",

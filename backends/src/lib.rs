@@ -7,7 +7,7 @@
 //! | native | [`native`] | built |
 //! | KVM | [`kvm`] | built (kvmclock, steal time, hypercalls) |
 //! | Xen, HVM and PV | [`xen`], PV ops in [`xen_pv`] | built (pvclock/vcpu_info time; PV: upcall mask, mmuext, mmu_update) |
-//! | VMI | `vmi.rs` | not built yet |
+//! | VMI (64-bit variant, ROM shipped) | [`vmi`] | built: ROM found in the option-ROM area, routines copied into an arena |
 //! | lguest | `lguest.rs` | not built yet |
 //!
 //! [`candidates`] asks each backend whether its hypervisor is here; [`pvops::select()`] picks one;
@@ -27,6 +27,7 @@ pub mod hypercall;
 pub mod kvm;
 pub mod native;
 pub mod pvclock;
+pub mod vmi;
 pub mod xen;
 pub mod xen_pv;
 
@@ -115,6 +116,13 @@ pub trait Platform {
     fn virt_to_phys(&self, _va: usize) -> Option<u64> {
         None
     }
+
+    /// Write `bytes` at `addr`, inside this image's own text (read-only, executable), and make
+    /// the change visible to instruction fetch; `false`: cannot. No CPU may execute those bytes
+    /// while they are written (the VMI backend's arena, which nothing calls yet).
+    fn write_code(&self, _addr: usize, _bytes: &[u8]) -> bool {
+        false
+    }
 }
 
 /// Where detection reads CPUID: a PV domain must ask Xen through the forced-emulation prefix
@@ -144,7 +152,12 @@ pub fn candidates(detection: &Detection, platform: &dyn Platform) -> [Candidate;
                 Some(i) => Presence::Present { base: Some(i.base) },
                 None => Presence::Absent,
             },
-            BackendId::Vmi | BackendId::Lguest => Presence::NotBuilt,
+            // a valid VMI ROM in the option-ROM area (a refused one counts as absent)
+            BackendId::Vmi => match vmi::probe(platform) {
+                Ok(_) => Presence::Present { base: None },
+                Err(_) => Presence::Absent,
+            },
+            BackendId::Lguest => Presence::NotBuilt,
         },
     })
 }
@@ -156,6 +169,8 @@ pub enum StartError {
     Kvm(kvm::KvmError),
     /// The Xen backend refused.
     Xen(xen::XenError),
+    /// The VMI backend refused.
+    Vmi(vmi::VmiError),
     /// Not part of this build.
     NotBuilt(BackendId),
 }
@@ -165,6 +180,7 @@ impl core::fmt::Display for StartError {
         match self {
             StartError::Kvm(e) => write!(f, "kvm: {e}"),
             StartError::Xen(e) => write!(f, "xen: {e}"),
+            StartError::Vmi(e) => write!(f, "vmi: {e}"),
             StartError::NotBuilt(b) => write!(f, "{b} backend not built"),
         }
     }
@@ -183,7 +199,8 @@ pub fn start(
         }
         BackendId::Kvm => Ok(kvm::init(detection, platform).map_err(StartError::Kvm)?),
         BackendId::Xen => Ok(xen::init(detection, platform).map_err(StartError::Xen)?),
-        BackendId::Vmi | BackendId::Lguest => Err(StartError::NotBuilt(id)),
+        BackendId::Vmi => Ok(vmi::init(platform).map_err(StartError::Vmi)?),
+        BackendId::Lguest => Err(StartError::NotBuilt(id)),
     }
 }
 
@@ -193,6 +210,7 @@ pub fn stop(id: BackendId, platform: &dyn Platform) -> &'static str {
     match id {
         BackendId::Kvm => kvm::teardown(platform),
         BackendId::Xen => xen::teardown(platform),
+        BackendId::Vmi => vmi::teardown(platform),
         _ => "nothing registered",
     }
 }
