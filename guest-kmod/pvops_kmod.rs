@@ -73,6 +73,7 @@ mod shim {
         pub(crate) fn pvops_shim_ktime_ns() -> u64;
         pub(crate) fn pvops_shim_ktime_real_ns() -> u64;
         pub(crate) fn pvops_shim_mdelay(ms: u32);
+        pub(crate) fn pvops_shim_boot_subarch(subarch: *mut u32, data: *mut u64) -> c_int;
     }
 }
 
@@ -116,6 +117,13 @@ impl pvops_backends::Platform for KernelPlatform {
     fn xen_pv(&self) -> bool {
         // SAFETY: reads x86_hyper_type.
         unsafe { shim::pvops_shim_xen_pv() != 0 }
+    }
+
+    fn boot_subarch(&self) -> Option<(u32, u64)> {
+        let (mut subarch, mut data) = (0, 0);
+        // SAFETY: reads the kernel's published copy of boot_params into two locals.
+        (unsafe { shim::pvops_shim_boot_subarch(&mut subarch, &mut data) } == 0)
+            .then_some((subarch, data))
     }
 
     fn xen_vcpu_id(&self, cpu: u32) -> Option<u32> {

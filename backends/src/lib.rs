@@ -8,7 +8,7 @@
 //! | KVM | [`kvm`] | built (kvmclock, steal time, hypercalls) |
 //! | Xen HVM (PV: not yet) | [`xen`] | built for HVM guests |
 //! | VMI | `vmi.rs` | not built yet |
-//! | lguest | `lguest.rs` | not built yet |
+//! | lguest | [`lguest`] | built (the project's 64-bit port; host: `lguest-host/`) |
 //!
 //! [`candidates`] asks each backend whether its hypervisor is here; [`pvops::select()`] picks one;
 //! [`start`] brings the chosen backend up, ready to install, and [`stop`] releases it. A
@@ -25,6 +25,7 @@
 
 pub mod hypercall;
 pub mod kvm;
+pub mod lguest;
 pub mod native;
 pub mod pvclock;
 pub mod xen;
@@ -82,6 +83,23 @@ pub trait Platform {
         false
     }
 
+    /// `boot_params.hdr.hardware_subarch` and `hardware_subarch_data` as the boot loader set
+    /// them (`None`: unknown). lguest is announced here, not by CPUID.
+    fn boot_subarch(&self) -> Option<(u32, u64)> {
+        None
+    }
+
+    /// A modelled lguest host's hypercall entry, for host tests (`None`: the instruction).
+    fn lguest_host(&self) -> Option<lguest::HypercallFn> {
+        None
+    }
+
+    /// Whether backends run in ring 0 and drive the real CPU state (interrupt flag, CR3, TLB)
+    /// alongside their hypervisor calls; host tests model only the hypervisor (`false`).
+    fn privileged(&self) -> bool {
+        true
+    }
+
     /// The Xen vCPU id of `cpu`.
     fn xen_vcpu_id(&self, _cpu: u32) -> Option<u32> {
         None
@@ -128,7 +146,12 @@ pub fn candidates(detection: &Detection, platform: &dyn Platform) -> [Candidate;
                 Some(i) if !platform.xen_pv() => Presence::Present { base: Some(i.base) },
                 _ => Presence::Absent,
             },
-            BackendId::Vmi | BackendId::Lguest => Presence::NotBuilt,
+            // Announced by boot data only: absent unless the launcher said so
+            BackendId::Lguest => match lguest::probe(platform) {
+                Ok(()) => Presence::Present { base: None },
+                Err(_) => Presence::Absent,
+            },
+            BackendId::Vmi => Presence::NotBuilt,
         },
     })
 }
@@ -140,6 +163,8 @@ pub enum StartError {
     Kvm(kvm::KvmError),
     /// The Xen backend refused.
     Xen(xen::XenError),
+    /// The lguest backend refused.
+    Lguest(lguest::LguestError),
     /// Not part of this build.
     NotBuilt(BackendId),
 }
@@ -149,6 +174,7 @@ impl core::fmt::Display for StartError {
         match self {
             StartError::Kvm(e) => write!(f, "kvm: {e}"),
             StartError::Xen(e) => write!(f, "xen: {e}"),
+            StartError::Lguest(e) => write!(f, "lguest: {e}"),
             StartError::NotBuilt(b) => write!(f, "{b} backend not built"),
         }
     }
@@ -167,7 +193,8 @@ pub fn start(
         }
         BackendId::Kvm => Ok(kvm::init(detection, platform).map_err(StartError::Kvm)?),
         BackendId::Xen => Ok(xen::init(detection, platform).map_err(StartError::Xen)?),
-        BackendId::Vmi | BackendId::Lguest => Err(StartError::NotBuilt(id)),
+        BackendId::Lguest => Ok(lguest::init(detection, platform).map_err(StartError::Lguest)?),
+        BackendId::Vmi => Err(StartError::NotBuilt(id)),
     }
 }
 
@@ -177,6 +204,7 @@ pub fn stop(id: BackendId, platform: &dyn Platform) -> &'static str {
     match id {
         BackendId::Kvm => kvm::teardown(platform),
         BackendId::Xen => xen::teardown(platform),
+        BackendId::Lguest => lguest::teardown(platform),
         _ => "nothing registered",
     }
 }
