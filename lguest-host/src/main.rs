@@ -25,7 +25,7 @@ use std::sync::atomic::Ordering;
 
 use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, kvm_xen_hvm_config, Msrs, KVM_EXIT_XEN,
-    KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, KVM_XEN_HVM_CONFIG_INTERCEPT_HCALL,
+    KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_HALTED, KVM_XEN_HVM_CONFIG_INTERCEPT_HCALL,
 };
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
@@ -51,6 +51,8 @@ const KVM_XEN_HVM_CONFIG: u64 =
 /// `KVM_CAP_XEN_HVM`.
 const KVM_CAP_XEN_HVM: u64 = 38;
 const MSR_IA32_TSC: u32 = 0x10;
+/// The hypercall-page MSR KVM's Xen support is configured with (QEMU's choice too).
+const XEN_HYPERCALL_MSR: u32 = 0x4000_0000;
 
 type Error = Box<dyn std::error::Error>;
 
@@ -137,24 +139,34 @@ fn run() -> Result<(), Error> {
     vm.set_tss_address(0xfffb_d000)?;
     vm.set_identity_map_address(0xfffb_c000)?;
     vm.create_irq_chip()?;
-    vm.create_pit2(kvm_pit_config {
-        flags: KVM_PIT_SPEAKER_DUMMY,
-        ..Default::default()
-    })?;
+    // the PIT with its speaker port (0x61) in the kernel too: Linux calibrates the TSC with
+    // channel 2, gated and read through that port
+    vm.create_pit2(kvm_pit_config::default())?;
     intercept_hypercalls(&kvm, &vm)?;
 
-    let setup = load(&a, &mem, size)?;
     let vcpu = vm.create_vcpu(0)?;
+    // The guest kernel has no clock to calibrate its TSC against (no HPET or ACPI PM timer,
+    // and PIT calibration fails when every port read is a nested exit): tell it, as lguest
+    // told its guests `tsc_khz`.
+    let tsc_khz = vcpu.get_tsc_khz().unwrap_or(0);
+    let mut a = a;
+    if tsc_khz != 0 && !a.cmdline.contains("tsc_early_khz=") {
+        a.cmdline = format!("{} tsc_early_khz={tsc_khz}", a.cmdline)
+            .trim()
+            .to_string();
+    }
+    let setup = load(&a, &mem, size)?;
     configure_vcpu(&kvm, &vcpu, &mem, setup)?;
 
-    let tsc_khz = vcpu.get_tsc_khz().unwrap_or(0);
     eprintln!(
         "lguest-host: {} MiB, kernel {}, lguest ABI {ABI_VERSION} announced (hardware_subarch {X86_SUBARCH_LGUEST}), TSC {tsc_khz} kHz, hypercalls intercepted",
         a.mem_mib, a.kernel
     );
     let clock = host::Clockevent::spawn();
     let mut lg = host::Host::new(host::GuestRam { base, size }, tsc_khz, clock.clone());
+    let kicker = kick_periodically();
     let outcome = run_vcpu(&vm, vcpu, &mut lg);
+    kicker.store(true, Ordering::Relaxed);
     clock.shutdown();
     eprintln!("lguest-host: {}", lg.summary());
     match outcome {
@@ -166,14 +178,49 @@ fn run() -> Result<(), Error> {
     }
 }
 
+extern "C" fn on_kick(_: libc::c_int) {}
+
+/// Interrupt this thread's `KVM_RUN` twice a second (SIGUSR1, handled by doing nothing), so the
+/// run loop can see a guest that halted for good: with the in-kernel interrupt controller a
+/// `hlt` never exits to user space, and Linux without ACPI "powers off" by halting with
+/// interrupts off. Returns the flag that stops the kicking.
+fn kick_periodically() -> std::sync::Arc<std::sync::atomic::AtomicBool> {
+    // SAFETY: installs a handler that does nothing (async-signal-safe), without SA_RESTART so
+    // that KVM_RUN returns EINTR.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_kick as *const () as usize;
+        libc::sigemptyset(&mut sa.sa_mask);
+        libc::sigaction(libc::SIGUSR1, &sa, std::ptr::null_mut());
+    }
+    // SAFETY: no precondition.
+    let me = unsafe { libc::pthread_self() };
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let s = stop.clone();
+    std::thread::spawn(move || {
+        while !s.load(Ordering::Relaxed) {
+            std::thread::sleep(std::time::Duration::from_millis(500));
+            // SAFETY: `me` is the run loop's thread, alive until `stop` is set (then the
+            // signal is ignored by the handler anyway).
+            unsafe { libc::pthread_kill(me, libc::SIGUSR1) };
+        }
+    });
+    stop
+}
+
 /// Every `vmcall`/`vmmcall` exits to us (`KVM_EXIT_XEN`, type `KVM_EXIT_XEN_HCALL`).
 fn intercept_hypercalls(kvm: &Kvm, vm: &VmFd) -> Result<(), Error> {
     let caps = kvm.check_extension_raw(KVM_CAP_XEN_HVM);
     if caps < 0 || caps as u32 & KVM_XEN_HVM_CONFIG_INTERCEPT_HCALL == 0 {
         return Err("this KVM cannot hand hypercalls to user space (KVM_CAP_XEN_HVM lacks INTERCEPT_HCALL: a kernel without CONFIG_KVM_XEN?)".into());
     }
+    // KVM turns its Xen support on only with a hypercall-page MSR named (any in the range it
+    // reserves for this); the guest never writes it. Without one, the flag is silently ignored
+    // and KVM's own hypercalls answer (LHCALL_LGUEST_INIT = 1 would be KVM_HC_VAPIC_POLL_IRQ,
+    // answered 0: the backend's "host did not fill lguest_data" check caught exactly that).
     let cfg = kvm_xen_hvm_config {
         flags: KVM_XEN_HVM_CONFIG_INTERCEPT_HCALL,
+        msr: XEN_HYPERCALL_MSR,
         ..Default::default()
     };
     // SAFETY: the ioctl reads one `kvm_xen_hvm_config` from the pointer, which lives across it.
@@ -399,7 +446,14 @@ fn run_vcpu(vm: &VmFd, mut vcpu: VcpuFd, lg: &mut host::Host) -> Result<String, 
                 hcall = Some((h.cpl, h.input));
             }
             Ok(e) => return Err(format!("unexpected exit {e:?}").into()),
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                // kicked: a vCPU halted with interrupts off has stopped for good
+                let halted = vcpu.get_mp_state()?.mp_state == KVM_MP_STATE_HALTED;
+                if halted && vcpu.get_regs()?.rflags & 0x200 == 0 {
+                    out.flush()?;
+                    return Ok("halted with interrupts off (power off)".into());
+                }
+            }
             Err(e) => return Err(format!("KVM_RUN: {e}").into()),
         }
         if let Some((cpl, nr)) = hcall {
