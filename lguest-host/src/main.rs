@@ -467,6 +467,5 @@ fn run_vcpu(vm: &VmFd, mut vcpu: VcpuFd, lg: &mut host::Host) -> Result<String, 
                 return Ok(format!("LHCALL_SHUTDOWN: {msg}"));
             }
         }
-        let _ = lg.clock.fired.load(Ordering::Relaxed);
     }
 }
