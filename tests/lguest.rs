@@ -257,7 +257,7 @@ fn guest(boot: Option<(u32, u64)>) -> Guest {
 const GOOD: Option<(u32, u64)> = Some((X86_SUBARCH_LGUEST, boot_signature(ABI_VERSION)));
 
 fn new_host(tsc_khz: u32) {
-    *HOST.lock().unwrap() = Some(Host {
+    *HOST.lock().unwrap_or_else(|e| e.into_inner()) = Some(Host {
         tsc_khz,
         ..Host::default()
     });
