@@ -34,6 +34,8 @@
 #include <linux/delay.h>
 #include <linux/ktime.h>
 #include <linux/timekeeping.h>
+#include <linux/err.h>
+#include <asm/bootparam.h>
 
 #include "shim.h"
 
@@ -414,4 +416,37 @@ u64 pvops_shim_ktime_real_ns(void)
 void pvops_shim_mdelay(unsigned int ms)
 {
 	mdelay(ms);
+}
+
+/*
+ * The boot loader's hardware_subarch and hardware_subarch_data (where lguest announces itself),
+ * from the kernel's copy of boot_params as it publishes it in /sys/kernel/boot_params/data
+ * (boot_params itself is not exported). -errno when that file cannot be read (sysfs not
+ * mounted, or a kernel without it): the caller treats that as "no boot data".
+ */
+int pvops_shim_boot_subarch(u32 *subarch, u64 *data)
+{
+	struct boot_params *bp;
+	struct file *f;
+	loff_t pos = 0;
+	ssize_t n;
+
+	f = filp_open("/sys/kernel/boot_params/data", O_RDONLY, 0);
+	if (IS_ERR(f))
+		return PTR_ERR(f);
+	bp = kzalloc(sizeof(*bp), GFP_KERNEL);
+	if (!bp) {
+		filp_close(f, NULL);
+		return -ENOMEM;
+	}
+	n = kernel_read(f, bp, sizeof(*bp), &pos);
+	filp_close(f, NULL);
+	if (n < (ssize_t)offsetofend(struct boot_params, hdr.hardware_subarch_data)) {
+		kfree(bp);
+		return n < 0 ? n : -EIO;
+	}
+	*subarch = bp->hdr.hardware_subarch;
+	*data = bp->hdr.hardware_subarch_data;
+	kfree(bp);
+	return 0;
 }

@@ -84,3 +84,4 @@ void pvops_shim_free_page(unsigned long va);
 u64 pvops_shim_ktime_ns(void);
 u64 pvops_shim_ktime_real_ns(void);
 void pvops_shim_mdelay(unsigned int ms);
+int pvops_shim_boot_subarch(u32 *subarch, u64 *data);

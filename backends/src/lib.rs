@@ -8,7 +8,7 @@
 //! | KVM | [`kvm`] | built (kvmclock, steal time, hypercalls) |
 //! | Xen, HVM and PV | [`xen`], PV ops in [`xen_pv`] | built (pvclock/vcpu_info time; PV: upcall mask, mmuext, mmu_update) |
 //! | VMI (64-bit variant, ROM shipped) | [`vmi`] | built: ROM found in the option-ROM area, routines copied into an arena |
-//! | lguest | `lguest.rs` | not built yet |
+//! | lguest | [`lguest`] | built (the project's 64-bit port; host: `lguest-host/`) |
 //!
 //! [`candidates`] asks each backend whether its hypervisor is here; [`pvops::select()`] picks one;
 //! [`start`] brings the chosen backend up, ready to install, and [`stop`] releases it. A
@@ -25,6 +25,7 @@
 
 pub mod hypercall;
 pub mod kvm;
+pub mod lguest;
 pub mod native;
 pub mod pvclock;
 pub mod vmi;
@@ -87,6 +88,23 @@ pub trait Platform {
     /// What a Xen PV kernel shares with the backend (`None`: not a PV domain, or unknown).
     fn xen_pv_kernel(&self) -> Option<xen_pv::XenPvKernel> {
         None
+    }
+
+    /// `boot_params.hdr.hardware_subarch` and `hardware_subarch_data` as the boot loader set
+    /// them (`None`: unknown). lguest is announced here, not by CPUID.
+    fn boot_subarch(&self) -> Option<(u32, u64)> {
+        None
+    }
+
+    /// A modelled lguest host's hypercall entry, for host tests (`None`: the instruction).
+    fn lguest_host(&self) -> Option<lguest::HypercallFn> {
+        None
+    }
+
+    /// Whether backends run in ring 0 and drive the real CPU state (interrupt flag, CR3, TLB)
+    /// alongside their hypervisor calls; host tests model only the hypervisor (`false`).
+    fn privileged(&self) -> bool {
+        true
     }
 
     /// The Xen vCPU id of `cpu`.
@@ -157,7 +175,11 @@ pub fn candidates(detection: &Detection, platform: &dyn Platform) -> [Candidate;
                 Ok(_) => Presence::Present { base: None },
                 Err(_) => Presence::Absent,
             },
-            BackendId::Lguest => Presence::NotBuilt,
+            // Announced by boot data only: absent unless the launcher said so
+            BackendId::Lguest => match lguest::probe(platform) {
+                Ok(()) => Presence::Present { base: None },
+                Err(_) => Presence::Absent,
+            },
         },
     })
 }
@@ -171,6 +193,8 @@ pub enum StartError {
     Xen(xen::XenError),
     /// The VMI backend refused.
     Vmi(vmi::VmiError),
+    /// The lguest backend refused.
+    Lguest(lguest::LguestError),
     /// Not part of this build.
     NotBuilt(BackendId),
 }
@@ -181,6 +205,7 @@ impl core::fmt::Display for StartError {
             StartError::Kvm(e) => write!(f, "kvm: {e}"),
             StartError::Xen(e) => write!(f, "xen: {e}"),
             StartError::Vmi(e) => write!(f, "vmi: {e}"),
+            StartError::Lguest(e) => write!(f, "lguest: {e}"),
             StartError::NotBuilt(b) => write!(f, "{b} backend not built"),
         }
     }
@@ -200,7 +225,7 @@ pub fn start(
         BackendId::Kvm => Ok(kvm::init(detection, platform).map_err(StartError::Kvm)?),
         BackendId::Xen => Ok(xen::init(detection, platform).map_err(StartError::Xen)?),
         BackendId::Vmi => Ok(vmi::init(platform).map_err(StartError::Vmi)?),
-        BackendId::Lguest => Err(StartError::NotBuilt(id)),
+        BackendId::Lguest => Ok(lguest::init(detection, platform).map_err(StartError::Lguest)?),
     }
 }
 
@@ -211,6 +236,7 @@ pub fn stop(id: BackendId, platform: &dyn Platform) -> &'static str {
         BackendId::Kvm => kvm::teardown(platform),
         BackendId::Xen => xen::teardown(platform),
         BackendId::Vmi => vmi::teardown(platform),
+        BackendId::Lguest => lguest::teardown(platform),
         _ => "nothing registered",
     }
 }

@@ -1,0 +1,628 @@
+//! The lguest backend against a modelled lguest host: the host owns nothing but what the ABI
+//! gives it (the registered `lguest_data`, the hypercalls), services every `LHCALL_*`, drains
+//! the async ring before each synchronous call and keeps `lguest_data.time`, as the real host
+//! (`lguest-host/`) does. Guest-physical addresses are host addresses (identity).
+//!
+//! The backend's state is global, so the tests take turns (`turn()`).
+
+use std::alloc::Layout;
+use std::sync::{Mutex, MutexGuard};
+
+use pvops::{detect, select, BackendId, Op, Presence, Request};
+use pvops_backends::lguest::{
+    self, boot_signature, BootError, LguestData, LguestError, ABI_VERSION, HCALL_FREE,
+    HCALL_PENDING, LHCALL_FLUSH_ASYNC, LHCALL_FLUSH_TLB, LHCALL_LGUEST_INIT, LHCALL_NEW_PGTABLE,
+    LHCALL_SEND_INTERRUPTS, LHCALL_SET_CLOCKEVENT, LHCALL_SET_PGD, LHCALL_SET_PMD, LHCALL_SET_PTE,
+    X86_EFLAGS_IF, X86_SUBARCH_LGUEST,
+};
+use pvops_backends::{Platform, StartError};
+use pvops_host_tests::models;
+use std::sync::atomic::Ordering;
+
+/// One hypercall as the host saw it: number and four arguments.
+type Call = (u64, [u64; 4]);
+
+/// The modelled host.
+#[derive(Default)]
+struct Host {
+    /// The registered `lguest_data` (0: none).
+    data: usize,
+    /// Synchronous hypercalls, in order.
+    sync: Vec<Call>,
+    /// Ring entries the host ran, in order.
+    ran: Vec<Call>,
+    /// The host's ring cursor.
+    cursor: usize,
+    /// What it writes into `tsc_khz`.
+    tsc_khz: u32,
+    /// Whether it refuses `LHCALL_LGUEST_INIT`.
+    refuse: bool,
+    /// Whether it accepts `LHCALL_LGUEST_INIT` but never fills the time (a broken host).
+    silent: bool,
+    /// Virtual IRQs raised and not delivered yet (bit n = IRQ n).
+    pending: u32,
+    /// Virtual IRQs delivered.
+    delivered: Vec<u32>,
+    /// Armed one-shot timer deltas.
+    clockevents: Vec<u64>,
+    /// Seconds to step the host's realtime clock by (tests of a clock stepped back).
+    offset_ns: i64,
+    /// `time_tsc` back-dated by this many cycles (scaling tests).
+    backdate_cycles: u64,
+}
+
+static HOST: Mutex<Option<Host>> = Mutex::new(None);
+static TURN: Mutex<()> = Mutex::new(());
+
+fn turn() -> MutexGuard<'static, ()> {
+    TURN.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The host, locked.
+struct HostGuard(MutexGuard<'static, Option<Host>>);
+
+impl std::ops::Deref for HostGuard {
+    type Target = Host;
+    fn deref(&self) -> &Host {
+        self.0.as_ref().expect("a host")
+    }
+}
+
+impl std::ops::DerefMut for HostGuard {
+    fn deref_mut(&mut self) -> &mut Host {
+        self.0.as_mut().expect("a host")
+    }
+}
+
+fn host() -> HostGuard {
+    HostGuard(HOST.lock().unwrap_or_else(|e| e.into_inner()))
+}
+
+impl Host {
+    fn lguest_data(&self) -> Option<&'static LguestData> {
+        // SAFETY: the page the guest registered; it stays allocated until it unregisters.
+        (self.data != 0).then(|| unsafe { &*(self.data as *const LguestData) })
+    }
+
+    /// Write the time as the real host does: version odd, fields, version even.
+    fn write_time(&self) {
+        let Some(d) = self.lguest_data() else { return };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap();
+        let ns = (now.as_nanos() as i128 + i128::from(self.offset_ns)) as u64;
+        let v = d.time_version.load(Ordering::Relaxed);
+        d.time_version.store(v | 1, Ordering::Release);
+        d.time.tv_sec.store(ns / 1_000_000_000, Ordering::Relaxed);
+        d.time.tv_nsec.store(ns % 1_000_000_000, Ordering::Relaxed);
+        d.time_tsc.store(
+            pvops::arch::rdtsc_ordered() - self.backdate_cycles,
+            Ordering::Relaxed,
+        );
+        d.time_version.store((v | 1) + 1, Ordering::Release);
+    }
+
+    /// Run the ring from the cursor up to the first free slot.
+    fn drain(&mut self) {
+        let Some(d) = self.lguest_data() else { return };
+        for _ in 0..lguest::LHCALL_RING_SIZE {
+            let i = self.cursor;
+            if d.hcall_status[i].load(Ordering::Acquire) == HCALL_FREE {
+                break;
+            }
+            let s = &d.hcalls[i];
+            self.ran.push((
+                s.arg0.load(Ordering::Relaxed),
+                [
+                    s.arg1.load(Ordering::Relaxed),
+                    s.arg2.load(Ordering::Relaxed),
+                    s.arg3.load(Ordering::Relaxed),
+                    s.arg4.load(Ordering::Relaxed),
+                ],
+            ));
+            d.hcall_status[i].store(HCALL_FREE, Ordering::Release);
+            self.cursor = (i + 1) % lguest::LHCALL_RING_SIZE;
+        }
+    }
+
+    /// Raise virtual IRQ `n`: delivered now if the guest's IF is on, else marked pending.
+    fn raise(&mut self, n: u32) {
+        let d = self.lguest_data().expect("registered");
+        if d.irq_enabled.load(Ordering::Relaxed) & X86_EFLAGS_IF != 0 {
+            self.delivered.push(n);
+        } else {
+            self.pending |= 1 << n;
+            d.irq_pending.store(X86_EFLAGS_IF as i32, Ordering::Relaxed);
+        }
+    }
+
+    fn deliver_pending(&mut self) {
+        let d = self.lguest_data().expect("registered");
+        if d.irq_enabled.load(Ordering::Relaxed) & X86_EFLAGS_IF == 0 {
+            return;
+        }
+        while self.pending != 0 {
+            let n = self.pending.trailing_zeros();
+            self.pending &= !(1 << n);
+            self.delivered.push(n);
+        }
+        d.irq_pending.store(0, Ordering::Relaxed);
+    }
+
+    fn service(&mut self, nr: u64, a: [u64; 4]) -> i64 {
+        self.sync.push((nr, a));
+        if self.data == 0 && nr != LHCALL_LGUEST_INIT {
+            return -1; // nothing registered: refused
+        }
+        self.drain();
+        let rc = match nr {
+            LHCALL_LGUEST_INIT if a[0] == 0 => {
+                self.data = 0;
+                return 0;
+            }
+            LHCALL_LGUEST_INIT if self.refuse || self.data != 0 => return -1,
+            LHCALL_LGUEST_INIT => {
+                assert_eq!(a[0] % 4096, 0, "lguest_data is page-aligned");
+                self.data = a[0] as usize;
+                if self.silent {
+                    return 0;
+                }
+                let d = self.lguest_data().unwrap();
+                d.tsc_khz.store(self.tsc_khz, Ordering::Relaxed);
+                0
+            }
+            LHCALL_SEND_INTERRUPTS => {
+                self.deliver_pending();
+                0
+            }
+            LHCALL_SET_CLOCKEVENT => {
+                self.clockevents.push(a[0]);
+                0
+            }
+            LHCALL_FLUSH_ASYNC
+            | LHCALL_NEW_PGTABLE
+            | LHCALL_FLUSH_TLB
+            | LHCALL_SET_PTE
+            | LHCALL_SET_PMD
+            | LHCALL_SET_PGD
+            | lguest::LHCALL_HALT => 0,
+            _ => -38,
+        };
+        if !self.silent {
+            self.write_time();
+        }
+        rc
+    }
+}
+
+/// The hypercall instruction of the modelled host.
+unsafe extern "C" fn model_hypercall(nr: u64, a1: u64, a2: u64, a3: u64, a4: u64) -> i64 {
+    host().service(nr, [a1, a2, a3, a4])
+}
+
+/// What the guest kernel would tell the backend.
+struct Guest {
+    boot: Option<(u32, u64)>,
+    cpus: u32,
+    pages: Mutex<Vec<usize>>,
+    freed: Mutex<Vec<usize>>,
+}
+
+const PAGE: Layout = match Layout::from_size_align(4096, 4096) {
+    Ok(l) => l,
+    Err(_) => panic!(),
+};
+
+impl Platform for Guest {
+    fn tsc_khz(&self) -> u64 {
+        0
+    }
+    fn boot_subarch(&self) -> Option<(u32, u64)> {
+        self.boot
+    }
+    fn lguest_host(&self) -> Option<lguest::HypercallFn> {
+        Some(model_hypercall)
+    }
+    fn privileged(&self) -> bool {
+        false
+    }
+    fn nr_cpus(&self) -> u32 {
+        self.cpus
+    }
+    fn alloc_page(&self) -> Option<usize> {
+        // SAFETY: a non-zero-sized layout.
+        let p = unsafe { std::alloc::alloc_zeroed(PAGE) } as usize;
+        self.pages.lock().unwrap().push(p);
+        Some(p)
+    }
+    fn free_page(&self, va: usize) {
+        self.freed.lock().unwrap().push(va);
+        // SAFETY: allocated by alloc_page with the same layout.
+        unsafe { std::alloc::dealloc(va as *mut u8, PAGE) };
+    }
+    fn virt_to_phys(&self, va: usize) -> Option<u64> {
+        Some(va as u64)
+    }
+}
+
+fn guest(boot: Option<(u32, u64)>) -> Guest {
+    Guest {
+        boot,
+        cpus: 1,
+        pages: Mutex::default(),
+        freed: Mutex::default(),
+    }
+}
+
+const GOOD: Option<(u32, u64)> = Some((X86_SUBARCH_LGUEST, boot_signature(ABI_VERSION)));
+
+fn new_host(tsc_khz: u32) {
+    *HOST.lock().unwrap_or_else(|e| e.into_inner()) = Some(Host {
+        tsc_khz,
+        ..Host::default()
+    });
+}
+
+/// Start the backend against a fresh host.
+fn started(tsc_khz: u32) -> (Guest, &'static dyn pvops::Backend) {
+    new_host(tsc_khz);
+    let g = guest(GOOD);
+    let d = detect(&models::tcg().source());
+    let b = pvops_backends::start(BackendId::Lguest, &d, &g).expect("lguest starts");
+    (g, b)
+}
+
+fn calls_since(n: usize) -> Vec<Call> {
+    host().sync[n..].to_vec()
+}
+
+#[test]
+fn detection_needs_the_boot_data() {
+    let _t = turn();
+    new_host(1_000_000);
+    let tcg = detect(&models::tcg().source());
+    let kvm = detect(&models::kvm().source());
+    let cases = [
+        (None, Err(BootError::NoBootData)),
+        (Some((0, 0)), Err(BootError::NotLguest(0))),
+        (
+            Some((2, boot_signature(ABI_VERSION))),
+            Err(BootError::NotLguest(2)),
+        ),
+        (
+            Some((X86_SUBARCH_LGUEST, 0)),
+            Err(BootError::BadSignature(0)),
+        ),
+        (
+            Some((X86_SUBARCH_LGUEST, 0x4c47_3634_5057_0001)),
+            Err(BootError::BadSignature(0x4c47_3634_5057_0001)),
+        ),
+        (
+            Some((X86_SUBARCH_LGUEST, boot_signature(2))),
+            Err(BootError::Version(2)),
+        ),
+        (GOOD, Ok(())),
+    ];
+    for (boot, want) in cases {
+        let g = guest(boot);
+        assert_eq!(lguest::probe(&g), want, "{boot:x?}");
+        let c = pvops_backends::candidates(&tcg, &g);
+        let lg = c.iter().find(|c| c.id == BackendId::Lguest).unwrap();
+        if want.is_ok() {
+            assert_eq!(lg.presence, Presence::Present { base: None });
+            // announced by boot data: auto prefers it even over a CPUID interface
+            for d in [&tcg, &kvm] {
+                let cands = pvops_backends::candidates(d, &g);
+                let s = select(Request::Auto, d, &cands).unwrap();
+                assert_eq!(s.backend, BackendId::Lguest);
+            }
+            continue;
+        }
+        // never chosen, and refused by name, without a single hypercall or page
+        assert_eq!(lg.presence, Presence::Absent, "{boot:x?}");
+        let s = select(Request::Auto, &tcg, &c).unwrap();
+        assert_eq!(s.backend, BackendId::Native);
+        assert_eq!(
+            select(Request::Backend(BackendId::Lguest), &tcg, &c),
+            Err(pvops::select::SelectError::Absent(BackendId::Lguest))
+        );
+        match pvops_backends::start(BackendId::Lguest, &tcg, &g) {
+            Err(StartError::Lguest(LguestError::Boot(e))) => assert_eq!(Err(e), want),
+            other => panic!("started without boot data: {:?}", other.map(|b| b.id())),
+        }
+        assert!(host().sync.is_empty(), "no hypercall without the boot data");
+        assert!(g.pages.lock().unwrap().is_empty(), "no page allocated");
+    }
+}
+
+#[test]
+fn start_registers_and_stop_unregisters() {
+    let _t = turn();
+    // Uniprocessor only.
+    new_host(1_000_000);
+    let mut g = guest(GOOD);
+    g.cpus = 2;
+    let d = detect(&models::tcg().source());
+    assert_eq!(
+        pvops_backends::start(BackendId::Lguest, &d, &g).err(),
+        Some(StartError::Lguest(LguestError::Smp(2)))
+    );
+    assert!(host().sync.is_empty());
+
+    // A host that refuses LGUEST_INIT: the page goes back.
+    host().refuse = true;
+    let g = guest(GOOD);
+    assert_eq!(
+        pvops_backends::start(BackendId::Lguest, &d, &g).err(),
+        Some(StartError::Lguest(LguestError::Refused(-1)))
+    );
+    assert_eq!(*g.pages.lock().unwrap(), *g.freed.lock().unwrap());
+
+    // A host that accepts but never fills the time: refused, unregistered, freed.
+    new_host(1_000_000);
+    host().silent = true;
+    let g = guest(GOOD);
+    assert_eq!(
+        pvops_backends::start(BackendId::Lguest, &d, &g).err(),
+        Some(StartError::Lguest(LguestError::HostSilent))
+    );
+    assert_eq!(
+        calls_since(0).last(),
+        Some(&(LHCALL_LGUEST_INIT, [0; 4])),
+        "unregistered"
+    );
+    assert_eq!(host().data, 0);
+    assert_eq!(*g.pages.lock().unwrap(), *g.freed.lock().unwrap());
+
+    // A working host.
+    let (g, b) = started(2_000_000);
+    assert_eq!(b.id(), BackendId::Lguest);
+    let page = g.pages.lock().unwrap()[0];
+    assert_eq!(
+        calls_since(0),
+        vec![(LHCALL_LGUEST_INIT, [page as u64, 0, 0, 0])]
+    );
+    let ld = host().lguest_data().expect("registered");
+    assert!(ld
+        .hcall_status
+        .iter()
+        .all(|s| s.load(Ordering::Relaxed) == HCALL_FREE));
+    let ops = b.ops();
+    // SAFETY: the table's functions, called as the table would.
+    unsafe {
+        assert_eq!((ops.timer.tsc_khz)(), 2_000_000);
+        assert_eq!(
+            ops.cpu.hypercall as usize, model_hypercall as *const () as usize,
+            "cpu.hypercall is the host's entry"
+        );
+        let n = b.null_hypercall().unwrap();
+        let [nr, a0, a1, a2, a3] = n.args;
+        assert_eq!((ops.cpu.hypercall)(nr, a0, a1, a2, a3), n.expect);
+    }
+    // Ours are direct calls; the CPU group stays native, inline included.
+    for op in [
+        Op::SaveFl,
+        Op::IrqDisable,
+        Op::SetPte,
+        Op::WriteCr3,
+        Op::LazyModeLeave,
+    ] {
+        assert_eq!(b.inline(op), None, "{op:?}");
+    }
+    assert_eq!(
+        b.inline(Op::ReadCr0),
+        pvops_backends::native::inline(Op::ReadCr0)
+    );
+    assert_eq!(
+        pvops_backends::stop(BackendId::Lguest, &g),
+        "lguest_data unregistered"
+    );
+    assert_eq!(host().data, 0);
+    assert_eq!(*g.freed.lock().unwrap(), vec![page]);
+    assert_eq!(
+        pvops_backends::stop(BackendId::Lguest, &g),
+        "nothing registered"
+    );
+}
+
+#[test]
+fn irq_flag_and_pending_interrupts() {
+    let _t = turn();
+    let (g, b) = started(1_000_000);
+    let ops = b.ops();
+    let ld = host().lguest_data().unwrap();
+    let n0 = host().sync.len();
+    // SAFETY: the table's functions (host tests: only the virtual flag).
+    unsafe {
+        assert_eq!((ops.irq.save_fl)() & u64::from(X86_EFLAGS_IF), 0x200);
+        (ops.irq.irq_disable)();
+        assert_eq!(
+            ld.irq_enabled.load(Ordering::Relaxed),
+            0,
+            "the host sees it"
+        );
+        assert_eq!((ops.irq.save_fl)() & 0x200, 0);
+        // enabling with nothing pending: no exit
+        (ops.irq.irq_enable)();
+        assert_eq!(ld.irq_enabled.load(Ordering::Relaxed), 0x200);
+        assert_eq!(
+            host().sync.len(),
+            n0,
+            "no hypercall without a pending interrupt"
+        );
+
+        // An interrupt arrives while the flag is off: held, then asked for on enable.
+        (ops.irq.restore_fl)(0);
+        assert_eq!(ld.irq_enabled.load(Ordering::Relaxed), 0);
+        host().raise(0);
+        assert!(host().delivered.is_empty(), "held while the IF is off");
+        assert_eq!(ld.irq_pending.load(Ordering::Relaxed), 0x200);
+        (ops.irq.restore_fl)(0x200);
+        assert_eq!(calls_since(n0), vec![(LHCALL_SEND_INTERRUPTS, [0; 4])]);
+        assert_eq!(host().delivered, vec![0]);
+        assert_eq!(ld.irq_pending.load(Ordering::Relaxed), 0);
+        // with the IF on, the host delivers at once
+        host().raise(3);
+        assert_eq!(host().delivered, vec![0, 3]);
+        (ops.irq.irq_enable)();
+        assert_eq!(host().sync.len(), n0 + 1, "nothing pending: no exit");
+        (ops.irq.safe_halt)();
+        assert_eq!(calls_since(n0 + 1), vec![(lguest::LHCALL_HALT, [0; 4])]);
+    }
+    pvops_backends::stop(BackendId::Lguest, &g);
+}
+
+#[test]
+fn lazy_mmu_batches_through_the_ring() {
+    let _t = turn();
+    let (g, b) = started(1_000_000);
+    let ops = b.ops();
+    let ld = host().lguest_data().unwrap();
+    let mut ptes = vec![0u64; 80];
+    let base = ptes.as_mut_ptr();
+    let n0 = host().sync.len();
+    // SAFETY: the table's functions; every entry pointer is into `ptes`.
+    unsafe {
+        // Outside a lazy section: one synchronous call per write.
+        (ops.mmu.set_pte)(base, 0x1003);
+        assert_eq!(ptes[0], 0x1003, "the guest's own store");
+        assert_eq!(
+            calls_since(n0),
+            vec![(LHCALL_SET_PTE, [base as u64, 0x1003, 0, 0])]
+        );
+
+        // Lazy: N writes, no exit, N pending slots; leaving flushes once, in order.
+        let n1 = host().sync.len();
+        (ops.mmu.lazy_mode_enter)();
+        for i in 0..10 {
+            (ops.mmu.set_pte)(base.add(i), 0x2000 + i as u64);
+        }
+        (ops.mmu.set_pmd)(base.add(10), 0x3000);
+        (ops.mmu.set_pud)(base.add(11), 0x4000);
+        (ops.mmu.flush_tlb_user)();
+        assert_eq!(host().sync.len(), n1, "batched: no hypercall yet");
+        let pending = ld
+            .hcall_status
+            .iter()
+            .filter(|s| s.load(Ordering::Relaxed) == HCALL_PENDING)
+            .count();
+        assert_eq!(pending, 13);
+        (ops.mmu.lazy_mode_leave)();
+        assert_eq!(calls_since(n1), vec![(LHCALL_FLUSH_ASYNC, [0; 4])]);
+        let mut want: Vec<Call> = (0..10)
+            .map(|i| {
+                (
+                    LHCALL_SET_PTE,
+                    [base.add(i) as u64, 0x2000 + i as u64, 0, 0],
+                )
+            })
+            .collect();
+        want.push((LHCALL_SET_PMD, [base.add(10) as u64, 0x3000, 0, 0]));
+        want.push((LHCALL_SET_PGD, [base.add(11) as u64, 0x4000, 0, 0]));
+        want.push((LHCALL_FLUSH_TLB, [0; 4]));
+        assert_eq!(host().ran, want);
+        assert!(ld
+            .hcall_status
+            .iter()
+            .all(|s| s.load(Ordering::Relaxed) == HCALL_FREE));
+
+        // An empty lazy section costs no exit.
+        let n2 = host().sync.len();
+        (ops.mmu.lazy_mode_enter)();
+        (ops.mmu.lazy_mode_leave)();
+        assert_eq!(host().sync.len(), n2);
+
+        // More writes than slots: the one that finds the ring full goes synchronously (the
+        // host drains the 64 queued first), the rest queue again; order is kept throughout.
+        host().ran.clear();
+        (ops.mmu.lazy_mode_enter)();
+        for i in 0..70 {
+            (ops.mmu.set_pte)(base.add(i), 0x5000 + i as u64);
+        }
+        let mid = calls_since(n2);
+        (ops.mmu.lazy_mode_leave)();
+        let ran = host().ran.clone();
+        assert_eq!(mid.len(), 1, "one synchronous call when the ring filled");
+        assert_eq!(mid[0].0, LHCALL_SET_PTE);
+        let mut seen: Vec<u64> = ran.iter().map(|c| c.1[1]).collect();
+        seen.insert(64, mid[0].1[1]);
+        assert_eq!(seen, (0..70).map(|i| 0x5000 + i).collect::<Vec<u64>>());
+
+        // CR3 loads are synchronous.
+        let n3 = host().sync.len();
+        (ops.mmu.write_cr3)(0x1234_5000);
+        assert_eq!(
+            calls_since(n3),
+            vec![(LHCALL_NEW_PGTABLE, [0x1234_5000, 0, 0, 0])]
+        );
+    }
+    pvops_backends::stop(BackendId::Lguest, &g);
+}
+
+#[test]
+fn clock_is_the_hosts_time_scaled_by_tsc_khz() {
+    let _t = turn();
+    // Scaling: time_tsc back-dated by 2e9 cycles reads as 2 s past `time` at 1 GHz, 1 s at
+    // 2 GHz (plus what elapsed since, at most milliseconds).
+    for (khz, ahead_ns) in [(1_000_000u32, 2_000_000_000u64), (2_000_000, 1_000_000_000)] {
+        new_host(khz);
+        host().backdate_cycles = 2_000_000_000;
+        let g = guest(GOOD);
+        let d = detect(&models::tcg().source());
+        let b = pvops_backends::start(BackendId::Lguest, &d, &g).expect("starts");
+        let ld = host().lguest_data().unwrap();
+        // SAFETY: the table's function.
+        let wall = unsafe { (b.ops().timer.wall_clock)() };
+        let time = ld.time.tv_sec.load(Ordering::Relaxed) * 1_000_000_000
+            + ld.time.tv_nsec.load(Ordering::Relaxed);
+        let past = wall - time;
+        assert!(
+            past >= ahead_ns && past < ahead_ns + 100_000_000,
+            "{khz} kHz: {past} ns past the host's time, want {ahead_ns}"
+        );
+        pvops_backends::stop(BackendId::Lguest, &g);
+    }
+
+    // The real TSC rate: sched_clock follows real time, wall_clock is the host's realtime.
+    let khz = pvops_backends::native::calibrate_tsc_khz(&{
+        let t0 = std::time::Instant::now();
+        move || Some(t0.elapsed().as_nanos() as u64)
+    });
+    let (g, b) = started(khz as u32);
+    let ops = b.ops();
+    let t0 = std::time::Instant::now();
+    // SAFETY: the table's functions.
+    unsafe {
+        let c0 = (ops.timer.sched_clock)();
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        let c1 = (ops.timer.sched_clock)();
+        let real = t0.elapsed().as_nanos() as u64;
+        assert!(c1 > c0);
+        assert!(
+            (c1 - c0).abs_diff(real) < real / 10,
+            "sched_clock {} ns against {real} ns",
+            c1 - c0
+        );
+        let wall = (ops.timer.wall_clock)();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64;
+        assert!(wall.abs_diff(now) < 50_000_000, "wall {wall} vs {now}");
+
+        // The host's clock steps back a second: sched_clock does not.
+        let before = (ops.timer.sched_clock)();
+        host().offset_ns = -1_000_000_000;
+        (ops.cpu.hypercall)(LHCALL_FLUSH_ASYNC, 0, 0, 0, 0); // an exit: the host re-anchors
+        let after = (ops.timer.sched_clock)();
+        assert!(after >= before, "{before} -> {after}");
+
+        // One-shot timer: too short is refused without an exit; otherwise the host arms it.
+        let n = host().sync.len();
+        assert_eq!((ops.timer.set_next_event)(50), -lguest::ETIME);
+        assert_eq!(host().sync.len(), n);
+        assert_eq!((ops.timer.set_next_event)(1_000_000), 0);
+        assert_eq!(host().clockevents, vec![1_000_000]);
+    }
+    pvops_backends::stop(BackendId::Lguest, &g);
+}
