@@ -236,23 +236,10 @@ pub fn stop() {
 
 /// CPUID through Xen's forced-emulation prefix: the leaves Xen shows this domain.
 pub fn pv_cpuid(leaf: u32, subleaf: u32) -> CpuidResult {
-    let (eax, ebx, ecx, edx);
     // SAFETY: in a PV domain Xen recognises `ud2; "xen"` before CPUID and emulates the CPUID
-    // (RIP moves past it); no other effect. RBX is reserved by LLVM, so saved around it.
-    unsafe {
-        core::arch::asm!(
-            "mov {tmp:r}, rbx",
-            ".byte 0x0f, 0x0b, 0x78, 0x65, 0x6e",
-            "cpuid",
-            "xchg {tmp:r}, rbx",
-            tmp = out(reg) ebx,
-            inout("eax") leaf => eax,
-            inout("ecx") subleaf => ecx,
-            out("edx") edx,
-            options(nostack, preserves_flags, nomem),
-        )
-    };
-    CpuidResult { eax, ebx, ecx, edx }
+    // (RIP moves past it); no other effect. Only called in PV domains (detection and the PV
+    // table), where the kernel said so.
+    unsafe { pvops::__cpuid!(leaf, subleaf, ".byte 0x0f, 0x0b, 0x78, 0x65, 0x6e") }
 }
 
 /// A [`pvops::detect::CpuidSource`] for PV domains (see [`pv_cpuid`]).

@@ -15,22 +15,32 @@ impl CpuidSource for NativeCpuid {
 
 /// Execute CPUID. Works in every ring; exits to the hypervisor in a VM.
 pub fn raw_cpuid(leaf: u32, subleaf: u32) -> CpuidResult {
-    let (eax, ebx, ecx, edx);
-    // SAFETY: CPUID has no side effects beyond the four registers. RBX is reserved by LLVM, so
-    // it is saved in another register around the instruction.
-    unsafe {
+    // SAFETY: CPUID has no side effects beyond the four registers.
+    unsafe { crate::__cpuid!(leaf, subleaf) }
+}
+
+/// The CPUID instruction for `$leaf`/`$subleaf`, optionally behind a `$prefix` some hypervisor
+/// recognises (Xen PV's forced emulation), as a [`CpuidResult`]; RBX, which LLVM reserves, is
+/// saved in another register around it. Expands to inline assembly: the caller's `unsafe`
+/// block vouches for the prefix.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __cpuid {
+    ($leaf:expr, $subleaf:expr $(, $prefix:literal)?) => {{
+        let (eax, ebx, ecx, edx): (u32, u32, u32, u32);
         core::arch::asm!(
             "mov {tmp:r}, rbx",
+            $($prefix,)?
             "cpuid",
             "xchg {tmp:r}, rbx",
             tmp = out(reg) ebx,
-            inout("eax") leaf => eax,
-            inout("ecx") subleaf => ecx,
+            inout("eax") $leaf => eax,
+            inout("ecx") $subleaf => ecx,
             out("edx") edx,
             options(nostack, preserves_flags, nomem),
-        )
-    };
-    CpuidResult { eax, ebx, ecx, edx }
+        );
+        $crate::ops::CpuidResult { eax, ebx, ecx, edx }
+    }};
 }
 
 /// Read the time-stamp counter, ordered after every earlier instruction (`lfence; rdtsc`).
