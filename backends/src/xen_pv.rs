@@ -38,7 +38,7 @@
 //!   `FIX_PARAVIRT_BOOTMAP` fixmap slot) plus Xen system time.
 
 use core::cell::UnsafeCell;
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use pvops::ops::{CpuidResult, DescriptorPointer};
 
@@ -619,15 +619,32 @@ pvops::callee_save_thunk!(
 
 const PAGE_RW: u64 = 1 << 1;
 
-/// Map the direct-map page of `pfn` read-only (or writable again); 0 or a Xen error.
-fn protect(pfn: u64, writable: bool) -> i64 {
-    let k = kernel();
-    let Some(dm) = DIRECT_MAP.get() else {
-        return -i64::from(crate::native::EINVAL);
-    };
-    let va = dm + (pfn << 12) as usize;
+/// The kernel's direct-map base (`PAGE_OFFSET`; 0: unknown), for `alloc_pt`/`release_pt`.
+static DIRECT_MAP: AtomicUsize = AtomicUsize::new(0);
+
+/// Tell the backend where the direct map starts (`phys_to_virt(0)`).
+pub fn set_direct_map(base: Option<usize>) {
+    DIRECT_MAP.store(base.unwrap_or(0), Ordering::Relaxed);
+}
+
+/// The direct-map address of page `pfn`.
+fn direct_va(pfn: u64) -> Option<usize> {
+    match DIRECT_MAP.load(Ordering::Relaxed) {
+        0 => None,
+        base => Some(base + (pfn << 12) as usize),
+    }
+}
+
+/// The machine frame behind a kernel virtual address.
+fn machine_frame(va: usize) -> u64 {
     // SAFETY: the kernel's accessor.
-    let ptep = unsafe { (k.pte_of)(va) } as *const u64;
+    unsafe { (kernel().virt_to_machine)(va) >> 12 }
+}
+
+/// Map the direct-map page at `va` read-only (or writable again); 0 or a Xen error.
+fn protect(va: usize, writable: bool) -> i64 {
+    // SAFETY: the kernel's accessor.
+    let ptep = unsafe { (kernel().pte_of)(va) } as *const u64;
     if ptep.is_null() {
         return -i64::from(crate::native::EINVAL);
     }
@@ -642,41 +659,20 @@ fn protect(pfn: u64, writable: bool) -> i64 {
     unsafe { hypercall(HYPERVISOR_UPDATE_VA_MAPPING, va as u64, new, UVMF_INVLPG, 0) }
 }
 
-/// The kernel's direct-map base (`PAGE_OFFSET`), for `alloc_pt`/`release_pt`.
-struct DirectMap(AtomicU64);
-
-impl DirectMap {
-    fn get(&self) -> Option<usize> {
-        match self.0.load(Ordering::Relaxed) {
-            0 => None,
-            v => Some(v as usize),
-        }
-    }
-}
-
-static DIRECT_MAP: DirectMap = DirectMap(AtomicU64::new(0));
-
-/// Tell the backend where the direct map starts (`phys_to_virt(0)`).
-pub fn set_direct_map(base: Option<usize>) {
-    DIRECT_MAP
-        .0
-        .store(base.unwrap_or(0) as u64, Ordering::Relaxed);
-}
-
 /// `alloc_pt(pfn, level)`: map the page read-only and pin it as a table of `level`.
 ///
 /// # Safety
 ///
 /// `pfn` is a page the caller owns, holding a valid table of `level` (e.g. zeroed).
 pub unsafe extern "C" fn alloc_pt(pfn: u64, level: u32) {
-    if !(1..=4).contains(&level) || protect(pfn, false) != 0 {
+    let Some(va) = direct_va(pfn) else {
+        return;
+    };
+    if !(1..=4).contains(&level) || protect(va, false) != 0 {
         return;
     }
-    // SAFETY: the kernel's accessor.
-    let ma =
-        unsafe { (kernel().virt_to_machine)(DIRECT_MAP.get().unwrap_or(0) + (pfn << 12) as usize) };
-    if mmuext(mmuext::PIN_L1_TABLE + level - 1, ma >> 12) != 0 {
-        protect(pfn, true);
+    if mmuext(mmuext::PIN_L1_TABLE + level - 1, machine_frame(va)) != 0 {
+        protect(va, true);
     }
 }
 
@@ -686,13 +682,11 @@ pub unsafe extern "C" fn alloc_pt(pfn: u64, level: u32) {
 ///
 /// `pfn` went through [`alloc_pt`] and no table points at it any more.
 pub unsafe extern "C" fn release_pt(pfn: u64, _level: u32) {
-    let Some(dm) = DIRECT_MAP.get() else {
+    let Some(va) = direct_va(pfn) else {
         return;
     };
-    // SAFETY: the kernel's accessor.
-    let ma = unsafe { (kernel().virt_to_machine)(dm + (pfn << 12) as usize) };
-    mmuext(mmuext::UNPIN_TABLE, ma >> 12);
-    protect(pfn, true);
+    mmuext(mmuext::UNPIN_TABLE, machine_frame(va));
+    protect(va, true);
 }
 
 // ---- descriptor tables, wall clock ----------------------------------------------------------
