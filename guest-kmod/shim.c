@@ -36,6 +36,7 @@
 #include <linux/timekeeping.h>
 #include <linux/err.h>
 #include <asm/bootparam.h>
+#include <asm/setup.h>
 
 #include "shim.h"
 
@@ -419,11 +420,20 @@ void pvops_shim_mdelay(unsigned int ms)
 }
 
 /*
- * The boot loader's hardware_subarch and hardware_subarch_data (where lguest announces itself),
- * from the kernel's copy of boot_params as it publishes it in /sys/kernel/boot_params/data
- * (boot_params itself is not exported). -errno when that file cannot be read (sysfs not
- * mounted, or a kernel without it): the caller treats that as "no boot data".
+ * The boot loader's hardware_subarch and hardware_subarch_data (where lguest announces itself).
+ * Built into the kernel: from boot_params itself. As a module (boot_params is not exported):
+ * from the copy the kernel publishes in /sys/kernel/boot_params/data; -errno when that file
+ * cannot be read (sysfs not mounted, or a kernel without it), which the caller treats as "no
+ * boot data".
  */
+#ifndef MODULE
+int pvops_shim_boot_subarch(u32 *subarch, u64 *data)
+{
+	*subarch = boot_params.hdr.hardware_subarch;
+	*data = boot_params.hdr.hardware_subarch_data;
+	return 0;
+}
+#else
 int pvops_shim_boot_subarch(u32 *subarch, u64 *data)
 {
 	struct boot_params *bp;
@@ -450,3 +460,4 @@ int pvops_shim_boot_subarch(u32 *subarch, u64 *data)
 	kfree(bp);
 	return 0;
 }
+#endif
