@@ -52,6 +52,7 @@ use pvops::detect::Detection;
 use pvops::ops::{Op, PvOps};
 use pvops::{arch, Backend, BackendId, Inline, InlineSource};
 
+use crate::pvclock::Monotonic;
 use crate::{native, Platform};
 
 /// Only traps to the host, which drains the async ring first.
@@ -295,7 +296,7 @@ struct State {
     /// The clock's reading when the backend started (sched_clock's zero).
     start_ns: AtomicU64,
     /// The latest clock reading handed out (keeps sched_clock monotonic across re-anchoring).
-    last_ns: AtomicU64,
+    last: Monotonic,
 }
 
 static STATE: State = State {
@@ -307,7 +308,7 @@ static STATE: State = State {
     queued: AtomicUsize::new(0),
     mult: AtomicU64::new(0),
     start_ns: AtomicU64::new(0),
-    last_ns: AtomicU64::new(0),
+    last: Monotonic::new(),
 };
 
 /// The registered `lguest_data`.
@@ -591,9 +592,9 @@ fn clock_ns() -> u64 {
 /// Nanoseconds since the backend started, never going back (the host re-anchors `time` on
 /// every exit; a host clock stepped back is absorbed).
 pub extern "C" fn sched_clock() -> u64 {
-    let now = clock_ns();
-    let prev = STATE.last_ns.fetch_max(now, Ordering::Relaxed);
-    now.max(prev)
+    STATE
+        .last
+        .clamp(clock_ns())
         .saturating_sub(STATE.start_ns.load(Ordering::Relaxed))
 }
 
@@ -694,7 +695,7 @@ pub fn init(
         .store((1_000_000u64 << 32) / khz, Ordering::Relaxed);
     let now = clock_ns();
     STATE.start_ns.store(now, Ordering::Relaxed);
-    STATE.last_ns.store(now, Ordering::Relaxed);
+    STATE.last.reset(now);
     Ok(&LGUEST)
 }
 

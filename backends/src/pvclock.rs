@@ -189,6 +189,11 @@ impl Monotonic {
         let prev = self.0.fetch_max(ns, Ordering::AcqRel);
         prev.max(ns)
     }
+
+    /// Start again from `ns` (a clock re-anchored at start-up).
+    pub fn reset(&self, ns: u64) {
+        self.0.store(ns, Ordering::Relaxed);
+    }
 }
 
 /// The clock a backend's timer ops read: a registered pvclock record (KVM's kvmclock, Xen's
