@@ -465,6 +465,17 @@ fn arena_bytes() -> Vec<u8> {
     peek(vmi::arena as *const () as usize, vmi::ARENA_LEN)
 }
 
+/// What the selection hears of the VMI backend on `m`, and why starting it there fails.
+fn refused_start(m: &Machine) -> (Presence, pvops_backends::StartError) {
+    let detection = pvops::detect(&pvops::arch::NativeCpuid);
+    let c = pvops_backends::candidates(&detection, m);
+    assert_eq!(c[3].id, BackendId::Vmi);
+    let e = pvops_backends::start(BackendId::Vmi, &detection, m)
+        .err()
+        .expect("refused");
+    (c[3].presence, e)
+}
+
 /// Everything that writes the arena, the table or this binary's sites, in one thread.
 #[test]
 fn backend_runs_the_rom_copied_into_its_arena() {
@@ -483,17 +494,8 @@ fn backend_runs_the_rom_copied_into_its_arena() {
         r[0x100] ^= 0x40;
         r
     }] {
-        let m = Machine::new(&bad, 1_000_000);
-        let c = pvops_backends::candidates(&pvops::detect(&pvops::arch::NativeCpuid), &m);
-        assert_eq!(c[3].id, BackendId::Vmi);
-        assert_eq!(c[3].presence, Presence::Absent);
-        let e = pvops_backends::start(
-            BackendId::Vmi,
-            &pvops::detect(&pvops::arch::NativeCpuid),
-            &m,
-        )
-        .err()
-        .expect("refused");
+        let (presence, e) = refused_start(&Machine::new(&bad, 1_000_000));
+        assert_eq!(presence, Presence::Absent);
         assert!(
             matches!(
                 e,
@@ -521,16 +523,8 @@ fn backend_runs_the_rom_copied_into_its_arena() {
             vmi::VmiError::InitFailed(0),
         ),
     ] {
-        let m = Machine::new(&bad, 1_000_000);
-        let c = pvops_backends::candidates(&pvops::detect(&pvops::arch::NativeCpuid), &m);
-        assert_eq!(c[3].presence, Presence::Present { base: None });
-        let e = pvops_backends::start(
-            BackendId::Vmi,
-            &pvops::detect(&pvops::arch::NativeCpuid),
-            &m,
-        )
-        .err()
-        .expect("refused");
+        let (presence, e) = refused_start(&Machine::new(&bad, 1_000_000));
+        assert_eq!(presence, Presence::Present { base: None });
         match (e, want) {
             (
                 pvops_backends::StartError::Vmi(vmi::VmiError::InitFailed(rc)),
