@@ -274,16 +274,6 @@ pub unsafe extern "C" fn hypercall_syscall(nr: u64, a0: u64, a1: u64, a2: u64, a
     )
 }
 
-/// A hypercall with up to four arguments.
-///
-/// # Safety
-///
-/// As [`hypercall_syscall`].
-pub unsafe fn hypercall(nr: u64, a0: u64, a1: u64, a2: u64, a3: u64) -> i64 {
-    // SAFETY: forwarded contract.
-    unsafe { hypercall_syscall(nr, a0, a1, a2, a3) }
-}
-
 // ---- interrupt flag: the vCPU's upcall mask -------------------------------------------------
 
 /// `save_fl`: `X86_EFLAGS_IF` when events are unmasked, else 0.
@@ -398,7 +388,7 @@ unsafe extern "C" fn check_events() {
 
 extern "C" fn block() {
     // SAFETY: SCHEDOP_block takes no argument; it unmasks events and sleeps until one arrives.
-    unsafe { hypercall(crate::xen::HYPERVISOR_SCHED_OP, SCHEDOP_BLOCK, 0, 0, 0) };
+    unsafe { hypercall_syscall(crate::xen::HYPERVISOR_SCHED_OP, SCHEDOP_BLOCK, 0, 0, 0) };
 }
 
 extern "C" fn halt_as_is() {
@@ -410,7 +400,7 @@ extern "C" fn halt_as_is() {
         SCHEDOP_BLOCK
     };
     // SAFETY: yield and block take no argument.
-    unsafe { hypercall(crate::xen::HYPERVISOR_SCHED_OP, cmd, 0, 0, 0) };
+    unsafe { hypercall_syscall(crate::xen::HYPERVISOR_SCHED_OP, cmd, 0, 0, 0) };
 }
 
 pvops::callee_save_thunk!(
@@ -471,7 +461,7 @@ extern "C" fn set_cr0(value: u64) {
     if (old ^ value) & X86_CR0_TS != 0 {
         // SAFETY: fpu_taskswitch sets (1) or clears (0) this vCPU's CR0.TS.
         unsafe {
-            hypercall(
+            hypercall_syscall(
                 HYPERVISOR_FPU_TASKSWITCH,
                 u64::from(value & X86_CR0_TS != 0),
                 0,
@@ -531,7 +521,7 @@ fn mmuext(cmd: u32, arg1: u64) -> i64 {
     let mut op = MmuextOp { cmd, arg1, arg2: 0 };
     // SAFETY: the structure lives across the call; commands used here only flush or (un)pin.
     unsafe {
-        hypercall(
+        hypercall_syscall(
             HYPERVISOR_MMUEXT_OP,
             core::ptr::addr_of_mut!(op) as u64,
             1,
@@ -590,7 +580,7 @@ pub fn update_entry(entry: *mut u64, value: u64) -> i64 {
     // SAFETY: the request lives across the call; Xen validates the new entry against the
     // domain's pages (it refuses a mapping of a page the domain may not map that way).
     unsafe {
-        hypercall(
+        hypercall_syscall(
             HYPERVISOR_MMU_UPDATE,
             core::ptr::addr_of_mut!(req) as u64,
             1,
@@ -656,7 +646,7 @@ fn protect(va: usize, writable: bool) -> i64 {
         pte & !PAGE_RW
     };
     // SAFETY: changes only the write permission of the page's own direct-map mapping.
-    unsafe { hypercall(HYPERVISOR_UPDATE_VA_MAPPING, va as u64, new, UVMF_INVLPG, 0) }
+    unsafe { hypercall_syscall(HYPERVISOR_UPDATE_VA_MAPPING, va as u64, new, UVMF_INVLPG, 0) }
 }
 
 /// `alloc_pt(pfn, level)`: map the page read-only and pin it as a table of `level`.
