@@ -6,17 +6,20 @@ use std::cell::Cell;
 use pvops::detect::{CpuVendor, HypervisorKind};
 use pvops::select::SelectError;
 use pvops::{detect, select, BackendId, Candidate, Presence, Reason, Request};
+use pvops_backends::BACKENDS;
 use pvops_host_tests::models;
 
 /// Candidates as a build with these backends present (native always is).
 fn present(ids: &[(BackendId, Option<u32>)]) -> Vec<Candidate> {
-    BackendId::ALL
+    pvops_backends::probe(&detect(&models::bare().source()), &NoPlatform)
+        .candidates()
         .iter()
-        .map(|&id| Candidate {
-            id,
-            presence: match ids.iter().find(|(i, _)| *i == id) {
+        .map(|c| Candidate {
+            id: c.id,
+            serves: c.serves,
+            presence: match ids.iter().find(|(i, _)| *i == c.id) {
                 Some(&(_, base)) => Presence::Present { base },
-                None if id == BackendId::Native => Presence::Present { base: None },
+                None if c.id == BackendId::NATIVE => Presence::Present { base: None },
                 None => Presence::Absent,
             },
         })
@@ -45,7 +48,7 @@ fn bare_hardware_is_not_scanned() {
     let s = select(Request::Auto, &d, &present(&[])).unwrap();
     assert_eq!(
         (s.backend, s.reason),
-        (BackendId::Native, Reason::NoHypervisor)
+        (BackendId::NATIVE, Reason::NoHypervisor)
     );
 }
 
@@ -77,9 +80,12 @@ fn kvm() {
     assert!(d.vendor.uses_vmmcall());
 
     // Auto picks the KVM backend, and the report says where it found the interface.
-    let c = pvops_backends::candidates(&d, &NoPlatform);
+    let c = pvops_backends::probe(&d, &NoPlatform).candidates();
     let s = select(Request::Auto, &d, &c).unwrap();
-    assert_eq!((s.backend, s.reason), (BackendId::Kvm, Reason::Detected));
+    assert_eq!(
+        (s.backend, s.reason),
+        (pvops_host_tests::ids::KVM, Reason::Detected)
+    );
     assert_eq!(
         s.to_string(),
         "backend=kvm reason=\"detected\" hypervisor=KVMKVMKVM@0x40000000"
@@ -109,10 +115,10 @@ fn hyperv_compatibility_interface_below_kvm() {
     let s = select(
         Request::Auto,
         &d,
-        &present(&[(BackendId::Kvm, Some(0x4000_0100))]),
+        &present(&[(pvops_host_tests::ids::KVM, Some(0x4000_0100))]),
     )
     .unwrap();
-    assert_eq!(s.backend, BackendId::Kvm);
+    assert_eq!(s.backend, pvops_host_tests::ids::KVM);
     assert_eq!(s.interface.unwrap().base, 0x4000_0100);
     // raw-cpuid would have said Hyper-V: it reads only 0x4000_0000.
 }
@@ -126,12 +132,12 @@ fn hyperv_compatibility_interface_below_xen() {
     let s = select(
         Request::Auto,
         &d,
-        &present(&[(BackendId::Xen, Some(0x4000_0100))]),
+        &present(&[(pvops_host_tests::ids::XEN, Some(0x4000_0100))]),
     )
     .unwrap();
     assert_eq!(
         (s.backend, s.interface.unwrap().base),
-        (BackendId::Xen, 0x4000_0100)
+        (pvops_host_tests::ids::XEN, 0x4000_0100)
     );
 }
 
@@ -143,10 +149,13 @@ fn xen_hvm_as_qemu_emulates_it() {
     let s = select(
         Request::Auto,
         &d,
-        &pvops_backends::candidates(&d, &NoPlatform),
+        &pvops_backends::probe(&d, &NoPlatform).candidates(),
     )
     .unwrap();
-    assert_eq!((s.backend, s.reason), (BackendId::Xen, Reason::Detected));
+    assert_eq!(
+        (s.backend, s.reason),
+        (pvops_host_tests::ids::XEN, Reason::Detected)
+    );
 
     // A Xen PV domain (announced by the boot path), scanned through Xen's forced-emulation
     // CPUID, which shows Xen's leaves: the Xen backend (its PV half) serves it ...
@@ -159,20 +168,20 @@ fn xen_hvm_as_qemu_emulates_it() {
             true
         }
     }
-    let c = pvops_backends::candidates(&d, &Pv);
+    let c = pvops_backends::probe(&d, &Pv).candidates();
     assert_eq!(
         select(Request::Auto, &d, &c).map(|s| s.backend),
-        Ok(BackendId::Xen)
+        Ok(pvops_host_tests::ids::XEN)
     );
     // ... and native would fault there (the kernel is deprivileged): refused by name.
     assert_eq!(
-        select(Request::Backend(BackendId::Native), &d, &c),
-        Err(SelectError::Absent(BackendId::Native))
+        select(Request::Backend(BackendId::NATIVE), &d, &c),
+        Err(SelectError::Absent(BackendId::NATIVE))
     );
     // A PV domain whose scan showed no Xen (the bare instruction reports the physical CPU):
     // nothing is selected, so nothing is installed or patched.
     let bare = detect(&models::tcg().source());
-    let c = pvops_backends::candidates(&bare, &Pv);
+    let c = pvops_backends::probe(&bare, &Pv).candidates();
     assert_eq!(
         select(Request::Auto, &bare, &c),
         Err(SelectError::NothingRuns)
@@ -195,7 +204,7 @@ fn tcg_means_native_and_leftovers_are_ignored() {
     let s = select(Request::Auto, &d, &present(&[])).unwrap();
     assert_eq!(
         (s.backend, s.reason),
-        (BackendId::Native, Reason::Unsupported(HypervisorKind::Tcg))
+        (BackendId::NATIVE, Reason::Unsupported(HypervisorKind::Tcg))
     );
     assert_eq!(
         s.to_string(),
@@ -217,7 +226,7 @@ fn other_hypervisors_are_named() {
         let s = select(Request::Auto, &d, &present(&[])).unwrap();
         assert_eq!(
             (s.backend, s.reason),
-            (BackendId::Native, Reason::Unsupported(kind))
+            (BackendId::NATIVE, Reason::Unsupported(kind))
         );
     }
     let d = detect(&models::unknown().source());
@@ -233,7 +242,7 @@ fn hidden_hypervisor() {
     let s = select(Request::Auto, &d, &present(&[])).unwrap();
     assert_eq!(
         (s.backend, s.reason),
-        (BackendId::Native, Reason::NoInterface)
+        (BackendId::NATIVE, Reason::NoInterface)
     );
 }
 
@@ -242,59 +251,65 @@ fn platform_hooks_win_over_cpuid() {
     // An lguest or VMI host announces itself outside CPUID; it is exclusive.
     let d = detect(&models::kvm().source());
     let c = present(&[
-        (BackendId::Kvm, Some(0x4000_0000)),
-        (BackendId::Lguest, None),
+        (pvops_host_tests::ids::KVM, Some(0x4000_0000)),
+        (pvops_host_tests::ids::LGUEST, None),
     ]);
     assert_eq!(
         select(Request::Auto, &d, &c).unwrap().backend,
-        BackendId::Lguest
+        pvops_host_tests::ids::LGUEST
     );
 }
 
 #[test]
 fn requests() {
-    assert_eq!(Request::parse("auto"), Ok(Request::Auto));
+    assert_eq!(Request::parse("auto", &BACKENDS), Ok(Request::Auto));
     assert_eq!(
-        Request::parse("kvm\n"),
-        Ok(Request::Backend(BackendId::Kvm))
+        Request::parse("kvm\n", &BACKENDS),
+        Ok(Request::Backend(pvops_host_tests::ids::KVM))
     );
     assert_eq!(
-        Request::parse("native"),
-        Ok(Request::Backend(BackendId::Native))
+        Request::parse("native", &BACKENDS),
+        Ok(Request::Backend(BackendId::NATIVE))
     );
-    assert!(Request::parse("qemu").is_err());
-    assert!(Request::parse("KVM").is_err());
+    assert!(Request::parse("qemu", &BACKENDS).is_err());
+    assert!(Request::parse("KVM", &BACKENDS).is_err());
 
     let d = detect(&models::kvm().source());
     // native can always be forced
-    let s = select(Request::Backend(BackendId::Native), &d, &present(&[])).unwrap();
+    let s = select(Request::Backend(BackendId::NATIVE), &d, &present(&[])).unwrap();
     assert_eq!(
         (s.backend, s.reason),
-        (BackendId::Native, Reason::Requested)
+        (BackendId::NATIVE, Reason::Requested)
     );
     // a backend whose hypervisor is absent is refused
-    let c = present(&[(BackendId::Kvm, Some(0x4000_0000))]);
+    let c = present(&[(pvops_host_tests::ids::KVM, Some(0x4000_0000))]);
     assert_eq!(
-        select(Request::Backend(BackendId::Xen), &d, &c),
-        Err(SelectError::Absent(BackendId::Xen))
+        select(Request::Backend(pvops_host_tests::ids::XEN), &d, &c),
+        Err(SelectError::Absent(pvops_host_tests::ids::XEN))
     );
     // and so is VMI where there is no ROM to find
-    let c = pvops_backends::candidates(&d, &NoPlatform);
+    let c = pvops_backends::probe(&d, &NoPlatform).candidates();
     assert_eq!(
-        select(Request::Backend(BackendId::Vmi), &d, &c),
-        Err(SelectError::Absent(BackendId::Vmi))
+        select(Request::Backend(pvops_host_tests::ids::VMI), &d, &c),
+        Err(SelectError::Absent(pvops_host_tests::ids::VMI))
     );
     // A backend that fails to start: auto falls back to native and says why; a request by
     // name is refused instead.
-    let c = present(&[(BackendId::Kvm, Some(0x4000_0000))]);
+    let c = present(&[(pvops_host_tests::ids::KVM, Some(0x4000_0000))]);
     let s = select(Request::Auto, &d, &c).unwrap();
     let f = s.fall_back(Request::Auto, &c).unwrap();
     assert_eq!(
         (f.backend, f.reason),
-        (BackendId::Native, Reason::StartFailed(BackendId::Kvm))
+        (
+            BackendId::NATIVE,
+            Reason::StartFailed(pvops_host_tests::ids::KVM)
+        )
     );
     assert_eq!(f.interface, s.interface);
-    assert_eq!(s.fall_back(Request::Backend(BackendId::Kvm), &c), None);
+    assert_eq!(
+        s.fall_back(Request::Backend(pvops_host_tests::ids::KVM), &c),
+        None
+    );
     assert_eq!(
         f.fall_back(Request::Auto, &c),
         None,
@@ -303,10 +318,10 @@ fn requests() {
 
     // KVM is absent on TCG
     let tcg = detect(&models::tcg().source());
-    let c = pvops_backends::candidates(&tcg, &NoPlatform);
+    let c = pvops_backends::probe(&tcg, &NoPlatform).candidates();
     assert_eq!(
-        select(Request::Backend(BackendId::Kvm), &tcg, &c),
-        Err(SelectError::Absent(BackendId::Kvm))
+        select(Request::Backend(pvops_host_tests::ids::KVM), &tcg, &c),
+        Err(SelectError::Absent(pvops_host_tests::ids::KVM))
     );
 }
 
@@ -335,7 +350,7 @@ fn real_cpuid() {
     let s = select(
         Request::Auto,
         &d,
-        &pvops_backends::candidates(&d, &NoPlatform),
+        &pvops_backends::probe(&d, &NoPlatform).candidates(),
     )
     .unwrap();
     eprintln!("selection: {s}");
@@ -343,7 +358,7 @@ fn real_cpuid() {
         eprintln!("no hypervisor here: checking the native path");
         assert_eq!(
             (s.backend, s.reason),
-            (BackendId::Native, Reason::NoHypervisor)
+            (BackendId::NATIVE, Reason::NoHypervisor)
         );
         return;
     }
@@ -352,11 +367,14 @@ fn real_cpuid() {
             let kvm = d.find(HypervisorKind::Kvm).unwrap();
             let features = pvops::arch::raw_cpuid(kvm.base + 1, 0).eax;
             eprintln!("KVM at {:#x}, features {features:#x}", kvm.base);
-            assert_eq!((s.backend, s.reason), (BackendId::Kvm, Reason::Detected));
+            assert_eq!(
+                (s.backend, s.reason),
+                (pvops_host_tests::ids::KVM, Reason::Detected)
+            );
         }
         other => {
             eprintln!("not KVM ({other:?}): checking the native path");
-            assert_eq!(s.backend, BackendId::Native);
+            assert_eq!(s.backend, BackendId::NATIVE);
         }
     }
 }

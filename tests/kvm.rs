@@ -5,7 +5,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 
 use pvops::ops::CpuidResult;
-use pvops::{detect, BackendId, Op};
+use pvops::{detect, Op};
 use pvops_backends::kvm::{
     self, KvmStealTime, MSR_KVM_STEAL_TIME, MSR_KVM_SYSTEM_TIME_NEW, MSR_KVM_WALL_CLOCK_NEW,
 };
@@ -83,8 +83,10 @@ impl Platform for ModelKvm {
     fn nr_cpus(&self) -> u32 {
         2
     }
+    /// Guest-physical is host-virtual (identity) for the records this process allocates; the
+    /// model has no low memory (no option-ROM area: the VMI probe finds nothing mapped).
     fn phys_to_virt(&self, pa: u64) -> Option<usize> {
-        Some(pa as usize)
+        (pa >= 1 << 20).then_some(pa as usize)
     }
     fn virt_to_phys(&self, va: usize) -> Option<u64> {
         Some(va as u64)
@@ -114,8 +116,8 @@ fn kvm_backend() {
         .borrow_mut()
         .insert(MSR_KVM_SYSTEM_TIME_NEW, &*kernel_rec as *const _ as u64 | 1);
     let d = detect(&m.cpuid.source());
-    let b = pvops_backends::start(BackendId::Kvm, &d, &m).expect("kvm starts");
-    assert_eq!(b.id(), BackendId::Kvm);
+    let b = pvops_host_tests::start(pvops_host_tests::ids::KVM, &d, &m).expect("kvm starts");
+    assert_eq!(b.id(), pvops_host_tests::ids::KVM);
     assert!(!kvm::owns_clock());
     assert!(
         m.writes
@@ -124,7 +126,7 @@ fn kvm_backend() {
             .all(|&(msr, _)| msr != MSR_KVM_SYSTEM_TIME_NEW),
         "the kernel's clock registration must never be touched"
     );
-    let ops = b.ops();
+    let ops = b.ops().table();
     // SAFETY: the table's functions, called as the table would.
     let (t0, khz, wall, steal0, steal1) = unsafe {
         (
@@ -147,8 +149,8 @@ fn kvm_backend() {
     assert_eq!((steal0, steal1), (0, 12_345));
     // Everything but the timer and the hypercall is the native backend's, inline included.
     assert_eq!(
-        b.inline(Op::SaveFl),
-        pvops_backends::native::inline(Op::SaveFl)
+        b.ops().inline(Op::SaveFl),
+        pvops_backends::native::OPS.inline(Op::SaveFl)
     );
     assert_eq!(
         ops.cpu.hypercall as usize,
@@ -156,11 +158,11 @@ fn kvm_backend() {
         "AMD model: vmmcall"
     );
     assert_eq!(
-        b.inline(Op::IoDelay).map(|i| i.bytes.len()),
+        b.ops().inline(Op::IoDelay).map(|i| i.bytes.len()),
         Some(0),
         "NOP_IO_DELAY: no delay"
     );
-    pvops_backends::stop(BackendId::Kvm, &m);
+    pvops_backends::stop(pvops_host_tests::ids::KVM, &m);
     assert!(m
         .writes
         .borrow()
@@ -169,11 +171,11 @@ fn kvm_backend() {
 
     // 2. Booted with no-kvmclock: the backend registers its own record and unregisters it.
     let m = model(true);
-    let b = pvops_backends::start(BackendId::Kvm, &d, &m).expect("kvm starts");
+    let b = pvops_host_tests::start(pvops_host_tests::ids::KVM, &d, &m).expect("kvm starts");
     assert!(kvm::owns_clock());
     // SAFETY: as above.
-    assert_eq!(unsafe { (b.ops().timer.tsc_khz)() }, 1_000_000);
-    pvops_backends::stop(BackendId::Kvm, &m);
+    assert_eq!(unsafe { (b.ops().table().timer.tsc_khz)() }, 1_000_000);
+    pvops_backends::stop(pvops_host_tests::ids::KVM, &m);
     let writes = m.writes.borrow();
     let clock: Vec<_> = writes
         .iter()
@@ -187,7 +189,7 @@ fn kvm_backend() {
     // 3. A "KVM" whose MSRs go nowhere (TCG drops the writes): the record stays zero, the
     //    backend refuses and undoes its registration instead of dividing by zero.
     let m = model(false);
-    match pvops_backends::start(BackendId::Kvm, &d, &m) {
+    match pvops_host_tests::start(pvops_host_tests::ids::KVM, &d, &m) {
         Err(e) => assert_eq!(
             e.to_string(),
             "kvm: the kvmclock record could not be reached"
@@ -202,5 +204,5 @@ fn kvm_backend() {
     // 4. No KVM at all.
     let bare = models::tcg();
     let d = detect(&bare.source());
-    assert!(pvops_backends::start(BackendId::Kvm, &d, &m).is_err());
+    assert!(pvops_host_tests::start(pvops_host_tests::ids::KVM, &d, &m).is_err());
 }

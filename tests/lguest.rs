@@ -9,13 +9,14 @@ use std::alloc::Layout;
 use std::sync::{Mutex, MutexGuard};
 
 use pvops::{detect, select, BackendId, Op, Presence, Request};
-use pvops_backends::lguest::{
-    self, boot_signature, BootError, LguestData, LguestError, ABI_VERSION, HCALL_FREE,
-    HCALL_PENDING, LHCALL_FLUSH_ASYNC, LHCALL_FLUSH_TLB, LHCALL_LGUEST_INIT, LHCALL_NEW_PGTABLE,
+use pvops_backends::lguest::abi::{
+    self as lguest, boot_signature, LguestData, ABI_VERSION, HCALL_FREE, HCALL_PENDING,
+    LHCALL_FLUSH_ASYNC, LHCALL_FLUSH_TLB, LHCALL_LGUEST_INIT, LHCALL_NEW_PGTABLE,
     LHCALL_SEND_INTERRUPTS, LHCALL_SET_CLOCKEVENT, LHCALL_SET_PGD, LHCALL_SET_PMD, LHCALL_SET_PTE,
     X86_EFLAGS_IF, X86_SUBARCH_LGUEST,
 };
-use pvops_backends::{Platform, StartError};
+use pvops_backends::lguest::{BootError, Lguest, LguestError};
+use pvops_backends::{Driver, Platform, StartError};
 use pvops_host_tests::models;
 use std::sync::atomic::Ordering;
 
@@ -268,7 +269,7 @@ fn started(tsc_khz: u32) -> (Guest, &'static dyn pvops::Backend) {
     new_host(tsc_khz);
     let g = guest(GOOD);
     let d = detect(&models::tcg().source());
-    let b = pvops_backends::start(BackendId::Lguest, &d, &g).expect("lguest starts");
+    let b = pvops_host_tests::start(pvops_host_tests::ids::LGUEST, &d, &g).expect("lguest starts");
     (g, b)
 }
 
@@ -305,29 +306,38 @@ fn detection_needs_the_boot_data() {
     ];
     for (boot, want) in cases {
         let g = guest(boot);
-        assert_eq!(lguest::probe(&g), want, "{boot:x?}");
-        let c = pvops_backends::candidates(&tcg, &g);
-        let lg = c.iter().find(|c| c.id == BackendId::Lguest).unwrap();
+        assert_eq!(
+            <Lguest as Driver>::probe(&tcg, &g).map(|_| ()),
+            want,
+            "{boot:x?}"
+        );
+        let c = pvops_backends::probe(&tcg, &g).candidates();
+        let lg = c
+            .iter()
+            .find(|c| c.id == pvops_host_tests::ids::LGUEST)
+            .unwrap();
         if want.is_ok() {
             assert_eq!(lg.presence, Presence::Present { base: None });
             // announced by boot data: auto prefers it even over a CPUID interface
             for d in [&tcg, &kvm] {
-                let cands = pvops_backends::candidates(d, &g);
+                let cands = pvops_backends::probe(d, &g).candidates();
                 let s = select(Request::Auto, d, &cands).unwrap();
-                assert_eq!(s.backend, BackendId::Lguest);
+                assert_eq!(s.backend, pvops_host_tests::ids::LGUEST);
             }
             continue;
         }
         // never chosen, and refused by name, without a single hypercall or page
         assert_eq!(lg.presence, Presence::Absent, "{boot:x?}");
         let s = select(Request::Auto, &tcg, &c).unwrap();
-        assert_eq!(s.backend, BackendId::Native);
+        assert_eq!(s.backend, BackendId::NATIVE);
         assert_eq!(
-            select(Request::Backend(BackendId::Lguest), &tcg, &c),
-            Err(pvops::select::SelectError::Absent(BackendId::Lguest))
+            select(Request::Backend(pvops_host_tests::ids::LGUEST), &tcg, &c),
+            Err(pvops::select::SelectError::Absent(
+                pvops_host_tests::ids::LGUEST
+            ))
         );
-        match pvops_backends::start(BackendId::Lguest, &tcg, &g) {
-            Err(StartError::Lguest(LguestError::Boot(e))) => assert_eq!(Err(e), want),
+        match pvops_host_tests::start(pvops_host_tests::ids::LGUEST, &tcg, &g) {
+            Err(StartError::Absent(id)) => assert_eq!(id, pvops_host_tests::ids::LGUEST),
             other => panic!("started without boot data: {:?}", other.map(|b| b.id())),
         }
         assert!(host().sync.is_empty(), "no hypercall without the boot data");
@@ -344,7 +354,7 @@ fn start_registers_and_stop_unregisters() {
     g.cpus = 2;
     let d = detect(&models::tcg().source());
     assert_eq!(
-        pvops_backends::start(BackendId::Lguest, &d, &g).err(),
+        pvops_host_tests::start(pvops_host_tests::ids::LGUEST, &d, &g).err(),
         Some(StartError::Lguest(LguestError::Smp(2)))
     );
     assert!(host().sync.is_empty());
@@ -353,7 +363,7 @@ fn start_registers_and_stop_unregisters() {
     host().refuse = true;
     let g = guest(GOOD);
     assert_eq!(
-        pvops_backends::start(BackendId::Lguest, &d, &g).err(),
+        pvops_host_tests::start(pvops_host_tests::ids::LGUEST, &d, &g).err(),
         Some(StartError::Lguest(LguestError::Refused(-1)))
     );
     assert_eq!(*g.pages.lock().unwrap(), *g.freed.lock().unwrap());
@@ -363,7 +373,7 @@ fn start_registers_and_stop_unregisters() {
     host().silent = true;
     let g = guest(GOOD);
     assert_eq!(
-        pvops_backends::start(BackendId::Lguest, &d, &g).err(),
+        pvops_host_tests::start(pvops_host_tests::ids::LGUEST, &d, &g).err(),
         Some(StartError::Lguest(LguestError::HostSilent))
     );
     assert_eq!(
@@ -376,7 +386,7 @@ fn start_registers_and_stop_unregisters() {
 
     // A working host.
     let (g, b) = started(2_000_000);
-    assert_eq!(b.id(), BackendId::Lguest);
+    assert_eq!(b.id(), pvops_host_tests::ids::LGUEST);
     let page = g.pages.lock().unwrap()[0];
     assert_eq!(
         calls_since(0),
@@ -387,7 +397,7 @@ fn start_registers_and_stop_unregisters() {
         .hcall_status
         .iter()
         .all(|s| s.load(Ordering::Relaxed) == HCALL_FREE));
-    let ops = b.ops();
+    let ops = b.ops().table();
     // SAFETY: the table's functions, called as the table would.
     unsafe {
         assert_eq!((ops.timer.tsc_khz)(), 2_000_000);
@@ -407,20 +417,20 @@ fn start_registers_and_stop_unregisters() {
         Op::WriteCr3,
         Op::LazyModeLeave,
     ] {
-        assert_eq!(b.inline(op), None, "{op:?}");
+        assert_eq!(b.ops().inline(op), None, "{op:?}");
     }
     assert_eq!(
-        b.inline(Op::ReadCr0),
-        pvops_backends::native::inline(Op::ReadCr0)
+        b.ops().inline(Op::ReadCr0),
+        pvops_backends::native::OPS.inline(Op::ReadCr0)
     );
     assert_eq!(
-        pvops_backends::stop(BackendId::Lguest, &g),
+        pvops_backends::stop(pvops_host_tests::ids::LGUEST, &g),
         "lguest_data unregistered"
     );
     assert_eq!(host().data, 0);
     assert_eq!(*g.freed.lock().unwrap(), vec![page]);
     assert_eq!(
-        pvops_backends::stop(BackendId::Lguest, &g),
+        pvops_backends::stop(pvops_host_tests::ids::LGUEST, &g),
         "nothing registered"
     );
 }
@@ -429,21 +439,21 @@ fn start_registers_and_stop_unregisters() {
 fn irq_flag_and_pending_interrupts() {
     let _t = turn();
     let (g, b) = started(1_000_000);
-    let ops = b.ops();
+    let ops = b.ops().table();
     let ld = host().lguest_data().unwrap();
     let n0 = host().sync.len();
     // SAFETY: the table's functions (host tests: only the virtual flag).
     unsafe {
-        assert_eq!((ops.irq.save_fl)() & u64::from(X86_EFLAGS_IF), 0x200);
-        (ops.irq.irq_disable)();
+        assert_eq!((ops.irq.save_fl.get())() & u64::from(X86_EFLAGS_IF), 0x200);
+        (ops.irq.irq_disable.get())();
         assert_eq!(
             ld.irq_enabled.load(Ordering::Relaxed),
             0,
             "the host sees it"
         );
-        assert_eq!((ops.irq.save_fl)() & 0x200, 0);
+        assert_eq!((ops.irq.save_fl.get())() & 0x200, 0);
         // enabling with nothing pending: no exit
-        (ops.irq.irq_enable)();
+        (ops.irq.irq_enable.get())();
         assert_eq!(ld.irq_enabled.load(Ordering::Relaxed), 0x200);
         assert_eq!(
             host().sync.len(),
@@ -452,31 +462,31 @@ fn irq_flag_and_pending_interrupts() {
         );
 
         // An interrupt arrives while the flag is off: held, then asked for on enable.
-        (ops.irq.restore_fl)(0);
+        (ops.irq.restore_fl.get())(0);
         assert_eq!(ld.irq_enabled.load(Ordering::Relaxed), 0);
         host().raise(0);
         assert!(host().delivered.is_empty(), "held while the IF is off");
         assert_eq!(ld.irq_pending.load(Ordering::Relaxed), 0x200);
-        (ops.irq.restore_fl)(0x200);
+        (ops.irq.restore_fl.get())(0x200);
         assert_eq!(calls_since(n0), vec![(LHCALL_SEND_INTERRUPTS, [0; 4])]);
         assert_eq!(host().delivered, vec![0]);
         assert_eq!(ld.irq_pending.load(Ordering::Relaxed), 0);
         // with the IF on, the host delivers at once
         host().raise(3);
         assert_eq!(host().delivered, vec![0, 3]);
-        (ops.irq.irq_enable)();
+        (ops.irq.irq_enable.get())();
         assert_eq!(host().sync.len(), n0 + 1, "nothing pending: no exit");
-        (ops.irq.safe_halt)();
+        (ops.irq.safe_halt.get())();
         assert_eq!(calls_since(n0 + 1), vec![(lguest::LHCALL_HALT, [0; 4])]);
     }
-    pvops_backends::stop(BackendId::Lguest, &g);
+    pvops_backends::stop(pvops_host_tests::ids::LGUEST, &g);
 }
 
 #[test]
 fn lazy_mmu_batches_through_the_ring() {
     let _t = turn();
     let (g, b) = started(1_000_000);
-    let ops = b.ops();
+    let ops = b.ops().table();
     let ld = host().lguest_data().unwrap();
     let mut ptes = vec![0u64; 80];
     let base = ptes.as_mut_ptr();
@@ -484,7 +494,7 @@ fn lazy_mmu_batches_through_the_ring() {
     // SAFETY: the table's functions; every entry pointer is into `ptes`.
     unsafe {
         // Outside a lazy section: one synchronous call per write.
-        (ops.mmu.set_pte)(base, 0x1003);
+        (ops.mmu.set_pte.get())(base, 0x1003);
         assert_eq!(ptes[0], 0x1003, "the guest's own store");
         assert_eq!(
             calls_since(n0),
@@ -495,11 +505,11 @@ fn lazy_mmu_batches_through_the_ring() {
         let n1 = host().sync.len();
         (ops.mmu.lazy_mode_enter)();
         for i in 0..10 {
-            (ops.mmu.set_pte)(base.add(i), 0x2000 + i as u64);
+            (ops.mmu.set_pte.get())(base.add(i), 0x2000 + i as u64);
         }
-        (ops.mmu.set_pmd)(base.add(10), 0x3000);
-        (ops.mmu.set_pud)(base.add(11), 0x4000);
-        (ops.mmu.flush_tlb_user)();
+        (ops.mmu.set_pmd.get())(base.add(10), 0x3000);
+        (ops.mmu.set_pud.get())(base.add(11), 0x4000);
+        (ops.mmu.flush_tlb_user.get())();
         assert_eq!(host().sync.len(), n1, "batched: no hypercall yet");
         let pending = ld
             .hcall_status
@@ -537,7 +547,7 @@ fn lazy_mmu_batches_through_the_ring() {
         host().ran.clear();
         (ops.mmu.lazy_mode_enter)();
         for i in 0..70 {
-            (ops.mmu.set_pte)(base.add(i), 0x5000 + i as u64);
+            (ops.mmu.set_pte.get())(base.add(i), 0x5000 + i as u64);
         }
         let mid = calls_since(n2);
         (ops.mmu.lazy_mode_leave)();
@@ -550,13 +560,13 @@ fn lazy_mmu_batches_through_the_ring() {
 
         // CR3 loads are synchronous.
         let n3 = host().sync.len();
-        (ops.mmu.write_cr3)(0x1234_5000);
+        (ops.mmu.write_cr3.get())(0x1234_5000);
         assert_eq!(
             calls_since(n3),
             vec![(LHCALL_NEW_PGTABLE, [0x1234_5000, 0, 0, 0])]
         );
     }
-    pvops_backends::stop(BackendId::Lguest, &g);
+    pvops_backends::stop(pvops_host_tests::ids::LGUEST, &g);
 }
 
 #[test]
@@ -569,10 +579,10 @@ fn clock_is_the_hosts_time_scaled_by_tsc_khz() {
         host().backdate_cycles = 2_000_000_000;
         let g = guest(GOOD);
         let d = detect(&models::tcg().source());
-        let b = pvops_backends::start(BackendId::Lguest, &d, &g).expect("starts");
+        let b = pvops_host_tests::start(pvops_host_tests::ids::LGUEST, &d, &g).expect("starts");
         let ld = host().lguest_data().unwrap();
         // SAFETY: the table's function.
-        let wall = unsafe { (b.ops().timer.wall_clock)() };
+        let wall = unsafe { (b.ops().table().timer.wall_clock)() };
         let time = ld.time.tv_sec.load(Ordering::Relaxed) * 1_000_000_000
             + ld.time.tv_nsec.load(Ordering::Relaxed);
         let past = wall - time;
@@ -580,7 +590,7 @@ fn clock_is_the_hosts_time_scaled_by_tsc_khz() {
             past >= ahead_ns && past < ahead_ns + 100_000_000,
             "{khz} kHz: {past} ns past the host's time, want {ahead_ns}"
         );
-        pvops_backends::stop(BackendId::Lguest, &g);
+        pvops_backends::stop(pvops_host_tests::ids::LGUEST, &g);
     }
 
     // The real TSC rate: sched_clock follows real time, wall_clock is the host's realtime.
@@ -589,7 +599,7 @@ fn clock_is_the_hosts_time_scaled_by_tsc_khz() {
         move || Some(t0.elapsed().as_nanos() as u64)
     });
     let (g, b) = started(khz as u32);
-    let ops = b.ops();
+    let ops = b.ops().table();
     let t0 = std::time::Instant::now();
     // SAFETY: the table's functions.
     unsafe {
@@ -624,5 +634,5 @@ fn clock_is_the_hosts_time_scaled_by_tsc_khz() {
         assert_eq!((ops.timer.set_next_event)(1_000_000), 0);
         assert_eq!(host().clockevents, vec![1_000_000]);
     }
-    pvops_backends::stop(BackendId::Lguest, &g);
+    pvops_backends::stop(pvops_host_tests::ids::LGUEST, &g);
 }

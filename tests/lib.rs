@@ -264,3 +264,29 @@ pub fn text(i: &Instruction) -> String {
     f.format(i, &mut s);
     s
 }
+
+/// Backend identities, as the registry names them.
+pub mod ids {
+    use pvops::BackendId;
+    use pvops_backends::{kvm, lguest, vmi, xen, Driver};
+
+    /// native.
+    pub const NATIVE: BackendId = BackendId::NATIVE;
+    /// kvm.
+    pub const KVM: BackendId = <kvm::Kvm as Driver>::ID;
+    /// xen.
+    pub const XEN: BackendId = <xen::Xen as Driver>::ID;
+    /// vmi.
+    pub const VMI: BackendId = <vmi::Vmi as Driver>::ID;
+    /// lguest.
+    pub const LGUEST: BackendId = <lguest::Lguest as Driver>::ID;
+}
+
+/// Probe every backend and start `id` from what its probe found, as the module does.
+pub fn start(
+    id: pvops::BackendId,
+    detection: &pvops::Detection,
+    platform: &dyn pvops_backends::Platform,
+) -> Result<&'static dyn pvops::Backend, pvops_backends::StartError> {
+    pvops_backends::probe(detection, platform).start(id, detection, platform)
+}

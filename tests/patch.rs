@@ -149,15 +149,15 @@ fn calibrate_tsc_khz() -> u64 {
 #[test]
 fn patch_this_process() {
     let khz = calibrate_tsc_khz();
-    pvops_backends::native::init(khz);
+    pvops_backends::native::set_tsc_rate(khz);
     let ops = NATIVE.ops();
     // SAFETY: single test thread; nothing runs ops while the table is written.
-    unsafe { PV_OPS.install(&ops) };
+    unsafe { PV_OPS.install(&ops.table()) };
     sites_for_every_op(false);
 
     let sites = SiteTable::of_executable();
     assert!(!sites.is_empty(), "the test binary has call sites");
-    let p = Patcher::new(sites, PV_OPS.addr(), ops, &NATIVE).expect("records are valid");
+    let p = Patcher::new(sites, PV_OPS.addr(), &ops).expect("records are valid");
 
     // every op has at least one site, every site has its op's length
     let mut per_op: HashMap<Op, usize> = HashMap::new();

@@ -33,7 +33,7 @@ fn thunk_preserves_every_register_but_rax() {
     unsafe {
         core::arch::asm!(
             "call {f}",
-            f = sym busy_thunk,
+            f = in(reg) busy_thunk.get(),
             inout("rdi") 41u64 => rdi,
             inout("rcx") sentinels[0] => rcx,
             inout("rdx") sentinels[1] => rdx,

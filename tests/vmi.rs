@@ -10,7 +10,7 @@ use std::hint::black_box;
 use iced_x86::{FlowControl, InstructionInfoFactory, Mnemonic, OpAccess, Register, RflagsBits};
 use pvops::ops::{cpu, irq, mmu, timer, Clobbers, Op};
 use pvops::patch::Action;
-use pvops::{Backend, BackendId, Patcher, Presence, Request, SiteTable, PV_OPS};
+use pvops::{Backend, Patcher, Presence, Request, SiteTable, PV_OPS};
 use pvops_backends::vmi::{self, call, ProbeError, RelocType, Rom, RomError};
 use pvops_backends::Platform;
 use pvops_host_tests::{decode, peek, text as asm_text, MprotectText};
@@ -315,7 +315,7 @@ fn each_bad_rom_is_refused_with_its_reason() {
         if image.len() == ROM.len() && image[..2] == [0x55, 0xaa] && &image[8..12] == b"cVmi" {
             let area = area_with(image);
             assert_eq!(
-                vmi::scan(&area, 0xc0000).err(),
+                vmi::rom::scan(&area, 0xc0000).err(),
                 Some(ProbeError::Refused {
                     pa: 0xc9800,
                     why: *want
@@ -326,11 +326,11 @@ fn each_bad_rom_is_refused_with_its_reason() {
     }
     // a wrong "cVmi" is another vendor's option ROM: skipped, not found
     assert_eq!(
-        vmi::scan(&area_with(&cases[1].1), 0xc0000).err(),
+        vmi::rom::scan(&area_with(&cases[1].1), 0xc0000).err(),
         Some(ProbeError::NotFound)
     );
     assert_eq!(
-        vmi::scan(&[0u8; 0x20000], 0xc0000).err(),
+        vmi::rom::scan(&[0u8; 0x20000], 0xc0000).err(),
         Some(ProbeError::NotFound)
     );
 }
@@ -373,7 +373,7 @@ impl Platform for Machine {
     }
 
     fn phys_to_virt(&self, pa: u64) -> Option<usize> {
-        let (start, end) = vmi::ROM_AREA;
+        let (start, end) = vmi::rom::ROM_AREA;
         (start..end)
             .contains(&pa)
             .then(|| self.area.as_ptr() as usize + (pa - start) as usize)
@@ -462,15 +462,18 @@ fn calibrate() -> u64 {
 }
 
 fn arena_bytes() -> Vec<u8> {
-    peek(vmi::arena as *const () as usize, vmi::ARENA_LEN)
+    peek(
+        vmi::arena::arena as *const () as usize,
+        vmi::arena::ARENA_LEN,
+    )
 }
 
 /// What the selection hears of the VMI backend on `m`, and why starting it there fails.
 fn refused_start(m: &Machine) -> (Presence, pvops_backends::StartError) {
     let detection = pvops::detect(&pvops::arch::NativeCpuid);
-    let c = pvops_backends::candidates(&detection, m);
-    assert_eq!(c[3].id, BackendId::Vmi);
-    let e = pvops_backends::start(BackendId::Vmi, &detection, m)
+    let c = pvops_backends::probe(&detection, m).candidates();
+    assert_eq!(c[3].id, pvops_host_tests::ids::VMI);
+    let e = pvops_host_tests::start(pvops_host_tests::ids::VMI, &detection, m)
         .err()
         .expect("refused");
     (c[3].presence, e)
@@ -496,15 +499,25 @@ fn backend_runs_the_rom_copied_into_its_arena() {
     }] {
         let (presence, e) = refused_start(&Machine::new(&bad, 1_000_000));
         assert_eq!(presence, Presence::Absent);
+        assert_eq!(
+            e,
+            pvops_backends::StartError::Absent(pvops_host_tests::ids::VMI)
+        );
+        let probed = pvops_backends::probe(
+            &pvops::detect(&pvops::arch::NativeCpuid),
+            &Machine::new(&bad, 1_000_000),
+        );
+        let why: Vec<_> = probed
+            .absences()
+            .filter(|a| a.refused)
+            .map(|a| (a.id, a.why.to_string()))
+            .collect();
+        assert_eq!(why.len(), 1, "one refusal: {:?}", why);
+        assert_eq!(why[0].0, pvops_host_tests::ids::VMI);
         assert!(
-            matches!(
-                e,
-                pvops_backends::StartError::Vmi(vmi::VmiError::Probe(ProbeError::Refused {
-                    pa: 0xc9800,
-                    ..
-                }))
-            ),
-            "{e:?}"
+            why[0].1.starts_with("ROM at 0xc9800 refused: "),
+            "{}",
+            why[0].1
         );
         assert_eq!(arena_bytes(), pristine);
     }
@@ -553,14 +566,15 @@ fn backend_runs_the_rom_copied_into_its_arena() {
         }
     }
     assert_eq!(
-        vmi::probe(&Pv(Machine::new(ROM, 1_000_000))).err(),
+        vmi::rom::probe(&Pv(Machine::new(ROM, 1_000_000))).err(),
         Some(ProbeError::NoMap)
     );
 
     // No ROM at all (the machine of the tcg rig): absent.
     let none = Machine::new(&[], 1_000_000);
     assert_eq!(
-        pvops_backends::candidates(&pvops::detect(&pvops::arch::NativeCpuid), &none)[3].presence,
+        pvops_backends::probe(&pvops::detect(&pvops::arch::NativeCpuid), &none).candidates()[3]
+            .presence,
         Presence::Absent
     );
 
@@ -568,11 +582,12 @@ fn backend_runs_the_rom_copied_into_its_arena() {
     let khz = calibrate();
     let m = Machine::new(ROM, khz);
     let detection = pvops::detect(&pvops::arch::NativeCpuid);
-    let cands = pvops_backends::candidates(&detection, &m);
+    let cands = pvops_backends::probe(&detection, &m).candidates();
     let sel = pvops::select(Request::Auto, &detection, &cands).unwrap();
-    assert_eq!(sel.backend, BackendId::Vmi);
-    let backend = pvops_backends::start(BackendId::Vmi, &detection, &m).expect("vmi starts");
-    assert_eq!(backend.id(), BackendId::Vmi);
+    assert_eq!(sel.backend, pvops_host_tests::ids::VMI);
+    let backend =
+        pvops_host_tests::start(pvops_host_tests::ids::VMI, &detection, &m).expect("vmi starts");
+    assert_eq!(backend.id(), pvops_host_tests::ids::VMI);
     assert_eq!(vmi::rom_in_use(), Some((0xc9800, (3, 1))));
     let d = backend.describe();
     assert!(
@@ -629,12 +644,12 @@ fn backend_runs_the_rom_copied_into_its_arena() {
         assert!(!vmi::from_rom(op));
     }
     // SAFETY: single test thread; nothing runs ops while the table is written.
-    unsafe { PV_OPS.install(&ops) };
+    unsafe { PV_OPS.install(&ops.table()) };
     sites(false);
     run_user_ops(khz); // indirect calls into the arena
 
     // Patch this binary's sites for VMI.
-    let p = Patcher::new(SiteTable::of_executable(), PV_OPS.addr(), ops, backend).unwrap();
+    let p = Patcher::new(SiteTable::of_executable(), PV_OPS.addr(), &ops).unwrap();
     let mut text = MprotectText::default();
     let report = p.apply(&mut text).expect("patching succeeds");
     assert_eq!(report.indirect, 0);
@@ -682,7 +697,7 @@ fn backend_runs_the_rom_copied_into_its_arena() {
     // SAFETY: as above.
     unsafe { PV_OPS.clear() };
     assert_eq!(
-        pvops_backends::stop(BackendId::Vmi, &m),
+        pvops_backends::stop(pvops_host_tests::ids::VMI, &m),
         "ROM routines removed from the arena"
     );
     assert_eq!(arena_bytes(), pristine, "arena wiped");

@@ -4,7 +4,8 @@
 //! never keeps a privileged native op.
 
 use pvops::ops::Op;
-use pvops_backends::xen_pv::{self, gs_rip_target, vcpu_info_offset, MmuUpdate, MmuextOp};
+use pvops_backends::xen::abi::{MmuUpdate, MmuextOp};
+use pvops_backends::xen::decode::{gs_rip_target, vcpu_info_offset};
 
 const DISABLE_AT: u64 = 0xffff_ffff_8159_2370;
 /// endbr64; movb $0x1, %gs:0x7ea8f845(%rip); jmp __x86_return_thunk
@@ -92,9 +93,9 @@ fn hypercall_structures_have_xens_layout() {
     assert_eq!(core::mem::offset_of!(MmuextOp, arg1), 8);
     assert_eq!(core::mem::offset_of!(MmuextOp, arg2), 16);
     assert_eq!(core::mem::size_of::<MmuUpdate>(), 16);
-    assert_eq!(xen_pv::VCPU_INFO_CR2, 16);
-    assert_eq!(xen_pv::VCPU_INFO_TIME, 32);
-    assert_eq!(xen_pv::SHARED_INFO_WC, 0xc00);
+    assert_eq!(pvops_backends::xen::abi::VCPU_INFO_CR2, 16);
+    assert_eq!(pvops_backends::xen::abi::VCPU_INFO_TIME, 32);
+    assert_eq!(pvops_backends::xen::abi::SHARED_INFO_WC, 0xc00);
 }
 
 /// Native ops a PV table may keep: none of them executes a privileged instruction, or (MSRs)
@@ -117,9 +118,8 @@ const KEPT: &[Op] = &[
 
 #[test]
 fn pv_table_replaces_every_privileged_native_op() {
-    use pvops::Backend;
-    let pv = pvops_backends::xen::pv_ops();
-    let native = pvops_backends::native::NATIVE.ops();
+    let pv = pvops_backends::xen::pv::ops();
+    let native = pvops_backends::native::OPS;
     for &op in Op::ALL {
         let replaced = pv.target(op) != native.target(op);
         assert_eq!(replaced, !KEPT.contains(&op), "{}", op.name());

@@ -19,12 +19,13 @@
 
 use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering};
 
-use pvops::detect::{Detection, HypervisorKind};
-use pvops::ops::{Clobbers, Op, PvOps};
-use pvops::{arch, Backend, BackendId, Inline, InlineSource};
+use pvops::detect::{Detection, HypervisorKind, Interface};
+use pvops::ops::{BackendOps, Impl};
+use pvops::{arch, Backend, BackendId, NullHypercall};
 
 use crate::pvclock::{self, Clock, PvclockVcpuTimeInfo, PvclockWallClock};
-use crate::{native, Platform};
+use crate::time::read_versioned;
+use crate::{native, Driver, Platform, MAX_CPUS};
 
 /// `KVM_FEATURE_CLOCKSOURCE`: kvmclock on the legacy MSRs.
 pub const KVM_FEATURE_CLOCKSOURCE: u32 = 1 << 0;
@@ -121,9 +122,6 @@ pub struct KvmStealTime {
 static_assertions::assert_eq_size!(KvmStealTime, [u8; 64]);
 static_assertions::const_assert_eq!(core::mem::offset_of!(KvmStealTime, preempted), 16);
 
-/// CPUs whose steal-time records the backend tracks.
-pub const MAX_CPUS: usize = 64;
-
 /// What the backend found and set up; the table's functions read it.
 struct State {
     /// kvmclock: the kernel's record, or the backend's own.
@@ -199,33 +197,19 @@ pub extern "C" fn steal_clock(cpu: u32) -> u64 {
     if rec.is_null() {
         return 0;
     }
-    for _ in 0..pvclock::MAX_RETRIES {
+    read_versioned(
         // SAFETY: the kernel's steal-time record of `cpu` lives as long as the CPU is possible;
-        // volatile because the host updates it.
-        let (v0, steal, v1) = unsafe {
-            let v0 = core::ptr::addr_of!((*rec).version).read_volatile();
-            core::sync::atomic::compiler_fence(Ordering::Acquire);
-            let steal = core::ptr::addr_of!((*rec).steal).read_volatile();
-            core::sync::atomic::compiler_fence(Ordering::Acquire);
-            (
-                v0,
-                steal,
-                core::ptr::addr_of!((*rec).version).read_volatile(),
-            )
-        };
-        if v0 & 1 == 0 && v0 == v1 {
-            return steal;
-        }
-        core::hint::spin_loop();
-    }
-    0
+        // volatile because the host updates it (likewise below).
+        || unsafe { core::ptr::addr_of!((*rec).version).read_volatile() },
+        // SAFETY: as above.
+        || unsafe { core::ptr::addr_of!((*rec).steal).read_volatile() },
+    )
+    .unwrap_or(0)
 }
 
 /// Why the KVM backend could not start.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KvmError {
-    /// No KVM interface in the CPUID scan.
-    Absent,
     /// KVM offers no kvmclock.
     NoClock,
     /// The clock record could not be found or registered.
@@ -235,7 +219,6 @@ pub enum KvmError {
 impl core::fmt::Display for KvmError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.write_str(match self {
-            KvmError::Absent => "no KVM interface",
             KvmError::NoClock => "KVM offers no kvmclock",
             KvmError::ClockUnavailable => "the kvmclock record could not be reached",
         })
@@ -254,14 +237,22 @@ pub static KVM: Kvm = Kvm {
     vmmcall: AtomicBool::new(false),
 };
 
-/// The KVM interface of a detection, if any.
-pub fn interface(detection: &Detection) -> Option<&pvops::Interface> {
-    detection.find(HypervisorKind::Kvm)
+/// No KVM interface in the CPUID scan.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NoKvm;
+
+impl core::fmt::Display for NoKvm {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str("no KVM interface in the CPUID scan")
+    }
 }
 
 /// Find (or, without kvmclock in the kernel, register) the records and start the backend.
-pub fn init(detection: &Detection, platform: &dyn Platform) -> Result<&'static Kvm, KvmError> {
-    let iface = interface(detection).ok_or(KvmError::Absent)?;
+fn start(
+    iface: Interface,
+    detection: &Detection,
+    platform: &dyn Platform,
+) -> Result<&'static Kvm, KvmError> {
     let features = platform.cpuid(iface.base + 1, 0).eax;
     STATE.features.store(u64::from(features), Ordering::Relaxed);
     let msr = if features & KVM_FEATURE_CLOCKSOURCE2 != 0 {
@@ -345,9 +336,9 @@ pub fn init(detection: &Detection, platform: &dyn Platform) -> Result<&'static K
     Ok(&KVM)
 }
 
-/// Undo what `init` registered (the backend's own clock record, if any) and forget the rest.
+/// Undo what `start` registered (the backend's own clock record, if any) and forget the rest.
 /// Says what it released.
-pub fn teardown(platform: &dyn Platform) -> &'static str {
+fn teardown(platform: &dyn Platform) -> &'static str {
     let msr = STATE.own_msr.swap(0, Ordering::Relaxed);
     let released = if msr == 0 {
         "nothing registered"
@@ -368,52 +359,68 @@ pub fn owns_clock() -> bool {
     STATE.own_msr.load(Ordering::Relaxed) != 0
 }
 
-/// KVM's feature bits (CPUID base+1 EAX) as found at init.
+/// KVM's feature bits (CPUID base+1 EAX) as found at start.
 pub fn features() -> u32 {
     STATE.features.load(Ordering::Relaxed) as u32
 }
 
-impl InlineSource for Kvm {
-    fn inline(&self, op: Op) -> Option<Inline> {
-        match op {
-            Op::IoDelay if features() & KVM_FEATURE_NOP_IO_DELAY != 0 => Some(Inline {
-                bytes: &[],
-                clobbers: Clobbers::empty(),
-            }),
-            _ => native::inline(op),
-        }
+impl Driver for Kvm {
+    const ID: BackendId = BackendId::new("kvm");
+    const SERVES: Option<HypervisorKind> = Some(HypervisorKind::Kvm);
+    type Found = Interface;
+    type Absent = NoKvm;
+    type Error = KvmError;
+
+    fn probe(detection: &Detection, _: &dyn Platform) -> Result<Interface, NoKvm> {
+        detection.find(HypervisorKind::Kvm).copied().ok_or(NoKvm)
+    }
+
+    fn base(iface: &Interface) -> Option<u32> {
+        Some(iface.base)
+    }
+
+    fn start(
+        iface: Interface,
+        detection: &Detection,
+        platform: &dyn Platform,
+    ) -> Result<&'static Kvm, KvmError> {
+        start(iface, detection, platform)
+    }
+
+    fn stop(platform: &dyn Platform) -> &'static str {
+        teardown(platform)
     }
 }
 
 impl Backend for Kvm {
     fn id(&self) -> BackendId {
-        BackendId::Kvm
+        Self::ID
     }
 
-    fn ops(&self) -> PvOps {
-        let mut ops = native::NATIVE.ops();
-        ops.timer.sched_clock = sched_clock;
-        ops.timer.steal_clock = steal_clock;
-        ops.timer.tsc_khz = tsc_khz;
-        ops.timer.wall_clock = wall_clock;
-        ops.cpu.hypercall = hypercall_pick(self.vmmcall.load(Ordering::Relaxed));
+    fn ops(&self) -> BackendOps {
+        let mut ops = native::OPS;
+        ops.timer.sched_clock = Impl::call(sched_clock);
+        ops.timer.steal_clock = Impl::call(steal_clock);
+        ops.timer.tsc_khz = Impl::call(tsc_khz);
+        ops.timer.wall_clock = Impl::call(wall_clock);
+        ops.cpu.hypercall = Impl::call(hypercall_pick(self.vmmcall.load(Ordering::Relaxed)));
         if features() & KVM_FEATURE_NOP_IO_DELAY != 0 {
-            ops.cpu.io_delay = native::nothing_callee_save;
+            ops.cpu.io_delay = native::NOTHING_CALLEE_SAVE;
         }
         ops
     }
 
-    fn null_hypercall(&self) -> Option<pvops::select::NullHypercall> {
+    fn null_hypercall(&self) -> Option<NullHypercall> {
         if features() & KVM_FEATURE_PV_SCHED_YIELD != 0 {
             // A directed yield to this very vCPU (not preempted): answered 0.
             let apic_id = u64::from(arch::raw_cpuid(1, 0).ebx >> 24);
-            return Some(pvops::select::NullHypercall {
+            return Some(NullHypercall {
                 args: [KVM_HC_SCHED_YIELD, apic_id, 0, 0, 0],
                 expect: 0,
             });
         }
         // An exit to the host and back, always answered 0.
-        Some(pvops::select::NullHypercall {
+        Some(NullHypercall {
             args: [KVM_HC_VAPIC_POLL_IRQ, 0, 0, 0, 0],
             expect: 0,
         })

@@ -1,40 +1,119 @@
 //! # pvops backends
 //!
-//! One file per backend, each filling the [`pvops`] table for its hypervisor:
+//! One backend per file (or folder), each filling the [`pvops`] table for its hypervisor, and
+//! one list of them, `registry!` below:
 //!
-//! | backend | file | status |
+//! | backend | where | what it drives |
 //! |---|---|---|
-//! | native | [`native`] | built |
-//! | KVM | [`kvm`] | built (kvmclock, steal time, hypercalls) |
-//! | Xen, HVM and PV | [`xen`], PV ops in [`xen_pv`] | built (pvclock/vcpu_info time; PV: upcall mask, mmuext, mmu_update) |
-//! | VMI (64-bit variant, ROM shipped) | [`vmi`] | built: ROM found in the option-ROM area, routines copied into an arena |
-//! | lguest | [`lguest`] | built (the project's 64-bit port; host: `lguest-host/`) |
+//! | native | [`native`] | the real instructions |
+//! | KVM | [`kvm`] | kvmclock, steal time, hypercalls |
+//! | Xen, HVM and PV | [`xen`] (PV ops in [`xen::pv`], ABI in [`xen::abi`]) | pvclock/`vcpu_info` time; PV: upcall mask, mmuext, mmu_update |
+//! | VMI (64-bit variant, ROM shipped) | [`vmi`] (ROM format in [`vmi::rom`], code arena in [`vmi::arena`]) | the ROM's routines, copied into an arena |
+//! | lguest | [`lguest`] (ABI in [`lguest::abi`], shared with `lguest-host/`) | the project's 64-bit port |
 //!
-//! [`candidates`] asks each backend whether its hypervisor is here; [`pvops::select()`] picks one;
-//! [`start`] brings the chosen backend up, ready to install, and [`stop`] releases it. A
-//! backend that is not part of this build answers [`Presence::NotBuilt`], so a guest of its
-//! hypervisor reports "vmi backend not built" rather than silently running native.
+//! Every backend is a type implementing [`Driver`], one lifecycle: [`Driver::probe`] (is its
+//! hypervisor here? it looks and changes nothing), [`Driver::start`] (with what the probe
+//! found), then the live backend's [`pvops::Backend::ops`], and [`Driver::stop`]. The
+//! registry turns the list into [`BACKENDS`] (the names, which the module's parameter and
+//! reports use), [`probe`] (every backend probed once, giving [`Probes`]: the candidates
+//! selection reads and what [`Probes::start`] starts), [`StartError`] and [`stop`].
 //!
 //! ## Adding a backend
 //!
-//! 1. Write `src/<name>.rs` with a type implementing [`pvops::Backend`] (its table and its inline
-//!    replacements) and a presence probe.
-//! 2. Answer for it in [`candidates`], start it in [`start`] and release it in [`stop`].
-//! 3. Add a rig (`scripts/rig <name>`) and host tests with a modelled hypervisor.
+//! 1. Write `src/<name>.rs` with a type implementing [`pvops::Backend`] (its [`BackendOps`]:
+//!    each op's function with its inline bytes) and [`Driver`] (probe, start, stop).
+//! 2. Add one line to the `registry!` invocation in this file.
+//! 3. Add a rig (`scripts/rigs/`) and host tests with a modelled hypervisor.
+//!
+//! [`BackendOps`]: pvops::BackendOps
 #![cfg_attr(not(test), no_std)]
 
 pub mod hypercall;
+#[macro_use]
+mod registry;
 pub mod kvm;
 pub mod lguest;
 pub mod native;
 pub mod pvclock;
+pub mod time;
 pub mod vmi;
 pub mod xen;
-pub mod xen_pv;
 
 pub use pvclock::PvclockVcpuTimeInfo;
 
+use core::fmt;
+
+use pvops::detect::HypervisorKind;
 use pvops::{BackendId, Candidate, Detection, Presence};
+
+/// The largest number of CPUs whose per-CPU records (steal time, vCPU ids) a backend tracks.
+pub const MAX_CPUS: usize = 64;
+
+registry! {
+    /// The real instructions.
+    native: Native => native::Native,
+    /// KVM's paravirtual interface.
+    kvm: Kvm => kvm::Kvm,
+    /// Xen, HVM guest or PV domain.
+    xen: Xen => xen::Xen,
+    /// The 64-bit VMI ROM.
+    vmi: Vmi => vmi::Vmi,
+    /// The 64-bit lguest port.
+    lguest: Lguest => lguest::Lguest,
+}
+
+/// A backend's lifecycle: probe → start → (its [`pvops::Backend`] ops installed and patched)
+/// → stop. One type per backend implements it; `registry!` lists them.
+pub trait Driver: pvops::Backend + Sized + 'static {
+    /// The backend's identity: its name in parameters and reports.
+    const ID: BackendId;
+    /// The CPUID interface kind it serves, if detection finds it by the scan.
+    const SERVES: Option<HypervisorKind> = None;
+    /// What a successful probe found; [`Driver::start`] is handed it (nothing is probed twice).
+    type Found: Copy;
+    /// Why the backend's hypervisor is not here.
+    type Absent: fmt::Display + Copy;
+    /// Why the backend could not start.
+    type Error: fmt::Display + Copy;
+
+    /// Is this backend's hypervisor here? Looks only: registers, maps and writes nothing.
+    fn probe(detection: &Detection, platform: &dyn Platform) -> Result<Self::Found, Self::Absent>;
+
+    /// The CPUID base `found` was seen at (`None`: a platform hook found it, which `auto`
+    /// prefers: VMI and lguest are announced only where they really are).
+    fn base(_found: &Self::Found) -> Option<u32> {
+        None
+    }
+
+    /// Whether an absence deserves a warning: something was there and the backend refused it
+    /// (a corrupt ROM), rather than nothing at all.
+    fn refused(_why: &Self::Absent) -> bool {
+        false
+    }
+
+    /// Bring the backend up (find or register what it needs), ready to install. On error
+    /// nothing stays registered.
+    fn start(
+        found: Self::Found,
+        detection: &Detection,
+        platform: &dyn Platform,
+    ) -> Result<&'static Self, Self::Error>;
+
+    /// Release what [`Driver::start`] set up, once the backend's ops are no longer installed;
+    /// says what was released.
+    fn stop(platform: &dyn Platform) -> &'static str;
+}
+
+/// One backend's absence, as [`Probes::absences`] lists them.
+#[derive(Clone, Copy)]
+pub struct Absence<'a> {
+    /// The backend.
+    pub id: BackendId,
+    /// Something was there and was refused (see [`Driver::refused`]).
+    pub refused: bool,
+    /// Why.
+    pub why: &'a dyn fmt::Display,
+}
 
 /// What the environment tells backends that CPUID cannot, and the privileged accesses they need
 /// to set up (ring 0 in the kernel; host tests model them). Every method has a "cannot" default.
@@ -86,7 +165,7 @@ pub trait Platform {
     }
 
     /// What a Xen PV kernel shares with the backend (`None`: not a PV domain, or unknown).
-    fn xen_pv_kernel(&self) -> Option<xen_pv::XenPvKernel> {
+    fn xen_pv_kernel(&self) -> Option<xen::pv::XenPvKernel> {
         None
     }
 
@@ -97,7 +176,7 @@ pub trait Platform {
     }
 
     /// A modelled lguest host's hypercall entry, for host tests (`None`: the instruction).
-    fn lguest_host(&self) -> Option<lguest::HypercallFn> {
+    fn lguest_host(&self) -> Option<lguest::abi::HypercallFn> {
         None
     }
 
@@ -147,96 +226,8 @@ pub trait Platform {
 /// (the instruction alone shows the physical CPU).
 pub fn cpuid_source(platform: &dyn Platform) -> &'static dyn pvops::detect::CpuidSource {
     if platform.xen_pv() {
-        &xen_pv::PvCpuid
+        &xen::pv::PvCpuid
     } else {
         &pvops::arch::NativeCpuid
-    }
-}
-
-/// Each backend's answer to "is your hypervisor here?".
-pub fn candidates(detection: &Detection, platform: &dyn Platform) -> [Candidate; 5] {
-    BackendId::ALL.map(|id| Candidate {
-        id,
-        presence: match id {
-            // A Xen PV kernel runs deprivileged: cli, CR and MSR accesses would fault
-            BackendId::Native if platform.xen_pv() => Presence::Absent,
-            BackendId::Native => Presence::Present { base: None },
-            BackendId::Kvm => match kvm::interface(detection) {
-                Some(i) => Presence::Present { base: Some(i.base) },
-                None => Presence::Absent,
-            },
-            // In a PV domain the detection must have asked Xen (xen_pv::PvCpuid)
-            BackendId::Xen => match xen::interface(detection) {
-                Some(i) => Presence::Present { base: Some(i.base) },
-                None => Presence::Absent,
-            },
-            // a valid VMI ROM in the option-ROM area (a refused one counts as absent)
-            BackendId::Vmi => match vmi::probe(platform) {
-                Ok(_) => Presence::Present { base: None },
-                Err(_) => Presence::Absent,
-            },
-            // Announced by boot data only: absent unless the launcher said so
-            BackendId::Lguest => match lguest::probe(platform) {
-                Ok(()) => Presence::Present { base: None },
-                Err(_) => Presence::Absent,
-            },
-        },
-    })
-}
-
-/// Why a selected backend could not be brought up.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum StartError {
-    /// The KVM backend refused.
-    Kvm(kvm::KvmError),
-    /// The Xen backend refused.
-    Xen(xen::XenError),
-    /// The VMI backend refused.
-    Vmi(vmi::VmiError),
-    /// The lguest backend refused.
-    Lguest(lguest::LguestError),
-    /// Not part of this build.
-    NotBuilt(BackendId),
-}
-
-impl core::fmt::Display for StartError {
-    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        match self {
-            StartError::Kvm(e) => write!(f, "kvm: {e}"),
-            StartError::Xen(e) => write!(f, "xen: {e}"),
-            StartError::Vmi(e) => write!(f, "vmi: {e}"),
-            StartError::Lguest(e) => write!(f, "lguest: {e}"),
-            StartError::NotBuilt(b) => write!(f, "{b} backend not built"),
-        }
-    }
-}
-
-/// Bring the selected backend up and hand it out, ready to install.
-pub fn start(
-    id: BackendId,
-    detection: &Detection,
-    platform: &dyn Platform,
-) -> Result<&'static dyn pvops::Backend, StartError> {
-    match id {
-        BackendId::Native => {
-            native::start(platform);
-            Ok(&native::NATIVE)
-        }
-        BackendId::Kvm => Ok(kvm::init(detection, platform).map_err(StartError::Kvm)?),
-        BackendId::Xen => Ok(xen::init(detection, platform).map_err(StartError::Xen)?),
-        BackendId::Vmi => Ok(vmi::init(platform).map_err(StartError::Vmi)?),
-        BackendId::Lguest => Ok(lguest::init(detection, platform).map_err(StartError::Lguest)?),
-    }
-}
-
-/// Release what [`start`] set up (registrations, mappings) after the backend was uninstalled;
-/// says what was released.
-pub fn stop(id: BackendId, platform: &dyn Platform) -> &'static str {
-    match id {
-        BackendId::Kvm => kvm::teardown(platform),
-        BackendId::Xen => xen::teardown(platform),
-        BackendId::Vmi => vmi::teardown(platform),
-        BackendId::Lguest => lguest::teardown(platform),
-        _ => "nothing registered",
     }
 }

@@ -7,9 +7,11 @@
 //! (no division), and a record with a zero multiplier (never registered, or emulated away) is
 //! refused rather than read as time zero.
 
-use core::sync::atomic::{compiler_fence, AtomicBool, AtomicPtr, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering};
 
 use pvops::arch;
+
+use crate::time::{read_versioned, Monotonic};
 
 /// `struct pvclock_vcpu_time_info` (32 bytes, packed in the ABI; naturally aligned here).
 #[repr(C)]
@@ -58,15 +60,12 @@ pub const PVCLOCK_TSC_STABLE_BIT: u8 = 1 << 0;
 /// The host paused the guest.
 pub const PVCLOCK_GUEST_STOPPED: u8 = 1 << 1;
 
-/// How often a reader retries a record the host keeps updating before giving up.
-pub const MAX_RETRIES: u32 = 1000;
-
 /// Why a record could not be read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PvclockError {
     /// The multiplier is zero: nothing is registered there.
     NotRunning,
-    /// The version never settled within [`MAX_RETRIES`].
+    /// The version never settled within [`MAX_RETRIES`](crate::time::MAX_RETRIES).
     Unstable,
 }
 
@@ -116,38 +115,29 @@ pub unsafe fn read(
     rec: *const PvclockVcpuTimeInfo,
     rdtsc: impl Fn() -> u64,
 ) -> Result<Reading, PvclockError> {
-    for _ in 0..MAX_RETRIES {
+    let (tsc, r) = read_versioned(
         // SAFETY: `rec` is live (caller); volatile because the host writes it behind the
         // compiler's back (likewise below).
-        let v0 = unsafe { core::ptr::addr_of!((*rec).version).read_volatile() };
-        compiler_fence(Ordering::Acquire);
-        let tsc = rdtsc();
+        || unsafe { core::ptr::addr_of!((*rec).version).read_volatile() },
         // SAFETY: as above.
-        let r = unsafe { rec.read_volatile() };
-        compiler_fence(Ordering::Acquire);
-        // SAFETY: as above.
-        let v1 = unsafe { core::ptr::addr_of!((*rec).version).read_volatile() };
-        if v0 & 1 != 0 || v0 != v1 {
-            core::hint::spin_loop();
-            continue;
-        }
-        if r.tsc_to_system_mul == 0 {
-            return Err(PvclockError::NotRunning);
-        }
-        let delta = tsc.wrapping_sub(r.tsc_timestamp);
-        // A TSC behind the record's timestamp (another vCPU's record, an unsynchronised TSC)
-        // counts as no time elapsed rather than wrapping to centuries.
-        let delta = if (delta as i64) < 0 { 0 } else { delta };
-        return Ok(Reading {
-            ns: r
-                .system_time
-                .wrapping_add(scale_delta(delta, r.tsc_to_system_mul, r.tsc_shift)),
-            flags: r.flags,
-            mul: r.tsc_to_system_mul,
-            shift: r.tsc_shift,
-        });
+        || (rdtsc(), unsafe { rec.read_volatile() }),
+    )
+    .map_err(|_| PvclockError::Unstable)?;
+    if r.tsc_to_system_mul == 0 {
+        return Err(PvclockError::NotRunning);
     }
-    Err(PvclockError::Unstable)
+    let delta = tsc.wrapping_sub(r.tsc_timestamp);
+    // A TSC behind the record's timestamp (another vCPU's record, an unsynchronised TSC) counts
+    // as no time elapsed rather than wrapping to centuries.
+    let delta = if (delta as i64) < 0 { 0 } else { delta };
+    Ok(Reading {
+        ns: r
+            .system_time
+            .wrapping_add(scale_delta(delta, r.tsc_to_system_mul, r.tsc_shift)),
+        flags: r.flags,
+        mul: r.tsc_to_system_mul,
+        shift: r.tsc_shift,
+    })
 }
 
 /// Read a wall-clock record with the same protocol: (seconds, nanoseconds).
@@ -156,44 +146,14 @@ pub unsafe fn read(
 ///
 /// `rec` points to a live record.
 pub unsafe fn read_wall(rec: *const PvclockWallClock) -> Result<(u32, u32), PvclockError> {
-    for _ in 0..MAX_RETRIES {
+    read_versioned(
         // SAFETY: `rec` is live (caller); volatile as in `read`.
-        let v0 = unsafe { core::ptr::addr_of!((*rec).version).read_volatile() };
-        compiler_fence(Ordering::Acquire);
+        || unsafe { core::ptr::addr_of!((*rec).version).read_volatile() },
         // SAFETY: as above.
-        let w = unsafe { rec.read_volatile() };
-        compiler_fence(Ordering::Acquire);
-        // SAFETY: as above.
-        let v1 = unsafe { core::ptr::addr_of!((*rec).version).read_volatile() };
-        if v0 & 1 == 0 && v0 == v1 {
-            return Ok((w.sec, w.nsec));
-        }
-        core::hint::spin_loop();
-    }
-    Err(PvclockError::Unstable)
-}
-
-/// Keeps a clock from going backwards when its readings come from records that are not
-/// mutually monotonic (Linux's `last_value` clamp).
-#[derive(Debug, Default)]
-pub struct Monotonic(AtomicU64);
-
-impl Monotonic {
-    /// A clamp that has seen nothing.
-    pub const fn new() -> Monotonic {
-        Monotonic(AtomicU64::new(0))
-    }
-
-    /// `ns`, or the largest value returned so far if that is later.
-    pub fn clamp(&self, ns: u64) -> u64 {
-        let prev = self.0.fetch_max(ns, Ordering::AcqRel);
-        prev.max(ns)
-    }
-
-    /// Start again from `ns` (a clock re-anchored at start-up).
-    pub fn reset(&self, ns: u64) {
-        self.0.store(ns, Ordering::Relaxed);
-    }
+        || unsafe { rec.read_volatile() },
+    )
+    .map(|w| (w.sec, w.nsec))
+    .map_err(|_| PvclockError::Unstable)
 }
 
 /// The clock a backend's timer ops read: a registered pvclock record (KVM's kvmclock, Xen's
@@ -391,14 +351,6 @@ mod tests {
         assert!(c.now() >= t1);
         c.stop();
         assert_eq!(c.now(), 0);
-    }
-
-    #[test]
-    fn clamp_never_goes_back() {
-        let m = Monotonic::new();
-        assert_eq!(m.clamp(10), 10);
-        assert_eq!(m.clamp(5), 10);
-        assert_eq!(m.clamp(12), 12);
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering}
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use pvops_backends::lguest::{
+use pvops_backends::lguest::abi::{
     LguestData, HCALL_FREE, LHCALL_FLUSH_ASYNC, LHCALL_FLUSH_TLB, LHCALL_HALT, LHCALL_LGUEST_INIT,
     LHCALL_NEW_PGTABLE, LHCALL_RING_SIZE, LHCALL_SEND_INTERRUPTS, LHCALL_SET_CLOCKEVENT,
     LHCALL_SET_PGD, LHCALL_SET_PMD, LHCALL_SET_PTE, LHCALL_SHUTDOWN, X86_EFLAGS_IF,

@@ -30,7 +30,7 @@ use kvm_bindings::{
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
 use linux_loader::loader::{bzimage::BzImage, KernelLoader};
-use pvops_backends::lguest::{boot_signature, ABI_VERSION, X86_SUBARCH_LGUEST};
+use pvops_backends::lguest::abi::{boot_signature, ABI_VERSION, X86_SUBARCH_LGUEST};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryMmap};
 
 /// Where the boot structures go (the classic layout of small launchers).

@@ -134,43 +134,55 @@ macro_rules! __asm_syscall {
     };
 }
 
-/// Define a callee-save thunk: an assembly function with an op's signature that preserves every
-/// register but RAX and calls the ordinary `extern "C"` function `$target` with the same
-/// arguments. This is how a Rust function fills a [`Convention::CalleeSave`] slot
-/// (Linux's `PV_CALLEE_SAVE_REGS_THUNK`).
+/// Define a callee-save thunk: a [`CalleeSave`] slot value (a constant named `$thunk`) whose
+/// function is an assembly thunk with the op's signature that preserves every register but RAX
+/// and calls the ordinary `extern "C"` function `$target` with the same arguments. This is how a
+/// Rust function fills a [`Convention::CalleeSave`] slot (Linux's `PV_CALLEE_SAVE_REGS_THUNK`).
 ///
+/// [`CalleeSave`]: crate::ops::CalleeSave
 /// [`Convention::CalleeSave`]: crate::ops::Convention::CalleeSave
 ///
 /// ```ignore
 /// extern "C" fn xen_save_fl() -> u64 { ... }
 /// pvops::callee_save_thunk!(pub fn xen_save_fl_thunk() -> u64 => xen_save_fl);
+/// ops.irq.save_fl = Impl::call(xen_save_fl_thunk);
 /// ```
 #[macro_export]
 macro_rules! callee_save_thunk {
     ($(#[$m:meta])* $vis:vis fn $thunk:ident($($arg:ident: $ty:ty),*) $(-> $ret:ty)? => $target:path) => {
         $(#[$m])*
-        ///
-        /// # Safety
-        ///
-        /// As for the function it wraps.
-        #[unsafe(naked)]
-        // rustc gives each naked function a section of its own (`.text.<symbol>`), which the
-        // kernel's vmlinux linker script does not place: keep them in `.text`.
-        #[link_section = ".text"]
-        $vis unsafe extern "C" fn $thunk($($arg: $ty),*) $(-> $ret)? {
-            // Nine pushes after the return address keep the stack 16-byte aligned at the call.
-            core::arch::naked_asm!(
-                "endbr64",
-                "push rbp",
-                "push rcx", "push rdx", "push rsi", "push rdi",
-                "push r8", "push r9", "push r10", "push r11",
-                "call {target}",
-                "pop r11", "pop r10", "pop r9", "pop r8",
-                "pop rdi", "pop rsi", "pop rdx", "pop rcx",
-                "pop rbp",
-                $crate::__asm_ret!(),
-                target = sym $target,
-            )
-        }
+        #[allow(non_upper_case_globals)]
+        $vis const $thunk: $crate::ops::CalleeSave<unsafe extern "C" fn($($ty),*) $(-> $ret)?> = {
+            /// The thunk.
+            ///
+            /// # Safety
+            ///
+            /// As for the function it wraps.
+            #[unsafe(naked)]
+            // rustc gives each naked function a section of its own (`.text.<symbol>`), which
+            // the kernel's vmlinux linker script does not place: keep them in `.text`.
+            #[link_section = ".text"]
+            unsafe extern "C" fn thunk($($arg: $ty),*) $(-> $ret)? {
+                // Nine pushes after the return address keep the stack 16-byte aligned at the
+                // call.
+                core::arch::naked_asm!(
+                    "endbr64",
+                    "push rbp",
+                    "push rcx", "push rdx", "push rsi", "push rdi",
+                    "push r8", "push r9", "push r10", "push r11",
+                    "call {target}",
+                    "pop r11", "pop r10", "pop r9", "pop r8",
+                    "pop rdi", "pop rsi", "pop rdx", "pop rcx",
+                    "pop rbp",
+                    $crate::__asm_ret!(),
+                    target = sym $target,
+                )
+            }
+            // SAFETY: the thunk saves every register the C ABI lets `$target` change, except
+            // RAX (the result), and restores them before it returns.
+            unsafe {
+                $crate::ops::CalleeSave::declare(thunk as unsafe extern "C" fn($($ty),*) $(-> $ret)?)
+            }
+        };
     };
 }

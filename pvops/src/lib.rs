@@ -33,7 +33,9 @@ pub mod select;
 pub mod site;
 
 pub use detect::{detect, Detection, HypervisorKind, Interface};
-pub use ops::{Op, PvOps, PV_OPS};
-pub use patch::{Inline, InlineSource, PatchError, PatchReport, Patcher, ReadText, Text};
-pub use select::{select, Backend, BackendId, Candidate, Presence, Reason, Request, Selection};
+pub use ops::{BackendOps, CalleeSave, Impl, Inline, Op, PvOps, PV_OPS};
+pub use patch::{PatchError, PatchReport, Patcher, ReadText, Text};
+pub use select::{
+    select, Backend, BackendId, Candidate, NullHypercall, Presence, Reason, Request, Selection,
+};
 pub use site::SiteTable;

@@ -24,7 +24,7 @@
 
 use core::fmt;
 
-use crate::ops::{Clobbers, Op, PvOps, INDIRECT_CALL_LEN, MAX_SITE_LEN};
+use crate::ops::{BackendOps, INDIRECT_CALL_LEN, MAX_SITE_LEN};
 use crate::site::{BadRecord, Site, SiteTable};
 
 /// The recommended multi-byte NOPs (Intel SDM vol. 2B, "NOP"), indexed by length.
@@ -90,25 +90,6 @@ impl fmt::Debug for SiteBytes {
         }
         Ok(())
     }
-}
-
-/// A backend's inline replacement for one op.
-///
-/// The bytes must be position-independent (no RIP-relative operand, no relative branch out of
-/// the sequence), take their arguments and leave their result in the op's registers, and
-/// change nothing outside `clobbers`. An empty sequence turns the site into NOPs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Inline {
-    /// The instruction bytes.
-    pub bytes: &'static [u8],
-    /// The registers they change.
-    pub clobbers: Clobbers,
-}
-
-/// Where a backend's inline replacements come from (the engine's view of a backend).
-pub trait InlineSource {
-    /// The inline replacement for `op`, if the backend has one.
-    fn inline(&self, op: Op) -> Option<Inline>;
 }
 
 /// What a site becomes.
@@ -225,18 +206,17 @@ enum State {
 pub struct Patcher<'a> {
     sites: SiteTable,
     table_addr: usize,
-    ops: PvOps,
-    backend: &'a dyn InlineSource,
+    ops: &'a BackendOps,
 }
 
 impl<'a> Patcher<'a> {
     /// A patch set for `sites`, which call through the table at `table_addr`, patched for the
-    /// functions in `ops` and the replacements `backend` offers. Every record is checked here.
+    /// backend's `ops` (the functions the table will hold, and their inline replacements).
+    /// Every record is checked here.
     pub fn new(
         sites: SiteTable,
         table_addr: usize,
-        ops: PvOps,
-        backend: &'a dyn InlineSource,
+        ops: &'a BackendOps,
     ) -> Result<Patcher<'a>, PatchError> {
         for (index, site) in sites.iter().enumerate() {
             let site = site.map_err(|why| PatchError::BadRecord { index, why })?;
@@ -255,7 +235,6 @@ impl<'a> Patcher<'a> {
             sites,
             table_addr,
             ops,
-            backend,
         })
     }
 
@@ -329,7 +308,7 @@ impl<'a> Patcher<'a> {
 
     fn decide(&self, site: &Site) -> (Action, SiteBytes) {
         let len = site.len as usize;
-        if let Some(inline) = self.backend.inline(site.op) {
+        if let Some(inline) = self.ops.inline(site.op) {
             if inline.bytes.len() <= len && site.clobbers.contains(inline.clobbers) {
                 let mut b = SiteBytes::new(site.len);
                 let s = b.as_mut_slice();

@@ -9,76 +9,51 @@
 use core::fmt;
 
 use crate::detect::{Detection, HypervisorKind, Interface};
-use crate::ops::PvOps;
-use crate::patch::InlineSource;
+use crate::ops::BackendOps;
 
-/// The backends pvops knows.
+/// A backend's identity: its name, as parameters and reports spell it. pvops knows one backend
+/// by name, [`BackendId::NATIVE`] (the real instructions, the policy's fallback); every other
+/// comes from the registry of the backends crate that lists them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum BackendId {
-    /// Bare hardware (or a hypervisor with no paravirtual interface): the real instructions.
-    Native,
-    /// KVM's paravirtual interface (kvmclock, steal time, hypercalls).
-    Kvm,
-    /// Xen, as an HVM guest or a PV domain.
-    Xen,
-    /// VMware's Virtual Machine Interface: a ROM the guest calls into.
-    Vmi,
-    /// lguest: a hypercall interface announced through boot data.
-    Lguest,
-}
+pub struct BackendId(&'static str);
 
 impl BackendId {
-    /// Every backend, in the order the policy lists them.
-    pub const ALL: [BackendId; 5] = [
-        BackendId::Native,
-        BackendId::Kvm,
-        BackendId::Xen,
-        BackendId::Vmi,
-        BackendId::Lguest,
-    ];
+    /// Bare hardware (or a hypervisor with no paravirtual interface): the real instructions.
+    pub const NATIVE: BackendId = BackendId("native");
+
+    /// The backend called `name` (lower case, no spaces: it is a parameter value).
+    pub const fn new(name: &'static str) -> BackendId {
+        BackendId(name)
+    }
 
     /// The name used in parameters and reports.
-    pub fn name(self) -> &'static str {
-        match self {
-            BackendId::Native => "native",
-            BackendId::Kvm => "kvm",
-            BackendId::Xen => "xen",
-            BackendId::Vmi => "vmi",
-            BackendId::Lguest => "lguest",
-        }
+    pub const fn name(self) -> &'static str {
+        self.0
     }
 
-    /// The backend with this name.
-    pub fn from_name(name: &str) -> Option<BackendId> {
-        Self::ALL.into_iter().find(|b| b.name() == name)
-    }
-
-    /// The backend that serves an interface of this kind, if any.
-    pub fn for_kind(kind: HypervisorKind) -> Option<BackendId> {
-        match kind {
-            HypervisorKind::Kvm => Some(BackendId::Kvm),
-            HypervisorKind::Xen => Some(BackendId::Xen),
-            _ => None,
-        }
+    /// The backend of `known` with this name.
+    pub fn from_name(name: &str, known: &[BackendId]) -> Option<BackendId> {
+        known.iter().copied().find(|b| b.0 == name)
     }
 }
 
 impl fmt::Display for BackendId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
+        f.write_str(self.0)
     }
 }
 
-/// A backend, ready to be installed: its table and its inline replacements.
+/// A backend, ready to be installed: its ops (functions and inline replacements together).
 ///
-/// Bringing a backend up (mapping shared pages, registering clocks) and tearing it down are the
-/// backend's own business; this trait is what the rest of pvops needs from a live one.
-pub trait Backend: InlineSource + Sync {
+/// Bringing a backend up (mapping shared pages, registering clocks) and tearing it down are its
+/// lifecycle's business (the backends crate's `Driver`); this trait is what the rest of pvops
+/// needs from a live one.
+pub trait Backend: Sync {
     /// Which backend this is.
     fn id(&self) -> BackendId;
 
-    /// The functions to install in [`PV_OPS`](crate::ops::PV_OPS).
-    fn ops(&self) -> PvOps;
+    /// What to install in [`PV_OPS`](crate::ops::PV_OPS) and what call sites may hold instead.
+    fn ops(&self) -> BackendOps;
 
     /// A hypercall with no side effect and a known answer, for self-tests and benchmarks
     /// (`None`: the backend has no hypervisor to call).
@@ -110,10 +85,8 @@ pub enum Presence {
         /// CPUID base of the interface, if it was found by the scan.
         base: Option<u32>,
     },
-    /// Not present on this machine.
+    /// Not present on this machine (or present but refused by its backend).
     Absent,
-    /// This build does not contain the backend.
-    NotBuilt,
 }
 
 /// One backend's answer to "is your hypervisor here?".
@@ -121,6 +94,8 @@ pub enum Presence {
 pub struct Candidate {
     /// The backend.
     pub id: BackendId,
+    /// The CPUID interface it serves, if it is one the scan finds.
+    pub serves: Option<HypervisorKind>,
     /// Its answer.
     pub presence: Presence,
 }
@@ -139,12 +114,12 @@ pub enum Request {
 pub struct UnknownBackend;
 
 impl Request {
-    /// Parse `auto` or a backend name (surrounding whitespace and a trailing newline, as sysfs
-    /// writes carry, are ignored).
-    pub fn parse(s: &str) -> Result<Request, UnknownBackend> {
+    /// Parse `auto` or the name of one of the `known` backends (surrounding whitespace and a
+    /// trailing newline, as sysfs writes carry, are ignored; names are case-sensitive).
+    pub fn parse(s: &str, known: &[BackendId]) -> Result<Request, UnknownBackend> {
         match s.trim() {
             "auto" | "" => Ok(Request::Auto),
-            name => BackendId::from_name(name)
+            name => BackendId::from_name(name, known)
                 .map(Request::Backend)
                 .ok_or(UnknownBackend),
         }
@@ -162,10 +137,9 @@ pub enum Reason {
     NoHypervisor,
     /// The hypervisor bit is set but no interface answered the scan.
     NoInterface,
-    /// A hypervisor was found that no backend serves (TCG, Hyper-V, VMware's CPUID interface…).
+    /// A hypervisor was found that no present backend serves (TCG, Hyper-V, VMware's CPUID
+    /// interface…, or one whose backend refused it).
     Unsupported(HypervisorKind),
-    /// A hypervisor was found whose backend this build does not contain.
-    NotBuilt(BackendId),
     /// The backend for the hypervisor found could not start (see [`Selection::fall_back`]).
     StartFailed(BackendId),
 }
@@ -178,7 +152,6 @@ impl fmt::Display for Reason {
             Reason::NoHypervisor => f.write_str("no hypervisor"),
             Reason::NoInterface => f.write_str("hypervisor without a CPUID interface"),
             Reason::Unsupported(k) => write!(f, "no backend for {}", k.name()),
-            Reason::NotBuilt(b) => write!(f, "{b} backend not built"),
             Reason::StartFailed(b) => write!(f, "{b} backend failed to start"),
         }
     }
@@ -200,8 +173,6 @@ pub struct Selection {
 pub enum SelectError {
     /// The requested backend's hypervisor is not here (`-ENODEV`).
     Absent(BackendId),
-    /// The requested backend is not part of this build (`-ENODEV`).
-    NotBuilt(BackendId),
     /// `auto` found nothing that can run: no backend serves this hypervisor and the native
     /// instructions would fault (a deprivileged kernel, such as a Xen PV domain) (`-ENODEV`).
     NothingRuns,
@@ -210,7 +181,7 @@ pub enum SelectError {
 impl fmt::Display for SelectError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            SelectError::Absent(BackendId::Native) => {
+            SelectError::Absent(BackendId::NATIVE) => {
                 f.write_str("backend native requested but this kernel runs deprivileged")
             }
             SelectError::Absent(b) => {
@@ -219,17 +190,17 @@ impl fmt::Display for SelectError {
             SelectError::NothingRuns => f.write_str(
                 "no backend can run here: none serves this hypervisor and native would fault",
             ),
-            SelectError::NotBuilt(b) => write!(f, "backend {b} requested but not built"),
         }
     }
 }
 
-/// A backend's answer; native, unless the platform says otherwise, can always run.
+/// A backend's answer: the candidate's, or absent if there is none; native, unless its
+/// candidate says otherwise, can always run.
 fn presence(candidates: &[Candidate], id: BackendId) -> Presence {
-    let default = if id == BackendId::Native {
+    let default = if id == BackendId::NATIVE {
         Presence::Present { base: None }
     } else {
-        Presence::NotBuilt
+        Presence::Absent
     };
     candidates
         .iter()
@@ -251,9 +222,10 @@ pub fn select(
     candidates: &[Candidate],
 ) -> Result<Selection, SelectError> {
     let interface_of = |id: BackendId| {
+        let kind = candidates.iter().find(|c| c.id == id)?.serves?;
         detection
             .interfaces()
-            .filter(|i| BackendId::for_kind(i.kind) == Some(id))
+            .filter(|i| i.kind == kind)
             .last()
             .copied()
     };
@@ -265,12 +237,11 @@ pub fn select(
                 interface: interface_of(id).or(detection.primary().copied()),
             }),
             Presence::Absent => Err(SelectError::Absent(id)),
-            Presence::NotBuilt => Err(SelectError::NotBuilt(id)),
         };
     }
 
     let present = candidates.iter().filter_map(|c| match c.presence {
-        Presence::Present { base } if c.id != BackendId::Native => Some((c.id, base)),
+        Presence::Present { base } if c.id != BackendId::NATIVE => Some((c.id, base)),
         _ => None,
     });
     // `None` (a platform hook) sorts above every CPUID base.
@@ -286,16 +257,13 @@ pub fn select(
     let reason = match primary {
         _ if !detection.hypervisor_bit => Reason::NoHypervisor,
         None => Reason::NoInterface,
-        Some(i) => match BackendId::for_kind(i.kind) {
-            Some(id) if presence(candidates, id) == Presence::NotBuilt => Reason::NotBuilt(id),
-            _ => Reason::Unsupported(i.kind),
-        },
+        Some(i) => Reason::Unsupported(i.kind),
     };
-    if presence(candidates, BackendId::Native) != (Presence::Present { base: None }) {
+    if presence(candidates, BackendId::NATIVE) != (Presence::Present { base: None }) {
         return Err(SelectError::NothingRuns);
     }
     Ok(Selection {
-        backend: BackendId::Native,
+        backend: BackendId::NATIVE,
         reason,
         interface: primary,
     })
@@ -308,12 +276,12 @@ impl Selection {
     /// cannot run here.
     pub fn fall_back(&self, request: Request, candidates: &[Candidate]) -> Option<Selection> {
         let native_runs = matches!(
-            presence(candidates, BackendId::Native),
+            presence(candidates, BackendId::NATIVE),
             Presence::Present { .. }
         );
-        (request == Request::Auto && self.backend != BackendId::Native && native_runs).then_some(
+        (request == Request::Auto && self.backend != BackendId::NATIVE && native_runs).then_some(
             Selection {
-                backend: BackendId::Native,
+                backend: BackendId::NATIVE,
                 reason: Reason::StartFailed(self.backend),
                 interface: self.interface,
             },

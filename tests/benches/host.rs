@@ -65,14 +65,14 @@ fn paths(c: &mut Criterion, state: &str) {
 }
 
 fn host(c: &mut Criterion) {
-    pvops_backends::native::init(1_000_000); // scale only; the benchmark measures cost
+    pvops_backends::native::set_tsc_rate(1_000_000); // scale only; the benchmark measures cost
     let mut ops = NATIVE.ops();
     if let Some(vendor) = kvm() {
         // the KVM backend's hypercall, the rest native (ring 3 has no pvclock to read)
-        ops.cpu.hypercall = pvops_backends::kvm::hypercall_for(vendor);
+        ops.cpu.hypercall = pvops::Impl::call(pvops_backends::kvm::hypercall_for(vendor));
     }
     // SAFETY: nothing runs ops yet; criterion runs benchmarks on this thread.
-    unsafe { PV_OPS.install(&ops) };
+    unsafe { PV_OPS.install(&ops.table()) };
 
     let mut g = c.benchmark_group("raw");
     g.bench_function("cpu.cpuid", |b| {
@@ -91,7 +91,7 @@ fn host(c: &mut Criterion) {
     g.finish();
 
     paths(c, "indirect");
-    let p = Patcher::new(SiteTable::of_executable(), PV_OPS.addr(), ops, &NATIVE).unwrap();
+    let p = Patcher::new(SiteTable::of_executable(), PV_OPS.addr(), &ops).unwrap();
     let mut text = MprotectText::default();
     p.apply(&mut text).expect("patch");
     paths(c, "patched");

@@ -84,6 +84,82 @@ impl Convention {
     }
 }
 
+/// The function a [`Convention::CalleeSave`] slot holds: code that changes no register but RAX
+/// and the arithmetic flags. Two things make one: [`callee_save_thunk!`](crate::callee_save_thunk),
+/// which wraps an ordinary Rust function in a thunk that saves every other register, and
+/// [`CalleeSave::declare`], for assembly whose author vouches for the registers it touches (the
+/// native backend's instructions, a hypervisor's PV sequences). A plain `extern "C"` function
+/// does not fit the slot's type.
+#[repr(transparent)]
+#[derive(Clone, Copy)]
+pub struct CalleeSave<F>(F);
+
+impl<F> CalleeSave<F> {
+    /// A callee-save slot value from `f`.
+    ///
+    /// # Safety
+    ///
+    /// `f` changes no register but RAX and the arithmetic flags (RFLAGS.IF only where that is
+    /// the op's purpose), or never returns.
+    pub const unsafe fn declare(f: F) -> CalleeSave<F> {
+        CalleeSave(f)
+    }
+}
+
+impl<F: Copy> CalleeSave<F> {
+    /// The function.
+    pub const fn get(self) -> F {
+        self.0
+    }
+}
+
+/// A backend's inline replacement for one op.
+///
+/// The bytes must be position-independent (no RIP-relative operand, no relative branch out of
+/// the sequence), take their arguments and leave their result in the op's registers, and
+/// change nothing outside `clobbers`. An empty sequence turns the site into NOPs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Inline {
+    /// The instruction bytes.
+    pub bytes: &'static [u8],
+    /// The registers they change.
+    pub clobbers: Clobbers,
+}
+
+impl Inline {
+    /// No instruction at all: the site becomes NOPs (an op with nothing to do).
+    pub const NOTHING: Inline = Inline {
+        bytes: &[],
+        clobbers: Clobbers::empty(),
+    };
+}
+
+/// One op as a backend implements it: the function its slot holds (`S`, the slot's type), and
+/// the bytes a call site may hold instead of a call to it (`None`: sites call the function).
+#[derive(Clone, Copy)]
+pub struct Impl<S> {
+    /// What the slot holds.
+    pub func: S,
+    /// What a call site may hold instead.
+    pub inline: Option<Inline>,
+}
+
+impl<S> Impl<S> {
+    /// Reached by a call (a direct one, once patched).
+    pub const fn call(func: S) -> Impl<S> {
+        Impl { func, inline: None }
+    }
+
+    /// The function, or `inline` in place of a call: the two must do the same (the native
+    /// backend makes both from one byte sequence).
+    pub const fn inline(func: S, inline: Inline) -> Impl<S> {
+        Impl {
+            func,
+            inline: Some(inline),
+        }
+    }
+}
+
 /// The four op groups.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Group {
@@ -103,12 +179,42 @@ pub const INDIRECT_CALL_LEN: u8 = 6;
 /// The longest call site any op has; bounds every byte buffer of the patch engine.
 pub const MAX_SITE_LEN: usize = 16;
 
+/// The type of a slot: a plain C function, or a [`CalleeSave`] one.
+macro_rules! slot_type {
+    (C, fn($($ty:ty),*) $(-> $ret:ty)?) => { unsafe extern "C" fn($($ty),*) $(-> $ret)? };
+    (CalleeSave, fn($($ty:ty),*) $(-> $ret:ty)?) => {
+        CalleeSave<unsafe extern "C" fn($($ty),*) $(-> $ret)?>
+    };
+}
+
+/// A slot's address (the function the slot holds).
+macro_rules! slot_addr {
+    (C, $f:expr) => {
+        $f as usize
+    };
+    (CalleeSave, $f:expr) => {
+        $f.get() as usize
+    };
+}
+
+/// The "unfilled" stub as a slot value.
+macro_rules! slot_unfilled {
+    (C, $f:expr) => {
+        $f
+    };
+    (CalleeSave, $f:expr) => {
+        // SAFETY: an unfilled stub never returns (it panics), so it cannot hand back a register
+        // changed against the convention.
+        unsafe { CalleeSave::declare($f) }
+    };
+}
+
 /// Defines the ops table from one list: the group structs, [`PvOps`], [`Op`] with its metadata,
-/// and the "unfilled" stubs a fresh table holds.
+/// the per-op implementation table [`BackendOps`] and the "unfilled" stubs a fresh table holds.
 macro_rules! define_ops {
     ($(
         $(#[$gdoc:meta])*
-        $group:ident : $Group:ident => $GroupTag:ident {
+        $group:ident : $Group:ident, $Impls:ident => $GroupTag:ident {
             $(
                 $(#[$doc:meta])*
                 $op:ident => $Variant:ident : fn($($arg:ident : $ty:ty),*) $(-> $ret:ty)?,
@@ -123,7 +229,19 @@ macro_rules! define_ops {
             pub struct $Group {
                 $(
                     $(#[$doc])*
-                    pub $op: unsafe extern "C" fn($($ty),*) $(-> $ret)?,
+                    pub $op: slot_type!($conv, fn($($ty),*) $(-> $ret)?),
+                )*
+            }
+
+            $(#[$gdoc])*
+            ///
+            /// A backend's implementation of the group: each op's function with the inline
+            /// bytes (if any) call sites may hold instead.
+            #[derive(Clone, Copy)]
+            pub struct $Impls {
+                $(
+                    $(#[$doc])*
+                    pub $op: Impl<slot_type!($conv, fn($($ty),*) $(-> $ret)?)>,
                 )*
             }
         )*
@@ -135,6 +253,18 @@ macro_rules! define_ops {
             $(
                 $(#[$gdoc])*
                 pub $group: $Group,
+            )*
+        }
+
+        /// A backend's whole implementation: what [`PvOps`] is filled from, and what the patch
+        /// engine copies into call sites. Each op's function and inline bytes sit in one
+        /// [`Impl`], so replacing an op replaces both: the installed table and the offered
+        /// inline code cannot disagree.
+        #[derive(Clone, Copy)]
+        pub struct BackendOps {
+            $(
+                $(#[$gdoc])*
+                pub $group: $Impls,
             )*
         }
 
@@ -162,7 +292,7 @@ macro_rules! define_ops {
                 match self { $($(Op::$Variant => Group::$GroupTag,)*)* }
             }
 
-            /// How the op's slot is called.
+            /// How the op's slot is called (the slot's type says it too: [`CalleeSave`]).
             pub const fn convention(self) -> Convention {
                 match self { $($(Op::$Variant => Convention::$conv,)*)* }
             }
@@ -187,14 +317,53 @@ macro_rules! define_ops {
         impl PvOps {
             /// The address a slot holds: where an indirect call through it lands.
             pub fn target(&self, op: Op) -> usize {
-                match op { $($(Op::$Variant => self.$group.$op as usize,)*)* }
+                match op { $($(Op::$Variant => slot_addr!($conv, self.$group.$op),)*)* }
             }
 
             /// A table whose every slot stops the machine with the op's name: what
             /// [`PV_OPS`] holds until a backend is installed.
             pub const UNFILLED: PvOps = PvOps {
-                $($group: $Group { $($op: unfilled::$group::$op,)* },)*
+                $($group: $Group { $($op: slot_unfilled!($conv, unfilled::$group::$op),)* },)*
             };
+        }
+
+        impl BackendOps {
+            /// The table to install.
+            pub fn table(&self) -> PvOps {
+                PvOps { $($group: $Group { $($op: self.$group.$op.func,)* },)* }
+            }
+
+            /// The inline replacement offered for `op`, if any.
+            pub fn inline(&self, op: Op) -> Option<Inline> {
+                match op { $($(Op::$Variant => self.$group.$op.inline,)*)* }
+            }
+
+            /// The address of the function `op`'s slot will hold.
+            pub fn target(&self, op: Op) -> usize {
+                match op { $($(Op::$Variant => slot_addr!($conv, self.$group.$op.func),)*)* }
+            }
+
+            /// Point `op` at `addr`, code that implements it, with the inline bytes `inline`:
+            /// for implementations only known at run time (the VMI backend's copies of its
+            /// ROM's routines).
+            ///
+            /// # Safety
+            ///
+            /// `addr` is executable code that stays in place while the table is installed,
+            /// honours `op`'s contract and signature, and changes no register outside
+            /// `op.convention().clobbers()`; `inline`, if any, likewise.
+            pub unsafe fn set_raw(&mut self, op: Op, addr: usize, inline: Option<Inline>) {
+                match op {
+                    $($(Op::$Variant => {
+                        // SAFETY: the caller vouches that `addr` is code of this op's type and
+                        // convention (a slot of either kind is one code pointer).
+                        let func = unsafe {
+                            core::mem::transmute::<usize, slot_type!($conv, fn($($ty),*) $(-> $ret)?)>(addr)
+                        };
+                        self.$group.$op = Impl { func, inline };
+                    })*)*
+                }
+            }
         }
 
         mod unfilled {
@@ -221,7 +390,7 @@ macro_rules! define_ops {
 
 define_ops! {
     /// CPU ops. Context: any, unless noted; none of them sleeps.
-    cpu: CpuOps => Cpu {
+    cpu: CpuOps, CpuImpls => Cpu {
         /// `cpuid(leaf, subleaf, out)`: execute CPUID for `leaf`/`subleaf` and store EAX–EDX in
         /// `*out`. Exits to the hypervisor in every VM; backends may filter leaves.
         cpuid => Cpuid: fn(leaf: u32, subleaf: u32, out: *mut CpuidResult), C, site 6;
@@ -261,7 +430,7 @@ define_ops! {
         hypercall => Hypercall: fn(nr: u64, a0: u64, a1: u64, a2: u64, a3: u64) -> i64, C, site 6;
     }
     /// Interrupt-flag ops. All callee-save (they sit on the hottest paths). Context: any.
-    irq: IrqOps => Irq {
+    irq: IrqOps, IrqImpls => Irq {
         /// `save_fl() -> flags`: the current RFLAGS; only bit 9 (IF) is meaningful.
         save_fl => SaveFl: fn() -> u64, CalleeSave, site 6;
         /// `restore_fl(flags)`: set IF from bit 9 of `flags` (a value `save_fl` returned).
@@ -276,7 +445,7 @@ define_ops! {
         halt => Halt: fn(), CalleeSave, site 6;
     }
     /// MMU ops. Ring 0; TLB and CR3 ops with preemption off.
-    mmu: MmuOps => Mmu {
+    mmu: MmuOps, MmuImpls => Mmu {
         /// `read_cr2() -> address`: the last page-fault address.
         read_cr2 => ReadCr2: fn() -> u64, CalleeSave, site 6;
         /// `write_cr2(address)`.
@@ -309,7 +478,7 @@ define_ops! {
         lazy_mode_leave => LazyModeLeave: fn(), C, site 6;
     }
     /// Time ops. Context: any, including NMI for `sched_clock`.
-    timer: TimerOps => Timer {
+    timer: TimerOps, TimerImpls => Timer {
         /// `sched_clock() -> ns`: a per-CPU monotonic nanosecond clock, fast and cheap.
         sched_clock => SchedClock: fn() -> u64, C, site 6;
         /// `steal_clock(cpu) -> ns`: time `cpu` was runnable but the host ran something else.

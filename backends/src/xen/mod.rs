@@ -1,7 +1,7 @@
 //! The Xen backend, for HVM guests and PV domains. ABI: shared/docs/abi-xen.md.
 //!
 //! What both share lives here (version, time, steal, one-shot timer); what a PV domain needs
-//! instead of privileged instructions is in [`crate::xen_pv`], chosen at start when the kernel
+//! instead of privileged instructions is in [`pv`], chosen at start when the kernel
 //! says it is a PV domain.
 //!
 //! - **Found** by the CPUID scan (`XenVMMXenVMM` with at least two leaves after its base, as
@@ -23,40 +23,24 @@
 //!   not implement it (QEMU's emulation).
 //! - **PV domains** take time from vCPU 0's `vcpu_info` (the kernel's, which Xen keeps
 //!   current), the wall clock from `shared_info`, hypercalls through `syscall`, and every
-//!   privileged op through its PV replacement ([`crate::xen_pv`]).
+//!   privileged op through its PV replacement ([`pv`]).
 //! - **Everything else is native** on HVM: an HVM guest's kernel runs in ring 0 with real
 //!   interrupt flags and page tables.
 
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
-use pvops::detect::{Detection, HypervisorKind};
-use pvops::ops::{Op, PvOps};
-use pvops::{arch, Backend, BackendId, Inline, InlineSource};
+pub mod abi;
+pub mod decode;
+pub mod pv;
+
+use pvops::detect::{Detection, HypervisorKind, Interface};
+use pvops::ops::{BackendOps, Impl};
+use pvops::{arch, Backend, BackendId, NullHypercall};
 
 use crate::pvclock::{self, Clock, PvclockVcpuTimeInfo};
-use crate::xen_pv::{self, PvError};
-use crate::{native, Platform};
-
-/// `__HYPERVISOR_xen_version`.
-pub const HYPERVISOR_XEN_VERSION: u64 = 17;
-/// `__HYPERVISOR_sched_op`.
-pub const HYPERVISOR_SCHED_OP: u64 = 29;
-/// `__HYPERVISOR_vcpu_op`.
-pub const HYPERVISOR_VCPU_OP: u64 = 24;
-/// `XENVER_version`: returns `major << 16 | minor`.
-pub const XENVER_VERSION: u64 = 0;
-/// `XENVER_get_features`.
-pub const XENVER_GET_FEATURES: u64 = 6;
-/// `XENFEAT_hvm_safe_pvclock`: the pvclock may be used by an HVM guest.
-pub const XENFEAT_HVM_SAFE_PVCLOCK: u32 = 1 << 9;
-/// `SCHEDOP_yield`.
-pub const SCHEDOP_YIELD: u64 = 0;
-/// `VCPUOP_get_runstate_info`.
-pub const VCPUOP_GET_RUNSTATE_INFO: u64 = 4;
-/// `VCPUOP_set_singleshot_timer`.
-pub const VCPUOP_SET_SINGLESHOT_TIMER: u64 = 8;
-/// `VCPUOP_register_vcpu_time_memory_area`.
-pub const VCPUOP_REGISTER_VCPU_TIME_MEMORY_AREA: u64 = 13;
+use crate::{native, Driver, Platform, MAX_CPUS};
+use abi::*;
+use pv::PvError;
 
 // Xen's registers: RAX = nr, RDI, RSI, RDX, R10 = a0..a3.
 crate::hypercall_fns!(
@@ -71,38 +55,11 @@ crate::hypercall_fns!(
     []
 );
 
-/// `struct vcpu_runstate_info` (48 bytes).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-pub struct VcpuRunstateInfo {
-    /// 0 running, 1 runnable, 2 blocked, 3 offline.
-    pub state: i32,
-    /// Bit 63: update in progress.
-    pub state_entry_time: u64,
-    /// Time spent in each state.
-    pub time: [u64; 4],
-}
-
-/// `struct vcpu_set_singleshot_timer` (16 bytes).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-struct SingleshotTimer {
-    timeout_abs_ns: u64,
-    flags: u32,
-    pad: u32,
-}
-
-static_assertions::assert_eq_size!(VcpuRunstateInfo, [u8; 48]);
-static_assertions::assert_eq_size!(SingleshotTimer, [u8; 16]);
-
-/// CPUs whose Xen vCPU ids the backend knows.
-pub const MAX_CPUS: usize = 64;
-
 struct State {
     /// Xen system time: the kernel's secondary time area, or the backend's own.
     clock: Clock,
     vmmcall: AtomicBool,
-    /// A PV domain: `syscall` hypercalls and the ops of [`xen_pv`].
+    /// A PV domain: `syscall` hypercalls and the ops of [`pv`].
     pv: AtomicBool,
     version: AtomicU32,
     /// Xen vCPU id of each CPU (u32::MAX: unknown).
@@ -139,7 +96,7 @@ unsafe fn hypercall(nr: u64, a0: u64, a1: u64, a2: u64) -> i64 {
 /// The `cpu.hypercall` of this domain: `syscall` (PV) or the vendor's instruction (HVM).
 fn hypercall_fn() -> unsafe extern "C" fn(u64, u64, u64, u64, u64) -> i64 {
     if is_pv() {
-        xen_pv::hypercall_syscall
+        pv::hypercall_syscall
     } else {
         hypercall_pick(STATE.vmmcall.load(Ordering::Relaxed))
     }
@@ -188,7 +145,7 @@ extern "C" fn tsc_khz() -> u64 {
 
 extern "C" fn wall_clock() -> u64 {
     if is_pv() {
-        xen_pv::wall_clock(STATE.clock.now())
+        pv::wall_clock(STATE.clock.now())
     } else {
         0
     }
@@ -248,8 +205,6 @@ unsafe extern "C" fn set_next_event(delta_ns: u64) -> i32 {
 /// Why the Xen backend could not start.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum XenError {
-    /// No Xen interface (with at least two leaves) in the CPUID scan.
-    Absent,
     /// Xen does not let an HVM guest use its pvclock.
     NoSafePvclock,
     /// No time record could be found or registered.
@@ -261,7 +216,6 @@ pub enum XenError {
 impl core::fmt::Display for XenError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.write_str(match self {
-            XenError::Absent => "no Xen interface",
             XenError::NoSafePvclock => "Xen does not offer hvm_safe_pvclock",
             XenError::ClockUnavailable => "no Xen time record could be found or registered",
             XenError::Pv(e) => return write!(f, "pv: {e}"),
@@ -276,21 +230,27 @@ pub struct Xen;
 /// The one instance.
 pub static XEN: Xen = Xen;
 
-/// The Xen interface of a detection, if it has the leaves Linux requires.
-pub fn interface(detection: &Detection) -> Option<&pvops::Interface> {
-    detection
-        .find(HypervisorKind::Xen)
-        .filter(|i| i.leaves() >= 2)
+/// No Xen interface (with at least two leaves, as Linux demands) in the CPUID scan.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NoXen;
+
+impl core::fmt::Display for NoXen {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str("no Xen interface (with two leaves) in the CPUID scan")
+    }
 }
 
 /// Start the backend: version and features, the time record, the vCPU ids.
-pub fn init(detection: &Detection, platform: &dyn Platform) -> Result<&'static Xen, XenError> {
-    let iface = interface(detection).ok_or(XenError::Absent)?;
+fn start(
+    iface: Interface,
+    detection: &Detection,
+    platform: &dyn Platform,
+) -> Result<&'static Xen, XenError> {
     STATE
         .vmmcall
         .store(detection.vendor.uses_vmmcall(), Ordering::Relaxed);
     if platform.xen_pv() {
-        return init_pv(iface, platform);
+        return start_pv(iface, platform);
     }
     STATE.pv.store(false, Ordering::Relaxed);
     STATE
@@ -350,19 +310,19 @@ fn learn_vcpu_ids(platform: &dyn Platform) {
 
 /// Start in a PV domain: the kernel's `vcpu_info` (interrupt flag, CR2, time), `syscall`
 /// hypercalls. No feature check: a PV domain's time is always Xen's to give.
-fn init_pv(iface: &pvops::Interface, platform: &dyn Platform) -> Result<&'static Xen, XenError> {
+fn start_pv(iface: Interface, platform: &dyn Platform) -> Result<&'static Xen, XenError> {
     STATE.pv.store(true, Ordering::Relaxed);
     STATE
         .version
-        .store(xen_pv::pv_cpuid(iface.base + 1, 0).eax, Ordering::Relaxed);
+        .store(pv::pv_cpuid(iface.base + 1, 0).eax, Ordering::Relaxed);
     learn_vcpu_ids(platform);
     let kernel = platform
         .xen_pv_kernel()
         .ok_or(XenError::Pv(PvError::NoKernelInfo))?;
-    let rec = xen_pv::start(kernel).map_err(XenError::Pv)?;
-    xen_pv::set_direct_map(platform.phys_to_virt(0));
+    let rec = pv::start(kernel).map_err(XenError::Pv)?;
+    pv::set_direct_map(platform.phys_to_virt(0));
     let Some(first) = first_reading(rec, platform) else {
-        xen_pv::stop();
+        pv::stop();
         return Err(XenError::ClockUnavailable);
     };
     // SAFETY: CPU 0's vcpu_info is the kernel's, registered with Xen for the kernel's lifetime.
@@ -394,12 +354,12 @@ fn first_reading(
     None
 }
 
-/// Unregister what `init` registered; says what was released.
-pub fn teardown(platform: &dyn Platform) -> &'static str {
+/// Unregister what `start` registered; says what was released.
+fn teardown(platform: &dyn Platform) -> &'static str {
     let vcpu = STATE.own_area.swap(u32::MAX, Ordering::Relaxed);
     STATE.clock.stop();
     if STATE.pv.swap(false, Ordering::Relaxed) {
-        xen_pv::stop();
+        pv::stop();
         return "nothing registered (the kernel's vcpu_info and shared_info were read)";
     }
     if vcpu == u32::MAX {
@@ -422,40 +382,60 @@ pub fn owns_clock() -> bool {
     STATE.own_area.load(Ordering::Relaxed) != u32::MAX
 }
 
-impl InlineSource for Xen {
-    fn inline(&self, op: Op) -> Option<Inline> {
-        // A PV kernel runs in ring 3: no native instruction may be inlined.
-        if is_pv() {
-            None
-        } else {
-            native::inline(op)
-        }
+impl Driver for Xen {
+    const ID: BackendId = BackendId::new("xen");
+    const SERVES: Option<HypervisorKind> = Some(HypervisorKind::Xen);
+    type Found = Interface;
+    type Absent = NoXen;
+    type Error = XenError;
+
+    /// In a PV domain the detection must have asked Xen ([`pv::PvCpuid`]).
+    fn probe(detection: &Detection, _: &dyn Platform) -> Result<Interface, NoXen> {
+        detection
+            .find(HypervisorKind::Xen)
+            .filter(|i| i.leaves() >= 2)
+            .copied()
+            .ok_or(NoXen)
+    }
+
+    fn base(iface: &Interface) -> Option<u32> {
+        Some(iface.base)
+    }
+
+    fn start(
+        iface: Interface,
+        detection: &Detection,
+        platform: &dyn Platform,
+    ) -> Result<&'static Xen, XenError> {
+        start(iface, detection, platform)
+    }
+
+    fn stop(platform: &dyn Platform) -> &'static str {
+        teardown(platform)
     }
 }
 
 impl Backend for Xen {
     fn id(&self) -> BackendId {
-        BackendId::Xen
+        Self::ID
     }
 
-    fn ops(&self) -> PvOps {
-        let mut ops = if is_pv() {
-            pv_ops()
-        } else {
-            native::NATIVE.ops()
-        };
-        ops.timer.sched_clock = sched_clock;
-        ops.timer.steal_clock = steal_clock;
-        ops.timer.tsc_khz = tsc_khz;
-        ops.timer.wall_clock = wall_clock;
-        ops.timer.set_next_event = set_next_event;
-        ops.cpu.hypercall = hypercall_fn();
+    fn ops(&self) -> BackendOps {
+        // A PV kernel runs in ring 3: its table replaces every privileged native op and
+        // inlines nothing.
+        let mut ops = if is_pv() { pv::ops() } else { native::OPS };
+        ops.timer.sched_clock = Impl::call(sched_clock);
+        ops.timer.steal_clock = Impl::call(steal_clock);
+        ops.timer.tsc_khz = Impl::call(tsc_khz);
+        ops.timer.wall_clock = Impl::call(wall_clock);
+        ops.timer.set_next_event = Impl::call(set_next_event);
+        ops.cpu.hypercall = Impl::call(hypercall_fn());
         ops
     }
 
-    fn null_hypercall(&self) -> Option<pvops::select::NullHypercall> {
+    fn null_hypercall(&self) -> Option<NullHypercall> {
         // XENVER_version: answers the version CPUID announced.
-        Some(pvops::select::NullHypercall {
+        Some(NullHypercall {
             args: [HYPERVISOR_XEN_VERSION, XENVER_VERSION, 0, 0, 0],
             expect: i64::from(STATE.version.load(Ordering::Relaxed)),
         })
@@ -470,40 +450,4 @@ impl Backend for Xen {
             "xen hvm: the kernel's secondary time area, read back"
         }
     }
-}
-
-/// The PV domain's table: [`xen_pv`]'s ops over the native ones that stay (MSRs, which Xen
-/// emulates for PV kernels); the time ops are set by [`Xen::ops`].
-pub fn pv_ops() -> PvOps {
-    let mut ops = native::NATIVE.ops();
-    let (cpu, irq, mmu) = (&mut ops.cpu, &mut ops.irq, &mut ops.mmu);
-    cpu.cpuid = xen_pv::cpuid;
-    cpu.read_cr0 = xen_pv::read_cr0;
-    cpu.write_cr0 = xen_pv::write_cr0;
-    cpu.read_cr4 = xen_pv::read_cr4;
-    cpu.write_cr4 = xen_pv::write_cr4;
-    cpu.wbinvd = xen_pv::wbinvd;
-    cpu.load_idt = xen_pv::load_idt;
-    cpu.load_gdt = xen_pv::load_gdt;
-    cpu.store_tr = xen_pv::store_tr;
-    cpu.io_delay = xen_pv::io_delay;
-    irq.save_fl = xen_pv::save_fl;
-    irq.restore_fl = xen_pv::restore_fl;
-    irq.irq_disable = xen_pv::irq_disable;
-    irq.irq_enable = xen_pv::irq_enable;
-    irq.safe_halt = xen_pv::safe_halt;
-    irq.halt = xen_pv::halt;
-    mmu.read_cr2 = xen_pv::read_cr2;
-    mmu.write_cr2 = xen_pv::write_cr2;
-    mmu.read_cr3 = xen_pv::read_cr3;
-    mmu.write_cr3 = xen_pv::write_cr3;
-    mmu.flush_tlb_user = xen_pv::flush_tlb_user;
-    mmu.flush_tlb_kernel = xen_pv::flush_tlb_kernel;
-    mmu.flush_tlb_one_user = xen_pv::flush_tlb_one_user;
-    mmu.set_pte = xen_pv::set_pte;
-    mmu.set_pmd = xen_pv::set_pmd;
-    mmu.set_pud = xen_pv::set_pud;
-    mmu.alloc_pt = xen_pv::alloc_pt;
-    mmu.release_pt = xen_pv::release_pt;
-    ops
 }

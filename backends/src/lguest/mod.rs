@@ -43,152 +43,17 @@
 //! - **Uniprocessor**: one `lguest_data`, one flag, one ring (lguest guests were UP); a kernel
 //!   with more than one possible CPU is refused at start.
 
-use core::num::NonZeroU64;
-use core::sync::atomic::{
-    AtomicBool, AtomicI32, AtomicPtr, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering,
-};
+pub mod abi;
+
+use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 
 use pvops::detect::Detection;
-use pvops::ops::{Op, PvOps};
-use pvops::{arch, Backend, BackendId, Inline, InlineSource};
+use pvops::ops::{BackendOps, Impl};
+use pvops::{arch, Backend, BackendId, NullHypercall};
 
-use crate::pvclock::Monotonic;
-use crate::{native, Platform};
-
-/// Only traps to the host, which drains the async ring first.
-pub const LHCALL_FLUSH_ASYNC: u64 = 0;
-/// a1 = guest-physical address of `lguest_data` (0: unregister, a port addition).
-pub const LHCALL_LGUEST_INIT: u64 = 1;
-/// a1 = guest-physical address of a message (≤ 128 bytes), a2 = [`LGUEST_SHUTDOWN_POWEROFF`]
-/// or [`LGUEST_SHUTDOWN_RESTART`].
-pub const LHCALL_SHUTDOWN: u64 = 2;
-/// a1 = the new CR3 value (top-level table and PCID), already loaded by the guest.
-pub const LHCALL_NEW_PGTABLE: u64 = 4;
-/// a1 = 0: user mappings; 1: everything, global mappings included.
-pub const LHCALL_FLUSH_TLB: u64 = 5;
-/// a1 = delta in ns (0: stop): one-shot timer raising virtual IRQ 0.
-pub const LHCALL_SET_CLOCKEVENT: u64 = 9;
-/// Halt until an interrupt; re-enables the virtual IF.
-pub const LHCALL_HALT: u64 = 10;
-/// a1 = guest-virtual address of a level-2 entry, a2 = its new value.
-pub const LHCALL_SET_PMD: u64 = 13;
-/// a1 = guest-virtual address of a level-1 entry, a2 = its new value.
-pub const LHCALL_SET_PTE: u64 = 14;
-/// a1 = guest-virtual address of a level-3 or level-4 entry, a2 = its new value.
-pub const LHCALL_SET_PGD: u64 = 15;
-/// Only exits, so the host delivers pending interrupts.
-pub const LHCALL_SEND_INTERRUPTS: u64 = 19;
-
-/// `LHCALL_SHUTDOWN` a2: power off.
-pub const LGUEST_SHUTDOWN_POWEROFF: u64 = 1;
-/// `LHCALL_SHUTDOWN` a2: restart.
-pub const LGUEST_SHUTDOWN_RESTART: u64 = 2;
-
-/// Slots in the asynchronous hypercall ring.
-pub const LHCALL_RING_SIZE: usize = 64;
-/// `hcall_status` of a free (or completed) slot; the host writes it.
-pub const HCALL_FREE: u8 = 0xff;
-/// `hcall_status` of a slot the host has yet to run; the guest writes it.
-pub const HCALL_PENDING: u8 = 0;
-/// `irq_enabled` / `irq_pending` value meaning "on" (X86_EFLAGS_IF).
-pub const X86_EFLAGS_IF: u32 = 0x200;
-/// `LG_CLOCK_MIN_DELTA`: shorter one-shot deltas are refused with `-ETIME`.
-pub const LG_CLOCK_MIN_DELTA: u64 = 100;
-/// `ETIME`.
-pub const ETIME: i32 = 62;
-
-/// `boot_params.hdr.hardware_subarch` of an lguest guest (`X86_SUBARCH_LGUEST`).
-pub const X86_SUBARCH_LGUEST: u32 = 1;
-/// The upper 48 bits of `hardware_subarch_data`: ASCII "LG64PV", big-endian.
-pub const LGUEST_BOOT_MAGIC: u64 = 0x4c47_3634_5056;
-/// The version of the port this backend speaks (the low 16 bits of `hardware_subarch_data`).
-pub const ABI_VERSION: u16 = 1;
-
-/// The `hardware_subarch_data` a launcher of ABI `version` passes.
-pub const fn boot_signature(version: u16) -> u64 {
-    (LGUEST_BOOT_MAGIC << 16) | version as u64
-}
-
-/// One slot of the asynchronous ring: `{arg0 = call number, arg1 … arg4}` (40 bytes).
-#[repr(C)]
-#[derive(Debug, Default)]
-pub struct HcallArgs {
-    /// The `LHCALL_*` number.
-    pub arg0: AtomicU64,
-    /// First argument.
-    pub arg1: AtomicU64,
-    /// Second argument.
-    pub arg2: AtomicU64,
-    /// Third argument.
-    pub arg3: AtomicU64,
-    /// Fourth argument.
-    pub arg4: AtomicU64,
-}
-
-/// `struct timespec` (LP64).
-#[repr(C)]
-#[derive(Debug, Default)]
-pub struct Timespec {
-    /// Seconds since the epoch.
-    pub tv_sec: AtomicU64,
-    /// Nanoseconds.
-    pub tv_nsec: AtomicU64,
-}
-
-/// `struct lguest_data`: the 4.x structure compiled LP64 (abi-lguest.md §6.3, offsets kept),
-/// then the port's three time fields. Shared with the host: every field is an atomic of the
-/// ABI's width (same layout), written by the side the comments name.
-#[repr(C)]
-#[derive(Debug)]
-pub struct LguestData {
-    /// Guest (host at delivery): the virtual IF, [`X86_EFLAGS_IF`] or 0.
-    pub irq_enabled: AtomicU32,
-    /// Guest: per-IRQ mask (bit n blocks virtual IRQ n).
-    pub blocked_interrupts: [AtomicU64; 1],
-    /// Host: fault address of a page fault it reflected (unused with nested paging).
-    pub cr2: AtomicU64,
-    /// Host: CLOCK_REALTIME at `time_tsc`.
-    pub time: Timespec,
-    /// Host: [`X86_EFLAGS_IF`] when an interrupt waits for the guest to enable its IF.
-    pub irq_pending: AtomicI32,
-    /// Both: ring slot status ([`HCALL_FREE`] / [`HCALL_PENDING`]).
-    pub hcall_status: [AtomicU8; LHCALL_RING_SIZE],
-    /// Guest: ring slots.
-    pub hcalls: [HcallArgs; LHCALL_RING_SIZE],
-    /// Host: size of the top-of-address-space area the guest must avoid (0 here).
-    pub reserve_mem: AtomicU64,
-    /// Host: TSC frequency in kHz (0: the TSC must not be used).
-    pub tsc_khz: AtomicU32,
-    /// Guest: the one `iret` where no interrupt may be injected (0: none, hardware IF rules).
-    pub noirq_iret: AtomicU64,
-    /// Guest: where kernel mappings start (`__START_KERNEL_map`-style; informational).
-    pub kernel_address: AtomicU64,
-    /// Guest: the software-interrupt syscall vector (0: none, long mode uses SYSCALL).
-    pub syscall_vec: AtomicU32,
-    /// Host (port addition): the guest TSC at which `time` was taken.
-    pub time_tsc: AtomicU64,
-    /// Host (port addition): odd while the host rewrites `time`, `time_tsc`.
-    pub time_version: AtomicU32,
-}
-
-// The layout of abi-lguest.md §6.3, then the port's fields.
-static_assertions::const_assert_eq!(core::mem::offset_of!(LguestData, irq_enabled), 0);
-static_assertions::const_assert_eq!(core::mem::offset_of!(LguestData, blocked_interrupts), 8);
-static_assertions::const_assert_eq!(core::mem::offset_of!(LguestData, cr2), 16);
-static_assertions::const_assert_eq!(core::mem::offset_of!(LguestData, time), 24);
-static_assertions::const_assert_eq!(core::mem::offset_of!(LguestData, irq_pending), 40);
-static_assertions::const_assert_eq!(core::mem::offset_of!(LguestData, hcall_status), 44);
-static_assertions::const_assert_eq!(core::mem::offset_of!(LguestData, hcalls), 112);
-static_assertions::const_assert_eq!(core::mem::offset_of!(LguestData, reserve_mem), 2672);
-static_assertions::const_assert_eq!(core::mem::offset_of!(LguestData, tsc_khz), 2680);
-static_assertions::const_assert_eq!(core::mem::offset_of!(LguestData, noirq_iret), 2688);
-static_assertions::const_assert_eq!(core::mem::offset_of!(LguestData, kernel_address), 2696);
-static_assertions::const_assert_eq!(core::mem::offset_of!(LguestData, syscall_vec), 2704);
-static_assertions::const_assert_eq!(core::mem::offset_of!(LguestData, time_tsc), 2712);
-static_assertions::const_assert_eq!(core::mem::offset_of!(LguestData, time_version), 2720);
-static_assertions::assert_eq_size!(LguestData, [u8; 2728]);
-static_assertions::assert_eq_size!(HcallArgs, [u8; 40]);
-static_assertions::const_assert!(core::mem::size_of::<LguestData>() <= 4096);
+use crate::time::{read_versioned, Monotonic, TscScale};
+use crate::{native, Driver, Platform};
+use abi::*;
 
 // The 4.x registers, widened: RAX = nr, RBX, RCX, RDX, RSI = a1..a4 (KVM's moves: RBX is
 // callee-saved and kept).
@@ -203,9 +68,6 @@ crate::hypercall_fns!(
     ],
     ["pop rbx"]
 );
-
-/// A hypercall entry: the instruction's, or a modelled host's in host tests.
-pub type HypercallFn = unsafe extern "C" fn(u64, u64, u64, u64, u64) -> i64;
 
 /// Why lguest is not announced.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -236,7 +98,7 @@ impl core::fmt::Display for BootError {
 }
 
 /// Whether the boot data announces an lguest host of this port.
-pub fn probe(platform: &dyn Platform) -> Result<(), BootError> {
+fn probe(platform: &dyn Platform) -> Result<(), BootError> {
     let (subarch, data) = platform.boot_subarch().ok_or(BootError::NoBootData)?;
     if subarch != X86_SUBARCH_LGUEST {
         return Err(BootError::NotLguest(subarch));
@@ -253,8 +115,6 @@ pub fn probe(platform: &dyn Platform) -> Result<(), BootError> {
 /// Why the lguest backend could not start.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LguestError {
-    /// Not announced by the boot data.
-    Boot(BootError),
     /// More than one possible CPU: lguest guests are uniprocessor.
     Smp(u32),
     /// No page for `lguest_data`.
@@ -268,7 +128,6 @@ pub enum LguestError {
 impl core::fmt::Display for LguestError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
-            LguestError::Boot(e) => write!(f, "{e}"),
             LguestError::Smp(n) => write!(f, "lguest guests are uniprocessor ({n} CPUs)"),
             LguestError::NoMemory => f.write_str("no page for lguest_data"),
             LguestError::Refused(rc) => write!(f, "the host refused LHCALL_LGUEST_INIT ({rc})"),
@@ -291,8 +150,8 @@ struct State {
     next: AtomicUsize,
     /// Slots queued since the last synchronous hypercall.
     queued: AtomicUsize,
-    /// ns = cycles * mult >> 32.
-    mult: AtomicU64,
+    /// The host's TSC rate (`lguest_data.tsc_khz`).
+    tsc: TscScale,
     /// The clock's reading when the backend started (sched_clock's zero).
     start_ns: AtomicU64,
     /// The latest clock reading handed out (keeps sched_clock monotonic across re-anchoring).
@@ -306,7 +165,7 @@ static STATE: State = State {
     lazy: AtomicBool::new(false),
     next: AtomicUsize::new(0),
     queued: AtomicUsize::new(0),
-    mult: AtomicU64::new(0),
+    tsc: TscScale::new(),
     start_ns: AtomicU64::new(0),
     last: Monotonic::new(),
 };
@@ -569,24 +428,19 @@ pvops::callee_save_thunk!(
 /// (0 if the host keeps the record busy).
 fn clock_ns() -> u64 {
     let d = data();
-    let mult = STATE.mult.load(Ordering::Relaxed);
-    for _ in 0..crate::pvclock::MAX_RETRIES {
-        let v0 = d.time_version.load(Ordering::Acquire);
-        let sec = d.time.tv_sec.load(Ordering::Acquire);
-        let nsec = d.time.tv_nsec.load(Ordering::Acquire);
-        let tsc0 = d.time_tsc.load(Ordering::Acquire);
-        let tsc = arch::rdtsc_ordered();
-        let v1 = d.time_version.load(Ordering::Acquire);
-        if v0 & 1 == 0 && v0 == v1 {
-            let since = ((u128::from(tsc.saturating_sub(tsc0)) * u128::from(mult)) >> 32) as u64;
-            return sec
-                .wrapping_mul(1_000_000_000)
+    read_versioned(
+        || d.time_version.load(Ordering::Acquire),
+        || {
+            let sec = d.time.tv_sec.load(Ordering::Acquire);
+            let nsec = d.time.tv_nsec.load(Ordering::Acquire);
+            let tsc0 = d.time_tsc.load(Ordering::Acquire);
+            let since = STATE.tsc.ns(arch::rdtsc_ordered().saturating_sub(tsc0));
+            sec.wrapping_mul(1_000_000_000)
                 .wrapping_add(nsec)
-                .wrapping_add(since);
-        }
-        core::hint::spin_loop();
-    }
-    0
+                .wrapping_add(since)
+        },
+    )
+    .unwrap_or(0)
 }
 
 /// Nanoseconds since the backend started, never going back (the host re-anchors `time` on
@@ -631,12 +485,8 @@ pub struct Lguest;
 /// The one instance.
 pub static LGUEST: Lguest = Lguest;
 
-/// Check the boot data, register `lguest_data` with the host and start the backend.
-pub fn init(
-    detection: &Detection,
-    platform: &dyn Platform,
-) -> Result<&'static Lguest, LguestError> {
-    probe(platform).map_err(LguestError::Boot)?;
+/// Register `lguest_data` with the host (the boot data announced it) and start the backend.
+fn start(detection: &Detection, platform: &dyn Platform) -> Result<&'static Lguest, LguestError> {
     let cpus = platform.nr_cpus();
     if cpus != 1 {
         return Err(LguestError::Smp(cpus));
@@ -686,13 +536,11 @@ pub fn init(
     let filled = d.time_version.load(Ordering::Acquire) & 1 == 0
         && d.time_tsc.load(Ordering::Acquire) != 0
         && d.time.tv_sec.load(Ordering::Acquire) != 0;
-    let Some(khz) = NonZeroU64::new(u64::from(khz)).filter(|_| filled) else {
+    if khz == 0 || !filled {
         let _ = teardown(platform);
         return Err(LguestError::HostSilent);
-    };
-    STATE
-        .mult
-        .store((1_000_000u64 << 32) / khz, Ordering::Relaxed);
+    }
+    STATE.tsc.set(u64::from(khz));
     let now = clock_ns();
     STATE.start_ns.store(now, Ordering::Relaxed);
     STATE.last.reset(now);
@@ -700,7 +548,7 @@ pub fn init(
 }
 
 /// Drain the ring, take `lguest_data` back from the host and forget it; says what happened.
-pub fn teardown(platform: &dyn Platform) -> &'static str {
+fn teardown(platform: &dyn Platform) -> &'static str {
     let p = STATE.data.load(Ordering::Acquire);
     if p.is_null() {
         return "nothing registered";
@@ -720,64 +568,64 @@ pub fn teardown(platform: &dyn Platform) -> &'static str {
     }
 }
 
-impl InlineSource for Lguest {
-    fn inline(&self, op: Op) -> Option<Inline> {
-        match op {
-            // Ours: reached by a direct call.
-            Op::SaveFl
-            | Op::RestoreFl
-            | Op::IrqDisable
-            | Op::IrqEnable
-            | Op::SafeHalt
-            | Op::Halt
-            | Op::WriteCr3
-            | Op::FlushTlbUser
-            | Op::FlushTlbKernel
-            | Op::FlushTlbOneUser
-            | Op::SetPte
-            | Op::SetPmd
-            | Op::SetPud
-            | Op::LazyModeEnter
-            | Op::LazyModeLeave => None,
-            _ => native::inline(op),
-        }
+impl Driver for Lguest {
+    const ID: BackendId = BackendId::new("lguest");
+    type Found = ();
+    type Absent = BootError;
+    type Error = LguestError;
+
+    /// Announced by boot data only: absent unless the launcher said so.
+    fn probe(_: &Detection, platform: &dyn Platform) -> Result<(), BootError> {
+        probe(platform)
+    }
+
+    fn start(
+        _: (),
+        detection: &Detection,
+        platform: &dyn Platform,
+    ) -> Result<&'static Lguest, LguestError> {
+        start(detection, platform)
+    }
+
+    fn stop(platform: &dyn Platform) -> &'static str {
+        teardown(platform)
     }
 }
 
 impl Backend for Lguest {
     fn id(&self) -> BackendId {
-        BackendId::Lguest
+        Self::ID
     }
 
-    fn ops(&self) -> PvOps {
-        let mut ops = native::NATIVE.ops();
-        ops.cpu.hypercall = hypercall_fn();
-        ops.irq.save_fl = save_fl_thunk;
-        ops.irq.restore_fl = restore_fl_thunk;
-        ops.irq.irq_disable = irq_disable_thunk;
-        ops.irq.irq_enable = irq_enable_thunk;
-        ops.irq.safe_halt = safe_halt_thunk;
-        ops.irq.halt = halt_thunk;
-        ops.mmu.write_cr3 = write_cr3_thunk;
-        ops.mmu.flush_tlb_user = flush_tlb_user_thunk;
-        ops.mmu.flush_tlb_kernel = flush_tlb_kernel;
-        ops.mmu.flush_tlb_one_user = flush_tlb_one_user_thunk;
-        ops.mmu.set_pte = set_pte_thunk;
-        ops.mmu.set_pmd = set_pmd_thunk;
-        ops.mmu.set_pud = set_pud_thunk;
-        ops.mmu.lazy_mode_enter = lazy_mode_enter;
-        ops.mmu.lazy_mode_leave = lazy_mode_leave;
-        ops.timer.sched_clock = sched_clock;
-        ops.timer.steal_clock = steal_clock;
-        ops.timer.tsc_khz = tsc_khz;
-        ops.timer.wall_clock = wall_clock;
-        ops.timer.set_next_event = set_next_event;
+    fn ops(&self) -> BackendOps {
+        let mut ops = native::OPS;
+        ops.cpu.hypercall = Impl::call(hypercall_fn());
+        ops.irq.save_fl = Impl::call(save_fl_thunk);
+        ops.irq.restore_fl = Impl::call(restore_fl_thunk);
+        ops.irq.irq_disable = Impl::call(irq_disable_thunk);
+        ops.irq.irq_enable = Impl::call(irq_enable_thunk);
+        ops.irq.safe_halt = Impl::call(safe_halt_thunk);
+        ops.irq.halt = Impl::call(halt_thunk);
+        ops.mmu.write_cr3 = Impl::call(write_cr3_thunk);
+        ops.mmu.flush_tlb_user = Impl::call(flush_tlb_user_thunk);
+        ops.mmu.flush_tlb_kernel = Impl::call(flush_tlb_kernel);
+        ops.mmu.flush_tlb_one_user = Impl::call(flush_tlb_one_user_thunk);
+        ops.mmu.set_pte = Impl::call(set_pte_thunk);
+        ops.mmu.set_pmd = Impl::call(set_pmd_thunk);
+        ops.mmu.set_pud = Impl::call(set_pud_thunk);
+        ops.mmu.lazy_mode_enter = Impl::call(lazy_mode_enter);
+        ops.mmu.lazy_mode_leave = Impl::call(lazy_mode_leave);
+        ops.timer.sched_clock = Impl::call(sched_clock);
+        ops.timer.steal_clock = Impl::call(steal_clock);
+        ops.timer.tsc_khz = Impl::call(tsc_khz);
+        ops.timer.wall_clock = Impl::call(wall_clock);
+        ops.timer.set_next_event = Impl::call(set_next_event);
         ops
     }
 
-    fn null_hypercall(&self) -> Option<pvops::select::NullHypercall> {
+    fn null_hypercall(&self) -> Option<NullHypercall> {
         // Drains an empty ring: answered 0 (a KVM host would say -KVM_ENOSYS).
-        Some(pvops::select::NullHypercall {
+        Some(NullHypercall {
             args: [LHCALL_FLUSH_ASYNC, 0, 0, 0, 0],
             expect: 0,
         })

@@ -2,7 +2,7 @@
 //! shared/docs/abi-xen.md §6.
 //!
 //! A PV kernel runs in ring 3 of a 64-bit domain: `cli`, `mov %cr3` or `invlpg` would trap, so
-//! no patched site may execute one. [`crate::xen`] selects these ops when the kernel says it is
+//! no patched site may execute one. [`super`] selects these ops when the kernel says it is
 //! a PV domain ([`crate::Platform::xen_pv`]); everything shared with HVM (version, time, steal, timer)
 //! stays there.
 //!
@@ -40,77 +40,12 @@
 use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
-use pvops::ops::{CpuidResult, DescriptorPointer};
+use pvops::ops::{BackendOps, CalleeSave, CpuidResult, DescriptorPointer, Impl};
 
+use super::abi::*;
+use super::decode::vcpu_info_offset;
+use crate::native;
 use crate::pvclock::{self, PvclockVcpuTimeInfo, PvclockWallClock};
-
-/// `__HYPERVISOR_mmu_update`.
-pub const HYPERVISOR_MMU_UPDATE: u64 = 1;
-/// `__HYPERVISOR_fpu_taskswitch`.
-pub const HYPERVISOR_FPU_TASKSWITCH: u64 = 5;
-/// `__HYPERVISOR_update_va_mapping`.
-pub const HYPERVISOR_UPDATE_VA_MAPPING: u64 = 14;
-/// `__HYPERVISOR_mmuext_op`.
-pub const HYPERVISOR_MMUEXT_OP: u64 = 26;
-/// `SCHEDOP_block`.
-pub const SCHEDOP_BLOCK: u64 = 1;
-/// `DOMID_SELF`.
-pub const DOMID_SELF: u64 = 0x7ff0;
-/// `UVMF_INVLPG` (flush this address on this CPU after the update).
-pub const UVMF_INVLPG: u64 = 2;
-
-/// `mmuext_op` commands.
-pub mod mmuext {
-    /// `MMUEXT_PIN_L1_TABLE`; L2..L4 follow (1..3).
-    pub const PIN_L1_TABLE: u32 = 0;
-    /// `MMUEXT_UNPIN_TABLE`.
-    pub const UNPIN_TABLE: u32 = 4;
-    /// `MMUEXT_TLB_FLUSH_LOCAL`.
-    pub const TLB_FLUSH_LOCAL: u32 = 6;
-    /// `MMUEXT_INVLPG_LOCAL`.
-    pub const INVLPG_LOCAL: u32 = 7;
-    /// `MMUEXT_FLUSH_CACHE`.
-    pub const FLUSH_CACHE: u32 = 12;
-}
-
-/// `struct mmuext_op` (24 bytes): a command and up to two arguments.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-pub struct MmuextOp {
-    /// One of [`mmuext`].
-    pub cmd: u32,
-    /// A machine frame or a linear address.
-    pub arg1: u64,
-    /// A count, a mask pointer or a source frame.
-    pub arg2: u64,
-}
-
-/// `struct mmu_update` (16 bytes): `ptr` is the entry's machine address (low bits: the
-/// command, 0 = `MMU_NORMAL_PT_UPDATE`), `val` the new entry.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-pub struct MmuUpdate {
-    /// Machine address of the entry.
-    pub ptr: u64,
-    /// The new entry.
-    pub val: u64,
-}
-
-static_assertions::assert_eq_size!(MmuextOp, [u8; 24]);
-static_assertions::assert_eq_size!(MmuUpdate, [u8; 16]);
-
-/// `vcpu_info` offsets (abi-xen.md §3.3).
-pub const VCPU_INFO_PENDING: u64 = 0;
-/// `evtchn_upcall_mask`: the PV interrupt flag (1 = masked).
-pub const VCPU_INFO_MASK: u64 = 1;
-/// `arch.cr2`.
-pub const VCPU_INFO_CR2: u64 = 16;
-/// `time`: the vCPU's pvclock record.
-pub const VCPU_INFO_TIME: u64 = 32;
-/// `shared_info.wc` (the wall clock at system time 0).
-pub const SHARED_INFO_WC: usize = 0xc00;
-/// `shared_info.wc_sec_hi`.
-pub const SHARED_INFO_WC_SEC_HI: usize = 0xc0c;
 
 /// What a PV kernel shares with the backend: where its per-CPU state is, and its accessors for
 /// the control registers it owns. Provided by the platform ([`crate::Platform::xen_pv_kernel`]).
@@ -156,37 +91,6 @@ fn kernel() -> &'static XenPvKernel {
         Some(k) => k,
         None => unreachable!("xen pv ops used before start"),
     }
-}
-
-/// Decode the `%gs`-relative address one instruction of the kernel's PV irq code touches:
-/// `[endbr64] 65 <op> 05 <disp32> ...` at `addr`, where `op` is `opcode` (c6 for `movb $imm`, f6
-/// for `testb $imm`), and the effective address is RIP-relative (the per-CPU symbol's offset).
-/// `insn_len` is the whole instruction's length (the immediate follows the displacement).
-pub fn gs_rip_target(code: &[u8], addr: u64, opcode: u8, insn_len: u64) -> Option<u64> {
-    let (code, addr) = match code {
-        [0xf3, 0x0f, 0x1e, 0xfa, rest @ ..] => (rest, addr + 4),
-        _ => (code, addr),
-    };
-    match code {
-        [0x65, op, 0x05, d0, d1, d2, d3, ..] if *op == opcode => {
-            let disp = i32::from_le_bytes([*d0, *d1, *d2, *d3]);
-            Some(addr.wrapping_add(insn_len).wrapping_add(disp as i64 as u64))
-        }
-        _ => None,
-    }
-}
-
-/// The largest per-CPU offset accepted (per-CPU sections are far smaller).
-pub const MAX_PERCPU_OFFSET: u64 = 1 << 24;
-
-/// The per-CPU offset of the kernel's `vcpu_info`, from the first instruction of its PV
-/// `irq_disable` (`movb $1, %gs:vcpu_info+1(%rip)`, 8 bytes) and of its `save_fl`
-/// (`testb $0xff, %gs:vcpu_info+1(%rip)`, 8 bytes): both must name the same mask byte.
-pub fn vcpu_info_offset(disable: (&[u8], u64), save_fl: (&[u8], u64)) -> Option<u64> {
-    let a = gs_rip_target(disable.0, disable.1, 0xc6, 8)?;
-    let b = gs_rip_target(save_fl.0, save_fl.1, 0xf6, 8)?;
-    let offset = a.wrapping_sub(VCPU_INFO_MASK);
-    (a == b && offset < MAX_PERCPU_OFFSET && offset % 64 == 0).then_some(offset)
 }
 
 /// Why the PV half could not start.
@@ -388,19 +292,15 @@ unsafe extern "C" fn check_events() {
 
 extern "C" fn block() {
     // SAFETY: SCHEDOP_block takes no argument; it unmasks events and sleeps until one arrives.
-    unsafe { hypercall_syscall(crate::xen::HYPERVISOR_SCHED_OP, SCHEDOP_BLOCK, 0, 0, 0) };
+    unsafe { hypercall_syscall(HYPERVISOR_SCHED_OP, SCHEDOP_BLOCK, 0, 0, 0) };
 }
 
 extern "C" fn halt_as_is() {
     // SAFETY: reads the mask (see `save_fl`).
     let masked = unsafe { save_fl() } == 0;
-    let cmd = if masked {
-        crate::xen::SCHEDOP_YIELD
-    } else {
-        SCHEDOP_BLOCK
-    };
+    let cmd = if masked { SCHEDOP_YIELD } else { SCHEDOP_BLOCK };
     // SAFETY: yield and block take no argument.
-    unsafe { hypercall_syscall(crate::xen::HYPERVISOR_SCHED_OP, cmd, 0, 0, 0) };
+    unsafe { hypercall_syscall(HYPERVISOR_SCHED_OP, cmd, 0, 0, 0) };
 }
 
 pvops::callee_save_thunk!(
@@ -739,4 +639,52 @@ pub fn wall_clock(now: u64) -> u64 {
     secs.saturating_mul(1_000_000_000)
         .saturating_add(u64::from(nsec))
         .saturating_add(now)
+}
+
+// ---- the table -------------------------------------------------------------------------------
+
+/// A callee-save slot value from assembly of this file that keeps every register but RAX.
+macro_rules! declared {
+    ($f:expr) => {
+        // SAFETY: the function is assembly of this file that changes only RAX and the flags
+        // (check_events, which some of them jump to, saves every other register it uses).
+        Impl::call(unsafe { CalleeSave::declare($f) })
+    };
+}
+
+/// The PV domain's table: the ops of this file over the native ones that stay (MSRs, which Xen
+/// emulates for PV kernels, and lazy mode); nothing inline (a native instruction would trap in
+/// ring 3). The time ops and the hypercall are the Xen backend's ([`super::Xen`]).
+pub fn ops() -> BackendOps {
+    let mut ops = native::OPS;
+    let (cpu, irq, mmu) = (&mut ops.cpu, &mut ops.irq, &mut ops.mmu);
+    cpu.cpuid = Impl::call(cpuid);
+    cpu.read_cr0 = Impl::call(read_cr0);
+    cpu.write_cr0 = Impl::call(write_cr0);
+    cpu.read_cr4 = Impl::call(read_cr4);
+    cpu.write_cr4 = Impl::call(write_cr4);
+    cpu.wbinvd = Impl::call(wbinvd);
+    cpu.load_idt = Impl::call(load_idt);
+    cpu.load_gdt = Impl::call(load_gdt);
+    cpu.store_tr = Impl::call(store_tr);
+    cpu.io_delay = declared!(io_delay);
+    irq.save_fl = declared!(save_fl);
+    irq.restore_fl = declared!(restore_fl);
+    irq.irq_disable = declared!(irq_disable);
+    irq.irq_enable = declared!(irq_enable);
+    irq.safe_halt = Impl::call(safe_halt);
+    irq.halt = Impl::call(halt);
+    mmu.read_cr2 = declared!(read_cr2);
+    mmu.write_cr2 = declared!(write_cr2);
+    mmu.read_cr3 = Impl::call(read_cr3);
+    mmu.write_cr3 = Impl::call(write_cr3);
+    mmu.flush_tlb_user = Impl::call(flush_tlb_user);
+    mmu.flush_tlb_kernel = Impl::call(flush_tlb_kernel);
+    mmu.flush_tlb_one_user = Impl::call(flush_tlb_one_user);
+    mmu.set_pte = Impl::call(set_pte);
+    mmu.set_pmd = Impl::call(set_pmd);
+    mmu.set_pud = Impl::call(set_pud);
+    mmu.alloc_pt = Impl::call(alloc_pt);
+    mmu.release_pt = Impl::call(release_pt);
+    ops
 }
