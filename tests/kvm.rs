@@ -126,6 +126,10 @@ fn kvm_backend() {
             .all(|&(msr, _)| msr != MSR_KVM_SYSTEM_TIME_NEW),
         "the kernel's clock registration must never be touched"
     );
+    assert_eq!(
+        pvops_host_tests::conventions::check(&b.ops()),
+        Vec::<String>::new()
+    );
     let ops = b.ops().table();
     // SAFETY: the table's functions, called as the table would.
     let (t0, khz, wall, steal0, steal1) = unsafe {

@@ -397,6 +397,10 @@ fn start_registers_and_stop_unregisters() {
         .hcall_status
         .iter()
         .all(|s| s.load(Ordering::Relaxed) == HCALL_FREE));
+    assert_eq!(
+        pvops_host_tests::conventions::check(&b.ops()),
+        Vec::<String>::new()
+    );
     let ops = b.ops().table();
     // SAFETY: the table's functions, called as the table would.
     unsafe {

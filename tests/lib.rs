@@ -290,3 +290,220 @@ pub fn start(
 ) -> Result<&'static dyn pvops::Backend, pvops_backends::StartError> {
     pvops_backends::probe(detection, platform).start(id, detection, platform)
 }
+
+/// Checks a backend's [`pvops::BackendOps`] against the ops' conventions by decoding the code
+/// itself: every inline replacement changes only what it declares, and what it declares fits
+/// its op's convention; every callee-save slot's function (and every function it branches to
+/// directly) changes no register but RAX, except registers it saves first, and calls only
+/// through a save of every caller-saved register. A C slot may change anything the C ABI lets
+/// it. Returns one line per violation (empty: the table keeps every convention).
+pub mod conventions {
+    use iced_x86::{
+        FlowControl, Instruction, InstructionInfoFactory, Mnemonic, OpAccess, Register, RflagsBits,
+    };
+    use pvops::ops::{BackendOps, Clobbers, Convention, Op, PvOps};
+
+    use super::{decode, peek, text};
+
+    /// The arithmetic flags (IF is what the interrupt ops are for; flags the SDM leaves
+    /// undefined, as after MOV to CR, count as unchanged).
+    fn arith() -> u32 {
+        RflagsBits::OF
+            | RflagsBits::SF
+            | RflagsBits::ZF
+            | RflagsBits::AF
+            | RflagsBits::PF
+            | RflagsBits::CF
+    }
+
+    /// What one instruction changes: clobber bits, plus the other general registers by name.
+    fn writes(f: &mut InstructionInfoFactory, i: &Instruction) -> (Clobbers, Vec<Register>) {
+        let mut c = Clobbers::empty();
+        let mut other = Vec::new();
+        for u in f.info(i).used_registers() {
+            if matches!(
+                u.access(),
+                OpAccess::Read | OpAccess::CondRead | OpAccess::NoMemAccess
+            ) {
+                continue;
+            }
+            match u.register().full_register() {
+                Register::RAX => c |= Clobbers::RAX,
+                Register::RCX => c |= Clobbers::RCX,
+                Register::RDX => c |= Clobbers::RDX,
+                Register::RSI => c |= Clobbers::RSI,
+                Register::RDI => c |= Clobbers::RDI,
+                Register::R8 => c |= Clobbers::R8,
+                Register::R9 => c |= Clobbers::R9,
+                Register::R10 => c |= Clobbers::R10,
+                Register::R11 => c |= Clobbers::R11,
+                Register::RSP => {} // pushes and pops, balanced by construction of a function
+                r if r.is_gpr64() => other.push(r),
+                _ => {} // control, descriptor-table and segment registers: the op's purpose
+            }
+        }
+        if (i.rflags_written() | i.rflags_cleared() | i.rflags_set()) & arith() != 0
+            || i.mnemonic() == Mnemonic::Popfq
+        {
+            c |= Clobbers::FLAGS;
+        }
+        (c, other)
+    }
+
+    fn bit_of(r: Register) -> Option<Clobbers> {
+        Some(match r.full_register() {
+            Register::RAX => Clobbers::RAX,
+            Register::RCX => Clobbers::RCX,
+            Register::RDX => Clobbers::RDX,
+            Register::RSI => Clobbers::RSI,
+            Register::RDI => Clobbers::RDI,
+            Register::R8 => Clobbers::R8,
+            Register::R9 => Clobbers::R9,
+            Register::R10 => Clobbers::R10,
+            Register::R11 => Clobbers::R11,
+            _ => return None,
+        })
+    }
+
+    /// The registers a function (at `addr`) and the functions it jumps to directly change,
+    /// minus those it pushes at entry (a thunk's saves); a `call` inside counts as changing
+    /// every caller-saved register. `Err`: code the analysis does not follow (an indirect
+    /// branch), with its text.
+    fn function_clobbers(addr: usize) -> Result<(Clobbers, Vec<Register>), String> {
+        let mut f = InstructionInfoFactory::new();
+        let (mut all, mut others) = (Clobbers::empty(), Vec::new());
+        let mut work = vec![addr as u64];
+        let mut seen = Vec::new();
+        while let Some(start) = work.pop() {
+            if seen.contains(&start) || seen.len() > 16 {
+                continue;
+            }
+            seen.push(start);
+            let insns = decode(&peek(start as usize, 512), start);
+            let mut saved = Clobbers::empty();
+            let mut prologue = true;
+            let (mut mine, mut my_others) = (Clobbers::empty(), Vec::new());
+            for i in insns.iter().take(128) {
+                if i.mnemonic() == Mnemonic::Endbr64 {
+                    continue;
+                }
+                if prologue
+                    && i.mnemonic() == Mnemonic::Push
+                    && i.op0_kind() == iced_x86::OpKind::Register
+                {
+                    if let Some(b) = bit_of(i.op0_register()) {
+                        saved |= b;
+                    }
+                    continue;
+                }
+                prologue = false;
+                let (c, o) = writes(&mut f, i);
+                mine |= c;
+                my_others.extend(o);
+                match i.flow_control() {
+                    FlowControl::Next | FlowControl::Interrupt => {}
+                    FlowControl::Call => {
+                        // the callee may change every caller-saved register
+                        mine |= Convention::C.clobbers();
+                    }
+                    FlowControl::ConditionalBranch => work.push(i.near_branch64()),
+                    FlowControl::UnconditionalBranch => {
+                        let t = i.near_branch64();
+                        // a jump to the kernel's return thunk is a return
+                        if !(start..start + 512).contains(&t) {
+                            work.push(t);
+                        }
+                        break;
+                    }
+                    FlowControl::Return | FlowControl::Exception => break,
+                    other => return Err(format!("{other:?} at {:#x}: {}", i.ip(), text(i))),
+                }
+            }
+            // pops restore what the prologue pushed (their writes are not changes)
+            let pops: Vec<Register> = insns
+                .iter()
+                .filter(|i| {
+                    i.mnemonic() == Mnemonic::Pop && i.op0_kind() == iced_x86::OpKind::Register
+                })
+                .map(|i| i.op0_register())
+                .collect();
+            for r in pops {
+                if let Some(b) = bit_of(r) {
+                    if saved.contains(b) {
+                        mine.remove(b);
+                    }
+                }
+                my_others.retain(|o| *o != r.full_register());
+            }
+            mine.remove(saved);
+            all |= mine;
+            others.extend(my_others);
+        }
+        Ok((all, others))
+    }
+
+    /// Every violation of `ops` (empty: none).
+    pub fn check(ops: &BackendOps) -> Vec<String> {
+        let mut bad = Vec::new();
+        let unfilled = PvOps::UNFILLED;
+        let mut f = InstructionInfoFactory::new();
+        for &op in Op::ALL {
+            let allowed = op.convention().clobbers();
+            let target = ops.target(op);
+            if target == unfilled.target(op) || target == 0 {
+                bad.push(format!("{}: slot not filled", op.name()));
+                continue;
+            }
+            if let Some(inline) = ops.inline(op) {
+                if !allowed.contains(inline.clobbers) {
+                    bad.push(format!(
+                        "{}: inline declares {:?}, the convention allows {allowed:?}",
+                        op.name(),
+                        inline.clobbers
+                    ));
+                }
+                let insns = decode(inline.bytes, 0x1000);
+                let mut written = Clobbers::empty();
+                for i in &insns {
+                    if i.is_invalid()
+                        || i.is_ip_rel_memory_operand()
+                        || !matches!(i.flow_control(), FlowControl::Next | FlowControl::Interrupt)
+                    {
+                        bad.push(format!(
+                            "{}: inline {} is not position-independent straight-line code",
+                            op.name(),
+                            text(i)
+                        ));
+                    }
+                    let (c, o) = writes(&mut f, i);
+                    written |= c;
+                    if !o.is_empty() {
+                        bad.push(format!("{}: inline {} writes {o:?}", op.name(), text(i)));
+                    }
+                }
+                if !inline.clobbers.contains(written) {
+                    bad.push(format!(
+                        "{}: inline changes {written:?}, declares {:?}",
+                        op.name(),
+                        inline.clobbers
+                    ));
+                }
+            }
+            if op.convention() == Convention::CalleeSave {
+                match function_clobbers(target) {
+                    Ok((c, o)) => {
+                        if !allowed.contains(c) || !o.is_empty() {
+                            bad.push(format!(
+                                "{}: the function at {target:#x} changes {:?} {o:?}, the convention allows {allowed:?}",
+                                op.name(),
+                                c.difference(allowed)
+                            ));
+                        }
+                    }
+                    Err(e) => bad.push(format!("{}: {e}", op.name())),
+                }
+            }
+        }
+        bad
+    }
+}

@@ -629,6 +629,10 @@ fn backend_runs_the_rom_copied_into_its_arena() {
 
     // The table: ROM copies where the ROM has the call, native where it says NONE.
     let ops = backend.ops();
+    assert_eq!(
+        pvops_host_tests::conventions::check(&ops),
+        Vec::<String>::new()
+    );
     assert_eq!(ops.target(Op::Cpuid), vmi::entry(call::CPUID));
     assert_eq!(ops.target(Op::SaveFl), vmi::entry(call::GET_INTERRUPT_MASK));
     assert_eq!(ops.target(Op::SetPud), vmi::entry(call::SET_PXE));
