@@ -25,67 +25,26 @@ module! {
     license: "GPL",
 }
 
-/// The C side (shim.c) and the section markers (sites_start.S, sites_end.S).
+/// The C side: shim.c and linux_peer.c, declared by shim.h. Kbuild generates these bindings
+/// from shim.h with bindgen (`shim_bindings.rs` in the object folder).
+#[allow(
+    missing_docs,
+    non_camel_case_types,
+    non_upper_case_globals,
+    unreachable_pub,
+    clippy::all
+)]
 mod shim {
-    use core::ffi::{c_int, c_ulong, c_void};
-    use kernel::ffi::c_char;
+    use kernel::ffi;
 
+    include!(env!("PVOPS_SHIM_BINDINGS"));
+}
+
+/// The call-site section's two markers (sites_start.S, sites_end.S).
+mod sites {
     extern "C" {
         pub(crate) static pvops_sites_start: pvops::site::SiteRecord;
         pub(crate) static pvops_sites_end: pvops::site::SiteRecord;
-        pub(crate) fn pvops_shim_backend_param() -> *const c_char;
-        pub(crate) fn pvops_shim_tsc_khz() -> c_ulong;
-        pub(crate) fn pvops_shim_alias_text(start: c_ulong, end: c_ulong) -> *mut c_void;
-        pub(crate) fn pvops_shim_unalias_text(alias: *mut c_void);
-        pub(crate) fn pvops_shim_stop_machine(
-            f: unsafe extern "C" fn(*mut c_void) -> c_int,
-            data: *mut c_void,
-        ) -> c_int;
-        pub(crate) fn pvops_shim_sync_core();
-        pub(crate) fn pvops_shim_set_report(
-            backend: *const c_char,
-            hypervisor: *const c_char,
-            sites: *const c_char,
-            selftest: *const c_char,
-        );
-        pub(crate) fn pvops_shim_sysfs_create() -> c_int;
-        pub(crate) fn pvops_shim_sysfs_remove();
-        pub(crate) fn pvops_shim_irq_save() -> c_ulong;
-        pub(crate) fn pvops_shim_irq_restore(flags: c_ulong);
-        pub(crate) fn pvops_linux_loop(which: u32, reps: u32) -> u64;
-        pub(crate) fn pvops_linux_set_hypercall(nr: u64, a0: u64);
-        pub(crate) fn pvops_shim_set_bench(json: *const c_char, len: usize) -> c_int;
-        pub(crate) fn pvops_shim_debugfs_create() -> c_int;
-        pub(crate) fn pvops_shim_debugfs_remove();
-        pub(crate) fn pvops_shim_rdmsr(msr: u32, val: *mut u64) -> c_int;
-        pub(crate) fn pvops_shim_wrmsr(msr: u32, val: u64) -> c_int;
-        pub(crate) fn pvops_shim_rdmsr_on_cpu(cpu: u32, msr: u32, val: *mut u64) -> c_int;
-        pub(crate) fn pvops_shim_nr_cpus() -> u32;
-        pub(crate) fn pvops_shim_phys_to_virt(pa: u64) -> c_ulong;
-        pub(crate) fn pvops_shim_virt_to_phys(va: c_ulong) -> u64;
-        pub(crate) fn pvops_shim_kernel_kvmclock() -> c_int;
-        pub(crate) fn pvops_shim_kernel_pvclock_cpu0() -> c_ulong;
-        pub(crate) fn pvops_shim_xen_pv() -> c_int;
-        pub(crate) fn pvops_shim_xen_vcpu_id(cpu: u32) -> core::ffi::c_long;
-        pub(crate) fn pvops_shim_xen_pv_irq_fn(which: c_int) -> c_ulong;
-        pub(crate) fn pvops_shim_xen_pv_shared_info() -> c_ulong;
-        pub(crate) fn pvops_shim_percpu_base(cpu: u32) -> c_ulong;
-        pub(crate) fn pvops_shim_read_cr0() -> u64;
-        pub(crate) fn pvops_shim_read_cr3() -> u64;
-        pub(crate) fn pvops_shim_write_cr3(cr3: u64);
-        pub(crate) fn pvops_shim_read_cr4() -> u64;
-        pub(crate) fn pvops_shim_virt_to_machine(va: usize) -> u64;
-        pub(crate) fn pvops_shim_pte_of(va: usize) -> usize;
-        pub(crate) fn pvops_shim_irqs_disabled() -> c_int;
-        pub(crate) fn pvops_shim_cpuid(leaf: u32, subleaf: u32, out: *mut u32);
-        pub(crate) fn pvops_shim_vmalloc_page() -> c_ulong;
-        pub(crate) fn pvops_shim_vfree(va: c_ulong);
-        pub(crate) fn pvops_shim_alloc_page() -> c_ulong;
-        pub(crate) fn pvops_shim_free_page(va: c_ulong);
-        pub(crate) fn pvops_shim_ktime_ns() -> u64;
-        pub(crate) fn pvops_shim_ktime_real_ns() -> u64;
-        pub(crate) fn pvops_shim_mdelay(ms: u32);
-        pub(crate) fn pvops_shim_boot_subarch(subarch: *mut u32, data: *mut u64) -> c_int;
     }
 }
 
@@ -95,7 +54,7 @@ struct KernelPlatform;
 impl pvops_backends::Platform for KernelPlatform {
     fn tsc_khz(&self) -> u64 {
         // SAFETY: reads the exported `tsc_khz`.
-        u64::from(unsafe { shim::pvops_shim_tsc_khz() })
+        unsafe { shim::pvops_shim_tsc_khz() as u64 }
     }
 
     fn rdmsr(&self, msr: u32) -> Option<u64> {
@@ -123,7 +82,7 @@ impl pvops_backends::Platform for KernelPlatform {
     fn kernel_pvclock_cpu0(&self) -> Option<usize> {
         // SAFETY: reads the kernel's published pvclock pointer.
         let va = unsafe { shim::pvops_shim_kernel_pvclock_cpu0() };
-        (va != 0).then_some(va as usize)
+        (va != 0).then_some(va)
     }
 
     fn xen_pv(&self) -> bool {
@@ -150,10 +109,10 @@ impl pvops_backends::Platform for KernelPlatform {
         // SAFETY: plain queries of the kernel's state.
         let (irq_disable, save_fl, percpu_base0, shared_info, cr0) = unsafe {
             (
-                shim::pvops_shim_xen_pv_irq_fn(0) as usize,
-                shim::pvops_shim_xen_pv_irq_fn(1) as usize,
-                shim::pvops_shim_percpu_base(0) as usize,
-                shim::pvops_shim_xen_pv_shared_info() as usize,
+                shim::pvops_shim_xen_pv_irq_fn(0),
+                shim::pvops_shim_xen_pv_irq_fn(1),
+                shim::pvops_shim_percpu_base(0),
+                shim::pvops_shim_xen_pv_shared_info(),
                 shim::pvops_shim_read_cr0(),
             )
         };
@@ -174,12 +133,12 @@ impl pvops_backends::Platform for KernelPlatform {
     fn alloc_page(&self) -> Option<usize> {
         // SAFETY: the kernel's page allocator.
         let va = unsafe { shim::pvops_shim_alloc_page() };
-        (va != 0).then_some(va as usize)
+        (va != 0).then_some(va)
     }
 
     fn free_page(&self, va: usize) {
         // SAFETY: `va` came from alloc_page and nothing uses it any more (the backends' contract).
-        unsafe { shim::pvops_shim_free_page(va as _) }
+        unsafe { shim::pvops_shim_free_page(va) }
     }
 
     fn kernel_kvmclock(&self) -> Option<bool> {
@@ -195,12 +154,12 @@ impl pvops_backends::Platform for KernelPlatform {
     fn phys_to_virt(&self, pa: u64) -> Option<usize> {
         // SAFETY: pure address arithmetic, with a pfn_valid check.
         let va = unsafe { shim::pvops_shim_phys_to_virt(pa) };
-        (va != 0).then_some(va as usize)
+        (va != 0).then_some(va)
     }
 
     fn virt_to_phys(&self, va: usize) -> Option<u64> {
         // SAFETY: a page-table lookup of kernel memory the backend owns.
-        let pa = unsafe { shim::pvops_shim_virt_to_phys(va as _) };
+        let pa = unsafe { shim::pvops_shim_virt_to_phys(va) };
         (pa != 0).then_some(pa)
     }
 
@@ -208,7 +167,7 @@ impl pvops_backends::Platform for KernelPlatform {
         let end = addr + bytes.len();
         // SAFETY: [addr, end) is this module's own text (the VMI backend's arena); the alias
         // is dropped below.
-        let alias = unsafe { shim::pvops_shim_alias_text(addr as _, end as _) };
+        let alias = unsafe { shim::pvops_shim_alias_text(addr, end) };
         if alias.is_null() {
             return false;
         }
@@ -236,8 +195,8 @@ fn module_sites() -> SiteTable {
     // linker put every record of the `pvops_sites` section between their two symbols.
     unsafe {
         SiteTable::from_bounds(
-            core::ptr::addr_of!(shim::pvops_sites_start),
-            core::ptr::addr_of!(shim::pvops_sites_end),
+            core::ptr::addr_of!(sites::pvops_sites_start),
+            core::ptr::addr_of!(sites::pvops_sites_end),
         )
     }
 }
@@ -334,7 +293,7 @@ fn transition(patcher: &Patcher<'_>, revert: bool) -> Result<PatchReport, Transi
     let page = start & !0xfff;
     // SAFETY: [start, end) is text of this module (or of the kernel, when built in) holding
     // call sites; the alias is dropped below.
-    let alias = unsafe { shim::pvops_shim_alias_text(start as _, end as _) };
+    let alias = unsafe { shim::pvops_shim_alias_text(start, end) };
     if alias.is_null() {
         return Err(TransitionError::NoAlias);
     }
@@ -348,7 +307,9 @@ fn transition(patcher: &Patcher<'_>, revert: bool) -> Result<PatchReport, Transi
         result: None,
     };
     // SAFETY: `job` outlives the call; run_job is the matching callback.
-    let rc = unsafe { shim::pvops_shim_stop_machine(run_job, core::ptr::addr_of_mut!(job).cast()) };
+    let rc = unsafe {
+        shim::pvops_shim_stop_machine(Some(run_job), core::ptr::addr_of_mut!(job).cast())
+    };
     // SAFETY: the alias came from pvops_shim_alias_text and is no longer used.
     unsafe { shim::pvops_shim_unalias_text(alias) };
     match job.result {
@@ -522,7 +483,7 @@ fn lazy_mmu_round_trip() -> bool {
 /// Accessed bit in the PTE of a page the module owns, read it back, restore it.
 fn set_pte_round_trip() -> bool {
     // SAFETY: allocates a page; freed below.
-    let page = unsafe { shim::pvops_shim_vmalloc_page() } as usize;
+    let page = unsafe { shim::pvops_shim_vmalloc_page() };
     if page == 0 {
         return false;
     }
@@ -541,7 +502,7 @@ fn set_pte_round_trip() -> bool {
         }
     };
     // SAFETY: frees the page allocated above.
-    unsafe { shim::pvops_shim_vfree(page as core::ffi::c_ulong) };
+    unsafe { shim::pvops_shim_vfree(page) };
     ok
 }
 
