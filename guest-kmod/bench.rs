@@ -27,8 +27,10 @@ use pvops::arch::{raw_cpuid, rdtsc_ordered};
 use pvops::ops::{cpu, irq, mmu, timer, Op};
 use pvops::{Backend, Inline, InlineSource, Patcher, PV_OPS};
 
+use crate::platform::KernelPlatform;
+use crate::shim;
 use crate::shim::pvops_linux_loop as Loop;
-use crate::{module_sites, shim, transition};
+use crate::text::{module_sites, transition, ReadOnlyText};
 
 const REPS: u32 = 200;
 const SAMPLES: usize = 21;
@@ -344,7 +346,7 @@ pub(crate) extern "C" fn pvops_bench_run() -> c_int {
 }
 
 fn run(state: &State) -> Result {
-    if pvops_backends::Platform::xen_pv(&crate::KernelPlatform) {
+    if pvops_backends::Platform::xen_pv(&KernelPlatform) {
         // The raw paths are ring-0 instructions and the MMU rows write scratch memory as if it
         // were a page table: neither is safe in a deprivileged kernel.
         pr_warn!("benchmark: not available in a Xen PV domain (its raw paths need ring 0)\n");
@@ -396,7 +398,7 @@ fn run(state: &State) -> Result {
     let c_base = baseline(&linux(Loop::PVOPS_LINUX_EMPTY));
 
     // 1. as loaded: sites patched for the backend
-    normal.verify(&crate::ReadOnlyText, true).map_err(|_| EIO)?;
+    normal.verify(&ReadOnlyText, true).map_err(|_| EIO)?;
     for (row, r) in rows.iter().zip(res.iter_mut()) {
         if let Some(raw) = row.raw {
             r[RAW] = Some(measure(&raw, rust_base));
