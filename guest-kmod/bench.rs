@@ -32,14 +32,19 @@ use crate::shim;
 use crate::shim::pvops_linux_loop as Loop;
 use crate::text::{module_sites, transition, ReadOnlyText};
 
+/// Operations per timed loop.
 const REPS: u32 = 200;
+/// Timed loops per path (after one warm-up).
 const SAMPLES: usize = 21;
 
 /// Median and spread of one path, in TSC cycles per 100 operations.
 #[derive(Clone, Copy)]
 struct Stats {
+    /// The median sample.
     median: u64,
+    /// The 10th percentile.
     p10: u64,
+    /// The 90th percentile.
     p90: u64,
 }
 
@@ -92,19 +97,24 @@ fn baseline(path: &dyn Fn(u32) -> u64) -> u64 {
     st.median * u64::from(REPS) / 100
 }
 
+/// Linux's own path for an op: loop `id` of linux_peer.c.
 fn linux(id: Loop) -> impl Fn(u32) -> u64 {
     // SAFETY: runs one of linux_peer.c's loops; interrupts are off (measure).
     move |reps| unsafe { shim::pvops_linux_loop(id, reps) }
 }
 
+/// What the MMU rows write as their "page-table entry" and flush from the TLB.
 static mut SCRATCH: u64 = 0;
+/// The IDT register as SIDT found it, which the load_idt rows load again.
 static mut IDT_NOW: pvops::ops::DescriptorPointer =
     pvops::ops::DescriptorPointer { limit: 0, base: 0 };
 
+/// The scratch variable's address.
 fn scratch() -> *mut u64 {
     core::ptr::addr_of_mut!(SCRATCH)
 }
 
+/// The IDT register as `run` read it.
 fn idt_now() -> &'static pvops::ops::DescriptorPointer {
     // SAFETY: written once by `run` (SIDT) before any path reads it, under the bench mutex.
     unsafe { &*core::ptr::addr_of!(IDT_NOW) }
@@ -113,6 +123,7 @@ fn idt_now() -> &'static pvops::ops::DescriptorPointer {
 /// Keeps a result alive the way linux_peer.c's `KEEP` does: an empty asm statement that takes
 /// it in a register (no store to memory), so both harnesses pay the same for it.
 trait Sink {
+    /// Consume `self` in a register.
     fn sink(self);
 }
 
@@ -173,10 +184,15 @@ macro_rules! raw {
 /// One benchmarked op: its raw form, its pvops wrapper, and Linux's peer (a loop of
 /// linux_peer.c, `enum pvops_linux_loop` in shim.h).
 struct Row {
+    /// The op (whether the backend inlines it decides the `inline` path).
     op: Op,
+    /// Its name in the JSON.
     label: &'static str,
+    /// The bare instruction(s), where they exist and are safe to run.
     raw: Option<Path>,
+    /// Through the pvops call sites.
     pvops: Path,
+    /// Linux's own path, where it has one.
     linux: Option<Loop>,
 }
 
@@ -188,6 +204,7 @@ static HYPERCALL: [core::sync::atomic::AtomicU64; 2] = [
 /// Whether the KVM hypercall instruction is `vmmcall`.
 static VMMCALL: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
 
+/// The hypercall `run` set: number and first argument.
 fn hc() -> (u64, u64) {
     use core::sync::atomic::Ordering::Relaxed;
     (HYPERCALL[0].load(Relaxed), HYPERCALL[1].load(Relaxed))
@@ -283,24 +300,34 @@ impl InlineSource for NoInline {
 /// Module load costs, measured at init (TSC cycles).
 #[derive(Clone, Copy, Default)]
 pub(crate) struct LoadCost {
+    /// The hypervisor scan.
     pub(crate) detect: u64,
+    /// Selecting and starting the backend.
     pub(crate) select: u64,
+    /// Patching every site (stop_machine and the text alias included).
     pub(crate) patch: u64,
+    /// The sites patched.
     pub(crate) sites: usize,
 }
 
 /// What the benchmark needs from the loaded module.
 pub(crate) struct State {
+    /// The running backend.
     pub(crate) backend: &'static dyn Backend,
+    /// Its table, as installed.
     pub(crate) ops: pvops::PvOps,
+    /// What loading cost.
     pub(crate) load: LoadCost,
+    /// The kernel's TSC frequency (0: unknown).
     pub(crate) tsc_khz: u64,
 }
 
+/// Where [`State`] is published for the benchmark.
 struct Slot(core::cell::UnsafeCell<Option<State>>);
 // SAFETY: written by init before the debugfs file exists and by exit after it is gone; read by
 // pvops_bench_run, which shim.c serialises with a mutex and debugfs keeps within the file's life.
 unsafe impl Sync for Slot {}
+/// The module's state while the debugfs file exists.
 static STATE: Slot = Slot(core::cell::UnsafeCell::new(None));
 
 /// Publish (or, with `None`, withdraw) the module's state.
@@ -324,6 +351,7 @@ impl Write for Json {
     }
 }
 
+/// One path's statistics as a JSON member, `,"name":{...}`.
 fn stats_json(j: &mut Json, name: &str, s: Stats) -> core::fmt::Result {
     write!(
         j,
@@ -345,6 +373,7 @@ pub(crate) extern "C" fn pvops_bench_run() -> c_int {
     }
 }
 
+/// Measure every row on every path, then put the sites back as loaded and publish the JSON.
 fn run(state: &State) -> Result {
     if pvops_backends::Platform::xen_pv(&KernelPlatform) {
         // The raw paths are ring-0 instructions and the MMU rows write scratch memory as if it

@@ -45,6 +45,7 @@ mod shim {
     include!(env!("PVOPS_SHIM_BINDINGS"));
 }
 
+/// The `backend=` parameter.
 fn param() -> &'static str {
     // SAFETY: the shim returns the module parameter, a NUL-terminated string that lives as long
     // as the module.
@@ -52,13 +53,18 @@ fn param() -> &'static str {
     s.to_str().unwrap_or("<invalid utf-8>")
 }
 
+/// The loaded module: what unloading has to undo.
 struct PvopsGuest {
+    /// The running backend.
     backend: &'static dyn Backend,
+    /// Its table, as installed.
     ops: pvops::PvOps,
+    /// Whether the sites were patched (else they are still the indirect calls).
     patched: bool,
 }
 
 impl PvopsGuest {
+    /// The patcher for this module's sites and the running backend.
     fn patcher(&self) -> Patcher<'static> {
         // Records were checked at load; they cannot have changed.
         Patcher::new(module_sites(), PV_OPS.addr(), self.ops, self.backend)

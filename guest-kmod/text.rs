@@ -32,7 +32,9 @@ pub(crate) fn module_sites() -> SiteTable {
 
 /// Module text, written through a temporary writable alias of its pages.
 struct AliasText {
+    /// The first page of the aliased range (the address `alias` maps).
     page: usize,
+    /// The writable alias of `page` and the pages after it.
     alias: *mut u8,
 }
 
@@ -69,9 +71,13 @@ impl pvops::Text for AliasText {
 
 /// One patch or revert, run under stop_machine.
 struct Job<'a> {
+    /// The sites and what to write into them.
     patcher: &'a Patcher<'a>,
+    /// Where to write.
     text: AliasText,
+    /// Revert (restore the original bytes) rather than patch.
     revert: bool,
+    /// The engine's answer; `None` if the callback never ran.
     result: Option<Result<PatchReport, PatchError>>,
 }
 
