@@ -27,16 +27,24 @@ use pvops::arch::{raw_cpuid, rdtsc_ordered};
 use pvops::ops::{cpu, irq, mmu, timer, Op};
 use pvops::{Backend, Inline, InlineSource, Patcher, PV_OPS};
 
-use crate::{module_sites, shim, transition};
+use crate::platform::KernelPlatform;
+use crate::shim;
+use crate::shim::pvops_linux_loop as Loop;
+use crate::text::{module_sites, transition, ReadOnlyText};
 
+/// Operations per timed loop.
 const REPS: u32 = 200;
+/// Timed loops per path (after one warm-up).
 const SAMPLES: usize = 21;
 
 /// Median and spread of one path, in TSC cycles per 100 operations.
 #[derive(Clone, Copy)]
 struct Stats {
+    /// The median sample.
     median: u64,
+    /// The 10th percentile.
     p10: u64,
+    /// The 90th percentile.
     p90: u64,
 }
 
@@ -89,19 +97,24 @@ fn baseline(path: &dyn Fn(u32) -> u64) -> u64 {
     st.median * u64::from(REPS) / 100
 }
 
-fn linux(id: u32) -> impl Fn(u32) -> u64 {
+/// Linux's own path for an op: loop `id` of linux_peer.c.
+fn linux(id: Loop) -> impl Fn(u32) -> u64 {
     // SAFETY: runs one of linux_peer.c's loops; interrupts are off (measure).
     move |reps| unsafe { shim::pvops_linux_loop(id, reps) }
 }
 
+/// What the MMU rows write as their "page-table entry" and flush from the TLB.
 static mut SCRATCH: u64 = 0;
+/// The IDT register as SIDT found it, which the load_idt rows load again.
 static mut IDT_NOW: pvops::ops::DescriptorPointer =
     pvops::ops::DescriptorPointer { limit: 0, base: 0 };
 
+/// The scratch variable's address.
 fn scratch() -> *mut u64 {
     core::ptr::addr_of_mut!(SCRATCH)
 }
 
+/// The IDT register as `run` read it.
 fn idt_now() -> &'static pvops::ops::DescriptorPointer {
     // SAFETY: written once by `run` (SIDT) before any path reads it, under the bench mutex.
     unsafe { &*core::ptr::addr_of!(IDT_NOW) }
@@ -110,6 +123,7 @@ fn idt_now() -> &'static pvops::ops::DescriptorPointer {
 /// Keeps a result alive the way linux_peer.c's `KEEP` does: an empty asm statement that takes
 /// it in a register (no store to memory), so both harnesses pay the same for it.
 trait Sink {
+    /// Consume `self` in a register.
     fn sink(self);
 }
 
@@ -167,19 +181,20 @@ macro_rules! raw {
     ($($asm:tt)*) => { path_unsafe!(core::arch::asm!($($asm)*)) };
 }
 
-/// One benchmarked op: its raw form, its pvops wrapper, and Linux's peer (a loop id of
+/// One benchmarked op: its raw form, its pvops wrapper, and Linux's peer (a loop of
 /// linux_peer.c, `enum pvops_linux_loop` in shim.h).
 struct Row {
+    /// The op (whether the backend inlines it decides the `inline` path).
     op: Op,
+    /// Its name in the JSON.
     label: &'static str,
+    /// The bare instruction(s), where they exist and are safe to run.
     raw: Option<Path>,
+    /// Through the pvops call sites.
     pvops: Path,
-    linux: Option<u32>,
+    /// Linux's own path, where it has one.
+    linux: Option<Loop>,
 }
-
-const L_EMPTY: u32 = 0;
-const L_SAVE_FL_INDIRECT: u32 = 20;
-const L_KVM_HYPERCALL: u32 = 21;
 
 /// The backend's harmless hypercall (number, first argument), set by `run` before measuring.
 static HYPERCALL: [core::sync::atomic::AtomicU64; 2] = [
@@ -189,6 +204,7 @@ static HYPERCALL: [core::sync::atomic::AtomicU64; 2] = [
 /// Whether the KVM hypercall instruction is `vmmcall`.
 static VMMCALL: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
 
+/// The hypercall `run` set: number and first argument.
 fn hc() -> (u64, u64) {
     use core::sync::atomic::Ordering::Relaxed;
     (HYPERCALL[0].load(Relaxed), HYPERCALL[1].load(Relaxed))
@@ -208,53 +224,53 @@ fn hc() -> (u64, u64) {
 fn rows() -> [Row; 25] {
     #[rustfmt::skip]
     let rows = [
-        Row { op: Op::SaveFl, label: "irq.save_fl", linux: Some(1),
+        Row { op: Op::SaveFl, label: "irq.save_fl", linux: Some(Loop::PVOPS_LINUX_SAVE_FL),
               raw: Some(raw!("pushfq", "pop {}", out(reg) _)), pvops: path!(irq::save_fl()) },
-        Row { op: Op::RestoreFl, label: "irq.restore_fl", linux: Some(2),
+        Row { op: Op::RestoreFl, label: "irq.restore_fl", linux: Some(Loop::PVOPS_LINUX_RESTORE_FL),
               raw: Some(raw!("pushfq", "popfq")), pvops: path_unsafe!(irq::restore_fl(irq::save_fl())) },
-        Row { op: Op::IrqDisable, label: "irq.irq_disable", linux: Some(3),
+        Row { op: Op::IrqDisable, label: "irq.irq_disable", linux: Some(Loop::PVOPS_LINUX_IRQ_DISABLE),
               raw: Some(raw!("cli")), pvops: path_unsafe!(irq::irq_disable()) },
-        Row { op: Op::IrqEnable, label: "irq.irq_enable+irq_disable", linux: Some(4),
+        Row { op: Op::IrqEnable, label: "irq.irq_enable+irq_disable", linux: Some(Loop::PVOPS_LINUX_IRQ_ENABLE_DISABLE),
               raw: Some(raw!("sti", "cli")),
               pvops: path_unsafe!({ irq::irq_enable(); irq::irq_disable() }) },
-        Row { op: Op::ReadCr0, label: "cpu.read_cr0", linux: Some(5),
+        Row { op: Op::ReadCr0, label: "cpu.read_cr0", linux: Some(Loop::PVOPS_LINUX_READ_CR0),
               raw: Some(raw!("mov {}, cr0", out(reg) _)), pvops: path_unsafe!(cpu::read_cr0()) },
-        Row { op: Op::ReadCr2, label: "mmu.read_cr2", linux: Some(6),
+        Row { op: Op::ReadCr2, label: "mmu.read_cr2", linux: Some(Loop::PVOPS_LINUX_READ_CR2),
               raw: Some(raw!("mov {}, cr2", out(reg) _)), pvops: path_unsafe!(mmu::read_cr2()) },
-        Row { op: Op::WriteCr2, label: "mmu.write_cr2", linux: Some(7),
+        Row { op: Op::WriteCr2, label: "mmu.write_cr2", linux: Some(Loop::PVOPS_LINUX_WRITE_CR2),
               raw: Some(raw!("mov {0}, cr2", "mov cr2, {0}", out(reg) _)),
               pvops: path_unsafe!(mmu::write_cr2(mmu::read_cr2())) },
-        Row { op: Op::ReadCr3, label: "mmu.read_cr3", linux: Some(8),
+        Row { op: Op::ReadCr3, label: "mmu.read_cr3", linux: Some(Loop::PVOPS_LINUX_READ_CR3),
               raw: Some(raw!("mov {}, cr3", out(reg) _)), pvops: path_unsafe!(mmu::read_cr3()) },
-        Row { op: Op::ReadCr4, label: "cpu.read_cr4", linux: Some(9),
+        Row { op: Op::ReadCr4, label: "cpu.read_cr4", linux: Some(Loop::PVOPS_LINUX_READ_CR4),
               raw: Some(raw!("mov {}, cr4", out(reg) _)), pvops: path_unsafe!(cpu::read_cr4()) },
-        Row { op: Op::Cpuid, label: "cpu.cpuid", linux: Some(10),
+        Row { op: Op::Cpuid, label: "cpu.cpuid", linux: Some(Loop::PVOPS_LINUX_CPUID),
               raw: Some(path!(raw_cpuid(0, 0).eax)), pvops: path!(cpu::cpuid(0, 0).eax) },
-        Row { op: Op::ReadMsr, label: "cpu.read_msr", linux: Some(11),
+        Row { op: Op::ReadMsr, label: "cpu.read_msr", linux: Some(Loop::PVOPS_LINUX_READ_MSR),
               raw: Some(raw!("rdmsr", in("ecx") 0xc000_0080u32, out("eax") _, out("edx") _)),
               pvops: path_unsafe!(cpu::read_msr(0xc000_0080)) },
         Row { op: Op::ReadMsrSafe, label: "cpu.read_msr_safe", linux: None, raw: None,
               pvops: path_unsafe!(cpu::read_msr_safe(0xc000_0080).unwrap_or(0)) },
-        Row { op: Op::FlushTlbOneUser, label: "mmu.flush_tlb_one_user", linux: Some(12),
+        Row { op: Op::FlushTlbOneUser, label: "mmu.flush_tlb_one_user", linux: Some(Loop::PVOPS_LINUX_FLUSH_TLB_ONE_USER),
               raw: Some(raw!("invlpg [{}]", in(reg) scratch())),
               pvops: path_unsafe!(mmu::flush_tlb_one_user(scratch() as u64)) },
-        Row { op: Op::StoreTr, label: "cpu.store_tr", linux: Some(13),
+        Row { op: Op::StoreTr, label: "cpu.store_tr", linux: Some(Loop::PVOPS_LINUX_STORE_TR),
               raw: Some(raw!("str {}", out(reg) _)), pvops: path!(cpu::store_tr()) },
-        Row { op: Op::LoadIdt, label: "cpu.load_idt", linux: Some(14),
+        Row { op: Op::LoadIdt, label: "cpu.load_idt", linux: Some(Loop::PVOPS_LINUX_LOAD_IDT),
               raw: Some(raw!("lidt [{}]", in(reg) idt_now())),
               pvops: path_unsafe!(cpu::load_idt(idt_now())) },
-        Row { op: Op::IoDelay, label: "cpu.io_delay", linux: Some(15),
+        Row { op: Op::IoDelay, label: "cpu.io_delay", linux: Some(Loop::PVOPS_LINUX_IO_DELAY),
               raw: Some(raw!("out 0x80, al", out("al") _)), pvops: path_unsafe!(cpu::io_delay()) },
-        Row { op: Op::SetPte, label: "mmu.set_pte", linux: Some(16),
+        Row { op: Op::SetPte, label: "mmu.set_pte", linux: Some(Loop::PVOPS_LINUX_SET_PTE),
               raw: Some(path_unsafe!(scratch().write_volatile(1))),
               pvops: path_unsafe!(mmu::set_pte(scratch(), 1)) },
-        Row { op: Op::SchedClock, label: "timer.sched_clock", linux: Some(17),
+        Row { op: Op::SchedClock, label: "timer.sched_clock", linux: Some(Loop::PVOPS_LINUX_SCHED_CLOCK),
               raw: Some(path!(rdtsc_ordered())), pvops: path!(timer::sched_clock()) },
-        Row { op: Op::TscKhz, label: "timer.tsc_khz", linux: Some(18), raw: None,
+        Row { op: Op::TscKhz, label: "timer.tsc_khz", linux: Some(Loop::PVOPS_LINUX_TSC_KHZ), raw: None,
               pvops: path!(timer::tsc_khz()) },
         Row { op: Op::StealClock, label: "timer.steal_clock", linux: None, raw: None,
               pvops: path!(timer::steal_clock(0)) },
-        Row { op: Op::WriteCr3, label: "mmu.write_cr3", linux: Some(19),
+        Row { op: Op::WriteCr3, label: "mmu.write_cr3", linux: Some(Loop::PVOPS_LINUX_WRITE_CR3),
               raw: Some(raw!("mov {0}, cr3", "mov cr3, {0}", out(reg) _)),
               pvops: path_unsafe!(mmu::write_cr3(mmu::read_cr3())) },
         Row { op: Op::FlushTlbUser, label: "mmu.flush_tlb_user", linux: None,
@@ -262,7 +278,7 @@ fn rows() -> [Row; 25] {
               pvops: path_unsafe!(mmu::flush_tlb_user()) },
         Row { op: Op::LazyModeEnter, label: "mmu.lazy_mode_enter+leave", linux: None, raw: None,
               pvops: path_unsafe!({ mmu::lazy_mode_enter(); mmu::lazy_mode_leave() }) },
-        Row { op: Op::Hypercall, label: "cpu.hypercall", linux: Some(L_KVM_HYPERCALL),
+        Row { op: Op::Hypercall, label: "cpu.hypercall", linux: Some(Loop::PVOPS_LINUX_KVM_HYPERCALL),
               raw: Some(path_unsafe!(pvops_backends::kvm::raw_hypercall1(
                   VMMCALL.load(core::sync::atomic::Ordering::Relaxed), hc().0, hc().1))),
               pvops: path_unsafe!(cpu::hypercall(hc().0, hc().1, 0, 0, 0)) },
@@ -284,24 +300,34 @@ impl InlineSource for NoInline {
 /// Module load costs, measured at init (TSC cycles).
 #[derive(Clone, Copy, Default)]
 pub(crate) struct LoadCost {
+    /// The hypervisor scan.
     pub(crate) detect: u64,
+    /// Selecting and starting the backend.
     pub(crate) select: u64,
+    /// Patching every site (stop_machine and the text alias included).
     pub(crate) patch: u64,
+    /// The sites patched.
     pub(crate) sites: usize,
 }
 
 /// What the benchmark needs from the loaded module.
 pub(crate) struct State {
+    /// The running backend.
     pub(crate) backend: &'static dyn Backend,
+    /// Its table, as installed.
     pub(crate) ops: pvops::PvOps,
+    /// What loading cost.
     pub(crate) load: LoadCost,
+    /// The kernel's TSC frequency (0: unknown).
     pub(crate) tsc_khz: u64,
 }
 
+/// Where [`State`] is published for the benchmark.
 struct Slot(core::cell::UnsafeCell<Option<State>>);
 // SAFETY: written by init before the debugfs file exists and by exit after it is gone; read by
 // pvops_bench_run, which shim.c serialises with a mutex and debugfs keeps within the file's life.
 unsafe impl Sync for Slot {}
+/// The module's state while the debugfs file exists.
 static STATE: Slot = Slot(core::cell::UnsafeCell::new(None));
 
 /// Publish (or, with `None`, withdraw) the module's state.
@@ -325,6 +351,7 @@ impl Write for Json {
     }
 }
 
+/// One path's statistics as a JSON member, `,"name":{...}`.
 fn stats_json(j: &mut Json, name: &str, s: Stats) -> core::fmt::Result {
     write!(
         j,
@@ -346,8 +373,9 @@ pub(crate) extern "C" fn pvops_bench_run() -> c_int {
     }
 }
 
+/// Measure every row on every path, then put the sites back as loaded and publish the JSON.
 fn run(state: &State) -> Result {
-    if pvops_backends::Platform::xen_pv(&crate::KernelPlatform) {
+    if pvops_backends::Platform::xen_pv(&KernelPlatform) {
         // The raw paths are ring-0 instructions and the MMU rows write scratch memory as if it
         // were a page table: neither is safe in a deprivileged kernel.
         pr_warn!("benchmark: not available in a Xen PV domain (its raw paths need ring 0)\n");
@@ -396,10 +424,10 @@ fn run(state: &State) -> Result {
     unsafe { core::arch::asm!("sidt [{}]", in(reg) core::ptr::addr_of_mut!(IDT_NOW)) };
     // the same loop as every path (a register sink per iteration), doing nothing else
     let rust_base = baseline(&path!(0u64));
-    let c_base = baseline(&linux(L_EMPTY));
+    let c_base = baseline(&linux(Loop::PVOPS_LINUX_EMPTY));
 
     // 1. as loaded: sites patched for the backend
-    normal.verify(&crate::ReadOnlyText, true).map_err(|_| EIO)?;
+    normal.verify(&ReadOnlyText, true).map_err(|_| EIO)?;
     for (row, r) in rows.iter().zip(res.iter_mut()) {
         if let Some(raw) = row.raw {
             r[RAW] = Some(measure(&raw, rust_base));
@@ -411,7 +439,7 @@ fn run(state: &State) -> Result {
             r[LINUX] = Some(measure(&linux(id), c_base));
         }
         if row.op == Op::SaveFl {
-            r[LINUX_IND] = Some(measure(&linux(L_SAVE_FL_INDIRECT), c_base));
+            r[LINUX_IND] = Some(measure(&linux(Loop::PVOPS_LINUX_SAVE_FL_INDIRECT), c_base));
         }
     }
     // 2. unpatched

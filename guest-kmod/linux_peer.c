@@ -100,7 +100,7 @@ static const linux_loop_fn linux_loops[] = {
 	[PVOPS_LINUX_KVM_HYPERCALL] = linux_kvm_hypercall,
 };
 
-u64 pvops_linux_loop(unsigned int which, u32 reps)
+u64 pvops_linux_loop(enum pvops_linux_loop which, u32 reps)
 {
 	if (which >= ARRAY_SIZE(linux_loops) || !linux_loops[which])
 		return 0;

@@ -1,7 +1,13 @@
 /* SPDX-License-Identifier: GPL-2.0 */
-/* The C functions pvops_kmod.rs calls (its `mod shim` mirrors this list). */
+/*
+ * The C functions the Rust side of the module calls (shim.c, linux_peer.c), and the one it
+ * provides (pvops_bench_run). Kbuild generates the Rust declarations from this file with
+ * bindgen (guest-kmod/shim_bindings.rs in the build folder), so this is the only list.
+ */
 #ifndef PVOPS_SHIM_H
 #define PVOPS_SHIM_H
+
+#include <linux/types.h>
 
 const char *pvops_shim_backend_param(void);
 unsigned long pvops_shim_tsc_khz(void);
@@ -13,8 +19,6 @@ void pvops_shim_set_report(const char *backend, const char *hypervisor, const ch
 			   const char *selftest);
 int pvops_shim_sysfs_create(void);
 void pvops_shim_sysfs_remove(void);
-
-#endif
 
 /* linux_peer.c: Linux's own paravirt path, one loop per operation (ids shared with bench.rs). */
 enum pvops_linux_loop {
@@ -42,7 +46,7 @@ enum pvops_linux_loop {
 	PVOPS_LINUX_KVM_HYPERCALL,
 };
 void pvops_linux_set_hypercall(u64 nr, u64 a0);
-u64 pvops_linux_loop(unsigned int which, u32 reps);
+u64 pvops_linux_loop(enum pvops_linux_loop which, u32 reps);
 
 /* Interrupts off/on around a measurement, the kernel's way. */
 unsigned long pvops_shim_irq_save(void);
@@ -85,3 +89,5 @@ u64 pvops_shim_ktime_ns(void);
 u64 pvops_shim_ktime_real_ns(void);
 void pvops_shim_mdelay(unsigned int ms);
 int pvops_shim_boot_subarch(u32 *subarch, u64 *data);
+
+#endif /* PVOPS_SHIM_H */

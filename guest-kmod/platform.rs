@@ -1,0 +1,147 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! The kernel as the backends see it: [`KernelPlatform`], the module's implementation of
+//! [`pvops_backends::Platform`], each method one call into shim.c.
+
+use crate::shim;
+
+/// What the kernel knows that backends need.
+pub(crate) struct KernelPlatform;
+
+impl pvops_backends::Platform for KernelPlatform {
+    fn tsc_khz(&self) -> u64 {
+        // SAFETY: reads the exported `tsc_khz`.
+        unsafe { shim::pvops_shim_tsc_khz() as u64 }
+    }
+
+    fn rdmsr(&self, msr: u32) -> Option<u64> {
+        let mut v = 0;
+        // SAFETY: the kernel's rdmsrl_safe: a fault is caught and reported.
+        (unsafe { shim::pvops_shim_rdmsr(msr, &mut v) } == 0).then_some(v)
+    }
+
+    fn wrmsr(&self, msr: u32, value: u64) -> bool {
+        // SAFETY: the kernel's wrmsrl_safe; the backends only write their own registrations.
+        unsafe { shim::pvops_shim_wrmsr(msr, value) == 0 }
+    }
+
+    fn rdmsr_on_cpu(&self, cpu: u32, msr: u32) -> Option<u64> {
+        let mut v = 0;
+        // SAFETY: the kernel's rdmsrl_safe_on_cpu (an IPI to an online CPU).
+        (unsafe { shim::pvops_shim_rdmsr_on_cpu(cpu, msr, &mut v) } == 0).then_some(v)
+    }
+
+    fn clock_ns(&self) -> Option<u64> {
+        // SAFETY: reads the kernel's monotonic clock.
+        Some(unsafe { shim::pvops_shim_ktime_ns() })
+    }
+
+    fn kernel_pvclock_cpu0(&self) -> Option<usize> {
+        // SAFETY: reads the kernel's published pvclock pointer.
+        let va = unsafe { shim::pvops_shim_kernel_pvclock_cpu0() };
+        (va != 0).then_some(va)
+    }
+
+    fn xen_pv(&self) -> bool {
+        // SAFETY: reads x86_hyper_type.
+        unsafe { shim::pvops_shim_xen_pv() != 0 }
+    }
+
+    fn boot_subarch(&self) -> Option<(u32, u64)> {
+        let (mut subarch, mut data) = (0, 0);
+        // SAFETY: reads the kernel's published copy of boot_params into two locals.
+        (unsafe { shim::pvops_shim_boot_subarch(&mut subarch, &mut data) } == 0)
+            .then_some((subarch, data))
+    }
+
+    fn xen_vcpu_id(&self, cpu: u32) -> Option<u32> {
+        // SAFETY: reads a possible CPU's xen_vcpu_id.
+        u32::try_from(unsafe { shim::pvops_shim_xen_vcpu_id(cpu) }).ok()
+    }
+
+    fn xen_pv_kernel(&self) -> Option<pvops_backends::xen_pv::XenPvKernel> {
+        if !self.xen_pv() {
+            return None;
+        }
+        // SAFETY: plain queries of the kernel's state.
+        let (irq_disable, save_fl, percpu_base0, shared_info, cr0) = unsafe {
+            (
+                shim::pvops_shim_xen_pv_irq_fn(0),
+                shim::pvops_shim_xen_pv_irq_fn(1),
+                shim::pvops_shim_percpu_base(0),
+                shim::pvops_shim_xen_pv_shared_info(),
+                shim::pvops_shim_read_cr0(),
+            )
+        };
+        (irq_disable != 0 && save_fl != 0).then_some(pvops_backends::xen_pv::XenPvKernel {
+            irq_disable,
+            save_fl,
+            percpu_base0,
+            shared_info,
+            cr0,
+            read_cr3: shim::pvops_shim_read_cr3,
+            write_cr3: shim::pvops_shim_write_cr3,
+            read_cr4: shim::pvops_shim_read_cr4,
+            virt_to_machine: shim::pvops_shim_virt_to_machine,
+            pte_of: shim::pvops_shim_pte_of,
+        })
+    }
+
+    fn alloc_page(&self) -> Option<usize> {
+        // SAFETY: the kernel's page allocator.
+        let va = unsafe { shim::pvops_shim_alloc_page() };
+        (va != 0).then_some(va)
+    }
+
+    fn free_page(&self, va: usize) {
+        // SAFETY: `va` came from alloc_page and nothing uses it any more (the backends' contract).
+        unsafe { shim::pvops_shim_free_page(va) }
+    }
+
+    fn kernel_kvmclock(&self) -> Option<bool> {
+        // SAFETY: reads the kernel's published kvmclock pointer.
+        Some(unsafe { shim::pvops_shim_kernel_kvmclock() } != 0)
+    }
+
+    fn nr_cpus(&self) -> u32 {
+        // SAFETY: reads nr_cpu_ids.
+        unsafe { shim::pvops_shim_nr_cpus() }
+    }
+
+    fn phys_to_virt(&self, pa: u64) -> Option<usize> {
+        // SAFETY: pure address arithmetic, with a pfn_valid check.
+        let va = unsafe { shim::pvops_shim_phys_to_virt(pa) };
+        (va != 0).then_some(va)
+    }
+
+    fn virt_to_phys(&self, va: usize) -> Option<u64> {
+        // SAFETY: a page-table lookup of kernel memory the backend owns.
+        let pa = unsafe { shim::pvops_shim_virt_to_phys(va) };
+        (pa != 0).then_some(pa)
+    }
+
+    fn write_code(&self, addr: usize, bytes: &[u8]) -> bool {
+        let end = addr + bytes.len();
+        // SAFETY: [addr, end) is this module's own text (the VMI backend's arena); the alias
+        // is dropped below.
+        let alias = unsafe { shim::pvops_shim_alias_text(addr, end) };
+        if alias.is_null() {
+            return false;
+        }
+        // SAFETY: the alias maps every page of [addr, end) writable, starting at the page of
+        // `addr`; no CPU executes these bytes while they are written (the caller's contract:
+        // nothing calls the arena yet, or any more).
+        unsafe {
+            core::ptr::copy_nonoverlapping(
+                bytes.as_ptr(),
+                alias.cast::<u8>().add(addr & 0xfff),
+                bytes.len(),
+            );
+            shim::pvops_shim_unalias_text(alias);
+            // this CPU fetches the new bytes; the others serialise in the stop_machine that
+            // patches the sites, before any of them can reach the arena
+            shim::pvops_shim_sync_core();
+        }
+        true
+    }
+}

@@ -1,0 +1,157 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! The text writer: this module's call sites ([`module_sites`]), read in place
+//! ([`ReadOnlyText`]) and written through a temporary writable alias of their pages
+//! ([`AliasText`]) while `stop_machine` parks the other CPUs ([`transition`]).
+
+use core::ffi::{c_int, c_void};
+
+use pvops::site::SiteRecord;
+use pvops::{PatchError, PatchReport, Patcher, SiteTable};
+
+use crate::shim;
+
+extern "C" {
+    /// Start of the call-site section: defined by sites_start.S, the module's first object.
+    static pvops_sites_start: SiteRecord;
+    /// End of the call-site section: defined by sites_end.S, the module's last object.
+    static pvops_sites_end: SiteRecord;
+}
+
+/// This module's call sites: everything between the two markers.
+pub(crate) fn module_sites() -> SiteTable {
+    // SAFETY: sites_start.S and sites_end.S are the first and last objects of the module, so the
+    // linker put every record of the `pvops_sites` section between their two symbols.
+    unsafe {
+        SiteTable::from_bounds(
+            core::ptr::addr_of!(pvops_sites_start),
+            core::ptr::addr_of!(pvops_sites_end),
+        )
+    }
+}
+
+/// Module text, written through a temporary writable alias of its pages.
+struct AliasText {
+    /// The first page of the aliased range (the address `alias` maps).
+    page: usize,
+    /// The writable alias of `page` and the pages after it.
+    alias: *mut u8,
+}
+
+/// Text read in place (verifying needs no alias).
+pub(crate) struct ReadOnlyText;
+
+impl pvops::ReadText for ReadOnlyText {
+    fn read(&self, addr: usize, out: &mut [u8]) {
+        // SAFETY: `addr` is a call site inside this module's (or the kernel's) text, which is
+        // mapped and readable.
+        unsafe { core::ptr::copy_nonoverlapping(addr as *const u8, out.as_mut_ptr(), out.len()) };
+    }
+}
+
+impl pvops::ReadText for AliasText {
+    fn read(&self, addr: usize, out: &mut [u8]) {
+        ReadOnlyText.read(addr, out)
+    }
+}
+
+impl pvops::Text for AliasText {
+    unsafe fn write(&mut self, addr: usize, bytes: &[u8]) {
+        // SAFETY: the alias maps every page from `page` to the end of module text writable; the
+        // engine verified the site; stop_machine keeps every other CPU out of it.
+        unsafe {
+            core::ptr::copy_nonoverlapping(
+                bytes.as_ptr(),
+                self.alias.add(addr - self.page),
+                bytes.len(),
+            )
+        };
+    }
+}
+
+/// One patch or revert, run under stop_machine.
+struct Job<'a> {
+    /// The sites and what to write into them.
+    patcher: &'a Patcher<'a>,
+    /// Where to write.
+    text: AliasText,
+    /// Revert (restore the original bytes) rather than patch.
+    revert: bool,
+    /// The engine's answer; `None` if the callback never ran.
+    result: Option<Result<PatchReport, PatchError>>,
+}
+
+/// stop_machine callback.
+///
+/// # Safety
+///
+/// `data` points at a live `Job`.
+unsafe extern "C" fn run_job(data: *mut c_void) -> c_int {
+    // SAFETY: `transition` passes a pointer to its own `Job`, alive until stop_machine returns.
+    let job = unsafe { &mut *data.cast::<Job<'_>>() };
+    job.result = Some(if job.revert {
+        job.patcher.revert(&mut job.text)
+    } else {
+        job.patcher.apply(&mut job.text)
+    });
+    // SAFETY: serialising this CPU has no precondition; the others serialise on their way
+    // out of stop_machine (interrupt return).
+    unsafe { shim::pvops_shim_sync_core() };
+    0
+}
+
+/// Why a patch or revert did not happen. Nothing was written in any case.
+pub(crate) enum TransitionError {
+    /// The engine refused (a site does not hold what it expects).
+    Patch(PatchError),
+    /// The text alias could not be mapped.
+    NoAlias,
+    /// stop_machine failed.
+    StopMachine(c_int),
+}
+
+impl core::fmt::Display for TransitionError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            TransitionError::Patch(e) => write!(f, "{e}"),
+            TransitionError::NoAlias => f.write_str("cannot map the call sites' text writable"),
+            TransitionError::StopMachine(rc) => write!(f, "stop_machine failed ({rc})"),
+        }
+    }
+}
+
+/// Patch (or revert) every site, all or nothing, with the other CPUs parked.
+pub(crate) fn transition(
+    patcher: &Patcher<'_>,
+    revert: bool,
+) -> Result<PatchReport, TransitionError> {
+    let Some((start, end)) = patcher.span() else {
+        return Ok(PatchReport::default());
+    };
+    let page = start & !0xfff;
+    // SAFETY: [start, end) is text of this module (or of the kernel, when built in) holding
+    // call sites; the alias is dropped below.
+    let alias = unsafe { shim::pvops_shim_alias_text(start, end) };
+    if alias.is_null() {
+        return Err(TransitionError::NoAlias);
+    }
+    let mut job = Job {
+        patcher,
+        text: AliasText {
+            page,
+            alias: alias.cast(),
+        },
+        revert,
+        result: None,
+    };
+    // SAFETY: `job` outlives the call; run_job is the matching callback.
+    let rc = unsafe {
+        shim::pvops_shim_stop_machine(Some(run_job), core::ptr::addr_of_mut!(job).cast())
+    };
+    // SAFETY: the alias came from pvops_shim_alias_text and is no longer used.
+    unsafe { shim::pvops_shim_unalias_text(alias) };
+    match job.result {
+        Some(r) => r.map_err(TransitionError::Patch),
+        None => Err(TransitionError::StopMachine(rc)),
+    }
+}
