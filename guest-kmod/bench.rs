@@ -25,7 +25,7 @@ use core::fmt::Write;
 use kernel::prelude::*;
 use pvops::arch::{raw_cpuid, rdtsc_ordered};
 use pvops::ops::{cpu, irq, mmu, timer, Op};
-use pvops::{Backend, Inline, InlineSource, Patcher, PV_OPS};
+use pvops::{Backend, Patcher, PV_OPS};
 
 use crate::platform::KernelPlatform;
 use crate::shim;
@@ -288,15 +288,6 @@ fn rows() -> [Row; 25] {
     rows
 }
 
-/// The inline replacements withheld: patching this source yields direct calls everywhere.
-struct NoInline;
-
-impl InlineSource for NoInline {
-    fn inline(&self, _op: Op) -> Option<Inline> {
-        None
-    }
-}
-
 /// Module load costs, measured at init (TSC cycles).
 #[derive(Clone, Copy, Default)]
 pub(crate) struct LoadCost {
@@ -315,7 +306,7 @@ pub(crate) struct State {
     /// The running backend.
     pub(crate) backend: &'static dyn Backend,
     /// Its table, as installed.
-    pub(crate) ops: pvops::PvOps,
+    pub(crate) ops: pvops::BackendOps,
     /// What loading cost.
     pub(crate) load: LoadCost,
     /// The kernel's TSC frequency (0: unknown).
@@ -381,12 +372,12 @@ fn run(state: &State) -> Result {
         pr_warn!("benchmark: not available in a Xen PV domain (its raw paths need ring 0)\n");
         return Err(Error::from_errno(-95)); // EOPNOTSUPP
     }
-    let normal = Patcher::new(module_sites(), PV_OPS.addr(), state.ops, state.backend)
-        .map_err(|_| EINVAL)?;
-    let direct_only =
-        Patcher::new(module_sites(), PV_OPS.addr(), state.ops, &NoInline).map_err(|_| EINVAL)?;
+    let normal = Patcher::new(module_sites(), PV_OPS.addr(), &state.ops).map_err(|_| EINVAL)?;
+    // the inline replacements withheld: every site a direct call
+    let calls = state.ops.calls_only();
+    let direct_only = Patcher::new(module_sites(), PV_OPS.addr(), &calls).map_err(|_| EINVAL)?;
     let mut rows = rows();
-    let kvm = state.backend.id() == pvops::BackendId::Kvm;
+    let kvm = state.backend.id() == <pvops_backends::kvm::Kvm as pvops_backends::Driver>::ID;
     match state.backend.null_hypercall() {
         Some(h) => {
             HYPERCALL[0].store(h.args[0], core::sync::atomic::Ordering::Relaxed);
@@ -432,7 +423,7 @@ fn run(state: &State) -> Result {
         if let Some(raw) = row.raw {
             r[RAW] = Some(measure(&raw, rust_base));
         }
-        if state.backend.inline(row.op).is_some() {
+        if state.ops.inline(row.op).is_some() {
             r[INLINE] = Some(measure(&row.pvops, rust_base));
         }
         if let Some(id) = row.linux {

@@ -59,7 +59,7 @@ impl pvops_backends::Platform for KernelPlatform {
         u32::try_from(unsafe { shim::pvops_shim_xen_vcpu_id(cpu) }).ok()
     }
 
-    fn xen_pv_kernel(&self) -> Option<pvops_backends::xen_pv::XenPvKernel> {
+    fn xen_pv_kernel(&self) -> Option<pvops_backends::xen::pv::XenPvKernel> {
         if !self.xen_pv() {
             return None;
         }
@@ -73,7 +73,7 @@ impl pvops_backends::Platform for KernelPlatform {
                 shim::pvops_shim_read_cr0(),
             )
         };
-        (irq_disable != 0 && save_fl != 0).then_some(pvops_backends::xen_pv::XenPvKernel {
+        (irq_disable != 0 && save_fl != 0).then_some(pvops_backends::xen::pv::XenPvKernel {
             irq_disable,
             save_fl,
             percpu_base0,

@@ -3,21 +3,22 @@
 //! pvops guest module: detect → select → fill the table → patch this module's call sites →
 //! report (dmesg and `/sys/kernel/pvops/`); on unload, every site is restored byte for byte.
 //!
-//! Parameter `backend=` (`auto`, `native`, `kvm`, `xen`, `vmi`, `lguest`): an unknown name is
-//! refused with -EINVAL and a backend whose hypervisor is absent with -ENODEV; in both cases
-//! nothing is installed or patched.
+//! Parameter `backend=` (`auto` or a name of the backend registry, [`pvops_backends::BACKENDS`],
+//! which `modinfo` lists): an unknown name is refused with -EINVAL and a backend whose
+//! hypervisor is absent with -ENODEV; in both cases nothing is installed or patched.
 
 use core::format_args as fmt;
 use kernel::prelude::*;
 use kernel::str::CString;
-use pvops::{Backend, BackendId, PatchReport, Patcher, Request, PV_OPS};
-use pvops_backends::Platform as _;
+use pvops::{Backend, BackendId, BackendOps, PatchReport, Patcher, Request, PV_OPS};
+use pvops_backends::{Platform as _, BACKENDS};
 
 use platform::KernelPlatform;
 use selftest::selftest;
 use text::{module_sites, transition, ReadOnlyText};
 
 mod bench;
+mod modinfo;
 mod platform;
 mod selftest;
 mod text;
@@ -57,46 +58,46 @@ fn param() -> &'static str {
 struct PvopsGuest {
     /// The running backend.
     backend: &'static dyn Backend,
-    /// Its table, as installed.
-    ops: pvops::PvOps,
+    /// Its ops, as installed and patched for.
+    ops: BackendOps,
     /// Whether the sites were patched (else they are still the indirect calls).
     patched: bool,
 }
 
 impl PvopsGuest {
     /// The patcher for this module's sites and the running backend.
-    fn patcher(&self) -> Patcher<'static> {
+    fn patcher(&self) -> Patcher<'_> {
         // Records were checked at load; they cannot have changed.
-        Patcher::new(module_sites(), PV_OPS.addr(), self.ops, self.backend)
-            .unwrap_or_else(|_| unreachable!())
+        Patcher::new(module_sites(), PV_OPS.addr(), &self.ops).unwrap_or_else(|_| unreachable!())
     }
 }
 
 impl kernel::Module for PvopsGuest {
     fn init(_module: &'static ThisModule) -> Result<Self> {
         // detect → select
-        let request = Request::parse(param()).map_err(|_| {
+        let request = Request::parse(param(), &BACKENDS).map_err(|_| {
             pr_err!(
-                "unknown backend '{}' (auto, native, kvm, xen, vmi, lguest); nothing patched\n",
-                param()
+                "unknown backend '{}' (auto, or one of: {}); nothing patched\n",
+                param(),
+                modinfo::NAMES
             );
             EINVAL
         })?;
         let t0 = pvops::arch::rdtsc_ordered();
         let detection = pvops::detect(pvops_backends::cpuid_source(&KernelPlatform));
         let t1 = pvops::arch::rdtsc_ordered();
-        let candidates = pvops_backends::candidates(&detection, &KernelPlatform);
-        if let Err(e @ pvops_backends::vmi::ProbeError::Refused { .. }) =
-            pvops_backends::vmi::probe(&KernelPlatform)
-        {
-            pr_warn!("vmi: {}; the vmi backend is absent\n", e);
+        // every backend probed once; the chosen one starts from what its probe found
+        let probes = pvops_backends::probe(&detection, &KernelPlatform);
+        for a in probes.absences().filter(|a| a.refused) {
+            pr_warn!("{}: {}; the {} backend is absent\n", a.id, a.why, a.id);
         }
+        let candidates = probes.candidates();
         let selection = pvops::select(request, &detection, &candidates).map_err(|e| {
             pr_err!("{}; nothing patched\n", e);
             ENODEV
         })?;
         let (selection, backend) =
-            match pvops_backends::start(selection.backend, &detection, &KernelPlatform) {
+            match probes.start(selection.backend, &detection, &KernelPlatform) {
                 Ok(b) => (selection, b),
                 Err(e) => {
                     let Some(native) = selection.fall_back(request, &candidates) else {
@@ -112,7 +113,8 @@ impl kernel::Module for PvopsGuest {
                         selection.backend,
                         e
                     );
-                    let b = pvops_backends::start(BackendId::Native, &detection, &KernelPlatform)
+                    let b = probes
+                        .start(BackendId::NATIVE, &detection, &KernelPlatform)
                         .map_err(|_| ENODEV)?;
                     (native, b)
                 }
@@ -122,13 +124,21 @@ impl kernel::Module for PvopsGuest {
 
         // fill
         let ops = backend.ops();
-        let patcher = Patcher::new(module_sites(), PV_OPS.addr(), ops, backend).map_err(|e| {
+        if let Err(e) = Patcher::new(module_sites(), PV_OPS.addr(), &ops) {
             pr_err!("{}; nothing patched\n", e);
             pvops_backends::stop(selection.backend, &KernelPlatform);
-            ENOEXEC
-        })?;
+            return Err(ENOEXEC);
+        }
         // SAFETY: no op of this module runs yet, and the backend's functions honour the contracts.
-        unsafe { PV_OPS.install(&ops) };
+        unsafe { PV_OPS.install(&ops.table()) };
+        // From here on, dropping `guest` (an error below) undoes everything: sites, table,
+        // backend, sysfs, debugfs.
+        let mut guest = PvopsGuest {
+            backend,
+            ops,
+            patched: false,
+        };
+        let patcher = guest.patcher();
 
         // patch
         let t3 = pvops::arch::rdtsc_ordered();
@@ -153,13 +163,7 @@ impl kernel::Module for PvopsGuest {
             }
         };
         let verified = !patched || patcher.verify(&ReadOnlyText, true).is_ok();
-        // From here on, dropping `guest` (an error below) undoes everything: sites, table,
-        // backend, sysfs, debugfs.
-        let guest = PvopsGuest {
-            backend,
-            ops,
-            patched,
-        };
+        guest.patched = patched;
 
         // report
         let st = selftest(backend);
@@ -171,7 +175,10 @@ impl kernel::Module for PvopsGuest {
                 i.max_leaf
             ))?,
             None => match pvops_backends::vmi::rom_in_use() {
-                Some((pa, (major, minor))) if selection.backend == BackendId::Vmi => {
+                Some((pa, (major, minor)))
+                    if selection.backend
+                        == <pvops_backends::vmi::Vmi as pvops_backends::Driver>::ID =>
+                {
                     CString::try_from_fmt(fmt!("VMI ROM at {pa:#x} API {major}.{minor}"))?
                 }
                 _ => CString::try_from_fmt(fmt!("none"))?,
@@ -241,7 +248,7 @@ impl kernel::Module for PvopsGuest {
         unsafe {
             bench::set_state(Some(bench::State {
                 backend,
-                ops,
+                ops: guest.ops,
                 load,
                 tsc_khz,
             }))

@@ -7,7 +7,7 @@
 use kernel::prelude::*;
 use pvops::ops::{cpu, irq, mmu, timer};
 use pvops::{Backend, BackendId, PV_OPS};
-use pvops_backends::Platform as _;
+use pvops_backends::{vmi, xen, Driver, Platform as _};
 
 use crate::platform::KernelPlatform;
 use crate::shim;
@@ -41,7 +41,7 @@ pub(crate) fn selftest(backend: &dyn Backend) -> SelfTest {
     let mut hypercall = None;
     // Backends whose ops are the real instructions, checked against them: native, and VMI with
     // the project's ROM (its routines are the native implementations).
-    let native = matches!(backend.id(), BackendId::Native | BackendId::Vmi);
+    let native = backend.id() == BackendId::NATIVE || backend.id() == <vmi::Vmi as Driver>::ID;
 
     // CPUID as the kernel sees it (the instruction, or Xen's emulation in a PV domain).
     let mut k = [0u32; 4];
@@ -130,7 +130,7 @@ pub(crate) fn selftest(backend: &dyn Backend) -> SelfTest {
     // SAFETY: reads the kernel's wall clock.
     let real = unsafe { shim::pvops_shim_ktime_real_ns() };
     // Every backend knows the wall clock but Xen HVM (its shared_info is the kernel's, unexported).
-    let may_not_know = backend.id() == BackendId::Xen && !KernelPlatform.xen_pv();
+    let may_not_know = backend.id() == <xen::Xen as Driver>::ID && !KernelPlatform.xen_pv();
     check(
         "wall-clock",
         (wall == 0 && may_not_know) || wall.abs_diff(real) < WALL_CLOCK_TOLERANCE_NS,

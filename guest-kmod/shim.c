@@ -42,7 +42,7 @@
 
 static char *backend = "auto";
 module_param(backend, charp, 0444);
-MODULE_PARM_DESC(backend, "auto (default) or a backend: native, kvm, xen, vmi, lguest");
+/* its description (modinfo) is written by pvops_kmod.rs, from the backend registry */
 
 const char *pvops_shim_backend_param(void)
 {

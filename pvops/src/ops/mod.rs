@@ -338,6 +338,14 @@ macro_rules! define_ops {
                 match op { $($(Op::$Variant => self.$group.$op.inline,)*)* }
             }
 
+            /// The same functions with every inline replacement withheld: patched for this, every
+            /// site becomes a direct call (the benchmark's "direct" path).
+            pub fn calls_only(&self) -> BackendOps {
+                BackendOps {
+                    $($group: $Impls { $($op: Impl::call(self.$group.$op.func),)* },)*
+                }
+            }
+
             /// The address of the function `op`'s slot will hold.
             pub fn target(&self, op: Op) -> usize {
                 match op { $($(Op::$Variant => slot_addr!($conv, self.$group.$op.func),)*)* }
