@@ -93,7 +93,10 @@ impl kernel::Module for PvopsGuest {
         }
         let candidates = probes.candidates();
         let selection = pvops::select(request, &detection, &candidates).map_err(|e| {
-            pr_err!("{}; nothing patched\n", e);
+            match probes.absences().find(|a| Some(a.id) == e.backend()) {
+                Some(a) => pr_err!("{} ({}); nothing patched\n", e, a.why),
+                None => pr_err!("{}; nothing patched\n", e),
+            }
             ENODEV
         })?;
         let (selection, backend) =

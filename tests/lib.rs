@@ -350,7 +350,8 @@ pub mod conventions {
         (c, other)
     }
 
-    fn bit_of(r: Register) -> Option<Clobbers> {
+    /// The clobber bit of a register's 64-bit form (`None`: not a caller-saved register).
+    pub fn clobber_bit(r: Register) -> Option<Clobbers> {
         Some(match r.full_register() {
             Register::RAX => Clobbers::RAX,
             Register::RCX => Clobbers::RCX,
@@ -391,7 +392,7 @@ pub mod conventions {
                     && i.mnemonic() == Mnemonic::Push
                     && i.op0_kind() == iced_x86::OpKind::Register
                 {
-                    if let Some(b) = bit_of(i.op0_register()) {
+                    if let Some(b) = clobber_bit(i.op0_register()) {
                         saved |= b;
                     }
                     continue;
@@ -428,7 +429,7 @@ pub mod conventions {
                 .map(|i| i.op0_register())
                 .collect();
             for r in pops {
-                if let Some(b) = bit_of(r) {
+                if let Some(b) = clobber_bit(r) {
                     if saved.contains(b) {
                         mine.remove(b);
                     }

@@ -83,23 +83,14 @@ fn the_rom_is_a_valid_option_rom_and_vmi_rom() {
 
 /// The 64-bit register an iced register belongs to, as a clobber bit.
 fn clobber_bit(r: Register) -> Option<Clobbers> {
-    Some(match r.full_register() {
-        Register::RAX => Clobbers::RAX,
-        Register::RCX => Clobbers::RCX,
-        Register::RDX => Clobbers::RDX,
-        Register::RSI => Clobbers::RSI,
-        Register::RDI => Clobbers::RDI,
-        Register::R8 => Clobbers::R8,
-        Register::R9 => Clobbers::R9,
-        Register::R10 => Clobbers::R10,
-        Register::R11 => Clobbers::R11,
-        Register::RSP => return None, // balanced push/pop, checked below
-        Register::RBX => return None, // saved and restored, checked below
+    match r.full_register() {
+        Register::RSP => None, // balanced push/pop, checked below
+        Register::RBX => None, // saved and restored, checked below
         r @ (Register::RBP | Register::R12 | Register::R13 | Register::R14 | Register::R15) => {
             panic!("a ROM body writes {r:?}, which no mask can declare")
         }
-        _ => return None, // control, descriptor-table and segment registers: the call's purpose
-    })
+        r => pvops_host_tests::conventions::clobber_bit(r),
+    }
 }
 
 #[test]

@@ -12,6 +12,15 @@
 #[macro_export]
 #[doc(hidden)]
 macro_rules! hypercall_fns {
+    // KVM's registers (RAX = nr, RBX, RCX, RDX, RSI = a0..a3), which lguest's 64-bit port
+    // keeps; RBX is callee-saved in the C ABI, so it is saved around the instruction.
+    ($hv:literal, kvm_registers) => {
+        $crate::hypercall_fns!(
+            $hv,
+            ["push rbx", "mov rax, rdi", "mov rbx, rsi", "mov rsi, r8", "xchg rcx, rdx"],
+            ["pop rbx"]
+        );
+    };
     ($hv:literal, [$($before:literal),*], [$($after:literal),*]) => {
         $crate::hypercall_fns!(@one $hv, hypercall_vmcall, "vmcall", "Intel VMX",
                                [$($before),*], [$($after),*]);

@@ -66,17 +66,7 @@ pub const KVM_EPERM: i64 = 1;
 pub const KVM_ENOSYS: i64 = 1000;
 
 // KVM's registers: RAX = nr, RBX, RCX, RDX, RSI = a0..a3 (RBX is callee-saved: kept).
-crate::hypercall_fns!(
-    "KVM",
-    [
-        "push rbx",
-        "mov rax, rdi",
-        "mov rbx, rsi",
-        "mov rsi, r8",
-        "xchg rcx, rdx"
-    ],
-    ["pop rbx"]
-);
+crate::hypercall_fns!("KVM", kvm_registers);
 
 /// The bare hypercall instruction, inline: `nr` and `a0` in KVM's registers, `vmmcall` or
 /// `vmcall` (the benchmark's "raw" path).
@@ -247,113 +237,6 @@ impl core::fmt::Display for NoKvm {
     }
 }
 
-/// Find (or, without kvmclock in the kernel, register) the records and start the backend.
-fn start(
-    iface: Interface,
-    detection: &Detection,
-    platform: &dyn Platform,
-) -> Result<&'static Kvm, KvmError> {
-    let features = platform.cpuid(iface.base + 1, 0).eax;
-    STATE.features.store(u64::from(features), Ordering::Relaxed);
-    let msr = if features & KVM_FEATURE_CLOCKSOURCE2 != 0 {
-        MSR_KVM_SYSTEM_TIME_NEW
-    } else if features & KVM_FEATURE_CLOCKSOURCE != 0 {
-        MSR_KVM_SYSTEM_TIME
-    } else {
-        return Err(KvmError::NoClock);
-    };
-
-    // The kernel's record, if it registered one (bit 0 = enabled). Firmware registers a record
-    // too (SeaBIOS: GPA 0xe8380) and a kernel booted with no-kvmclock leaves it in place: that
-    // one is not the kernel's, and the backend registers its own instead.
-    let registered = match platform.kernel_kvmclock() {
-        Some(false) => None,
-        _ => platform.rdmsr(msr).filter(|v| v & 1 != 0),
-    };
-    let rec = match registered {
-        Some(v) => platform
-            .phys_to_virt(v & !1)
-            .ok_or(KvmError::ClockUnavailable)? as *mut _,
-        None => {
-            let own = OWN_RECORD.0.get();
-            // A stale record (from an earlier registration) must not pass for a live one.
-            // SAFETY: our own record, not registered with the host right now.
-            unsafe { own.write_volatile(PvclockVcpuTimeInfo::default()) };
-            let pa = platform
-                .virt_to_phys(own as usize)
-                .ok_or(KvmError::ClockUnavailable)?;
-            if !platform.wrmsr(msr, pa | 1) {
-                return Err(KvmError::ClockUnavailable);
-            }
-            STATE.own_msr.store(u64::from(msr), Ordering::Relaxed);
-            own
-        }
-    };
-    // SAFETY: `rec` is a registered record (the kernel's, or ours just registered).
-    let first = unsafe { pvclock::read(rec, arch::rdtsc_ordered) };
-    let Ok(first) = first else {
-        let _ = teardown(platform);
-        return Err(KvmError::ClockUnavailable);
-    };
-    let stable = features & KVM_FEATURE_CLOCKSOURCE_STABLE_BIT != 0;
-    // SAFETY: the record stays registered (the kernel's, or ours until teardown) and mapped.
-    unsafe { STATE.clock.start(rec, first, stable) };
-
-    // Wall clock: ask the host for one fill of our buffer (this redirects no update stream).
-    let wall_msr = if msr == MSR_KVM_SYSTEM_TIME_NEW {
-        MSR_KVM_WALL_CLOCK_NEW
-    } else {
-        MSR_KVM_WALL_CLOCK
-    };
-    let wall = WALL.0.get();
-    if let Some(pa) = platform.virt_to_phys(wall as usize) {
-        if platform.wrmsr(wall_msr, pa) {
-            // SAFETY: the host just filled the buffer; it is ours.
-            if let Ok((sec, nsec)) = unsafe { pvclock::read_wall(wall) } {
-                STATE.wall_base.store(
-                    u64::from(sec) * 1_000_000_000 + u64::from(nsec),
-                    Ordering::Relaxed,
-                );
-            }
-        }
-    }
-
-    // Steal time: the kernel's record of every CPU (read back, never re-registered).
-    if features & KVM_FEATURE_STEAL_TIME != 0 {
-        for cpu in 0..platform.nr_cpus().min(MAX_CPUS as u32) {
-            let rec = platform
-                .rdmsr_on_cpu(cpu, MSR_KVM_STEAL_TIME)
-                .filter(|v| v & 1 != 0)
-                .and_then(|v| platform.phys_to_virt(v & !0x3f));
-            if let Some(va) = rec {
-                STATE.steal[cpu as usize].store(va as *mut _, Ordering::Release);
-            }
-        }
-    }
-
-    KVM.vmmcall
-        .store(detection.vendor.uses_vmmcall(), Ordering::Relaxed);
-    Ok(&KVM)
-}
-
-/// Undo what `start` registered (the backend's own clock record, if any) and forget the rest.
-/// Says what it released.
-fn teardown(platform: &dyn Platform) -> &'static str {
-    let msr = STATE.own_msr.swap(0, Ordering::Relaxed);
-    let released = if msr == 0 {
-        "nothing registered"
-    } else if platform.wrmsr(msr as u32, 0) {
-        "own kvmclock record unregistered"
-    } else {
-        "own kvmclock record could NOT be unregistered"
-    };
-    STATE.clock.stop();
-    for s in &STATE.steal {
-        s.store(core::ptr::null_mut(), Ordering::Relaxed);
-    }
-    released
-}
-
 /// Whether the backend registered a clock record of its own (the kernel had none).
 pub fn owns_clock() -> bool {
     STATE.own_msr.load(Ordering::Relaxed) != 0
@@ -375,20 +258,111 @@ impl Driver for Kvm {
         detection.find(HypervisorKind::Kvm).copied().ok_or(NoKvm)
     }
 
-    fn base(iface: &Interface) -> Option<u32> {
-        Some(iface.base)
-    }
-
+    /// Find (or, without kvmclock in the kernel, register) the records and start the backend.
     fn start(
         iface: Interface,
         detection: &Detection,
         platform: &dyn Platform,
     ) -> Result<&'static Kvm, KvmError> {
-        start(iface, detection, platform)
+        let features = platform.cpuid(iface.base + 1, 0).eax;
+        STATE.features.store(u64::from(features), Ordering::Relaxed);
+        let msr = if features & KVM_FEATURE_CLOCKSOURCE2 != 0 {
+            MSR_KVM_SYSTEM_TIME_NEW
+        } else if features & KVM_FEATURE_CLOCKSOURCE != 0 {
+            MSR_KVM_SYSTEM_TIME
+        } else {
+            return Err(KvmError::NoClock);
+        };
+
+        // The kernel's record, if it registered one (bit 0 = enabled). Firmware registers a record
+        // too (SeaBIOS: GPA 0xe8380) and a kernel booted with no-kvmclock leaves it in place: that
+        // one is not the kernel's, and the backend registers its own instead.
+        let registered = match platform.kernel_kvmclock() {
+            Some(false) => None,
+            _ => platform.rdmsr(msr).filter(|v| v & 1 != 0),
+        };
+        let rec = match registered {
+            Some(v) => platform
+                .phys_to_virt(v & !1)
+                .ok_or(KvmError::ClockUnavailable)? as *mut _,
+            None => {
+                let own = OWN_RECORD.0.get();
+                // A stale record (from an earlier registration) must not pass for a live one.
+                // SAFETY: our own record, not registered with the host right now.
+                unsafe { own.write_volatile(PvclockVcpuTimeInfo::default()) };
+                let pa = platform
+                    .virt_to_phys(own as usize)
+                    .ok_or(KvmError::ClockUnavailable)?;
+                if !platform.wrmsr(msr, pa | 1) {
+                    return Err(KvmError::ClockUnavailable);
+                }
+                STATE.own_msr.store(u64::from(msr), Ordering::Relaxed);
+                own
+            }
+        };
+        // SAFETY: `rec` is a registered record (the kernel's, or ours just registered).
+        let first = unsafe { pvclock::read(rec, arch::rdtsc_ordered) };
+        let Ok(first) = first else {
+            let _ = Self::stop(platform);
+            return Err(KvmError::ClockUnavailable);
+        };
+        let stable = features & KVM_FEATURE_CLOCKSOURCE_STABLE_BIT != 0;
+        // SAFETY: the record stays registered (the kernel's, or ours until teardown) and mapped.
+        unsafe { STATE.clock.start(rec, first, stable) };
+
+        // Wall clock: ask the host for one fill of our buffer (this redirects no update stream).
+        let wall_msr = if msr == MSR_KVM_SYSTEM_TIME_NEW {
+            MSR_KVM_WALL_CLOCK_NEW
+        } else {
+            MSR_KVM_WALL_CLOCK
+        };
+        let wall = WALL.0.get();
+        if let Some(pa) = platform.virt_to_phys(wall as usize) {
+            if platform.wrmsr(wall_msr, pa) {
+                // SAFETY: the host just filled the buffer; it is ours.
+                if let Ok((sec, nsec)) = unsafe { pvclock::read_wall(wall) } {
+                    STATE.wall_base.store(
+                        u64::from(sec) * 1_000_000_000 + u64::from(nsec),
+                        Ordering::Relaxed,
+                    );
+                }
+            }
+        }
+
+        // Steal time: the kernel's record of every CPU (read back, never re-registered).
+        if features & KVM_FEATURE_STEAL_TIME != 0 {
+            for cpu in 0..platform.nr_cpus().min(MAX_CPUS as u32) {
+                let rec = platform
+                    .rdmsr_on_cpu(cpu, MSR_KVM_STEAL_TIME)
+                    .filter(|v| v & 1 != 0)
+                    .and_then(|v| platform.phys_to_virt(v & !0x3f));
+                if let Some(va) = rec {
+                    STATE.steal[cpu as usize].store(va as *mut _, Ordering::Release);
+                }
+            }
+        }
+
+        KVM.vmmcall
+            .store(detection.vendor.uses_vmmcall(), Ordering::Relaxed);
+        Ok(&KVM)
     }
 
+    /// Undo what `start` registered (the backend's own clock record, if any) and forget the rest.
+    /// Says what it released.
     fn stop(platform: &dyn Platform) -> &'static str {
-        teardown(platform)
+        let msr = STATE.own_msr.swap(0, Ordering::Relaxed);
+        let released = if msr == 0 {
+            "nothing registered"
+        } else if platform.wrmsr(msr as u32, 0) {
+            "own kvmclock record unregistered"
+        } else {
+            "own kvmclock record could NOT be unregistered"
+        };
+        STATE.clock.stop();
+        for s in &STATE.steal {
+            s.store(core::ptr::null_mut(), Ordering::Relaxed);
+        }
+        released
     }
 }
 

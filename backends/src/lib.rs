@@ -70,7 +70,7 @@ pub trait Driver: pvops::Backend + Sized + 'static {
     /// The CPUID interface kind it serves, if detection finds it by the scan.
     const SERVES: Option<HypervisorKind> = None;
     /// What a successful probe found; [`Driver::start`] is handed it (nothing is probed twice).
-    type Found: Copy;
+    type Found: Probed;
     /// Why the backend's hypervisor is not here.
     type Absent: fmt::Display + Copy;
     /// Why the backend could not start.
@@ -78,12 +78,6 @@ pub trait Driver: pvops::Backend + Sized + 'static {
 
     /// Is this backend's hypervisor here? Looks only: registers, maps and writes nothing.
     fn probe(detection: &Detection, platform: &dyn Platform) -> Result<Self::Found, Self::Absent>;
-
-    /// The CPUID base `found` was seen at (`None`: a platform hook found it, which `auto`
-    /// prefers: VMI and lguest are announced only where they really are).
-    fn base(_found: &Self::Found) -> Option<u32> {
-        None
-    }
 
     /// Whether an absence deserves a warning: something was there and the backend refused it
     /// (a corrupt ROM), rather than nothing at all.
@@ -102,6 +96,25 @@ pub trait Driver: pvops::Backend + Sized + 'static {
     /// Release what [`Driver::start`] set up, once the backend's ops are no longer installed;
     /// says what was released.
     fn stop(platform: &dyn Platform) -> &'static str;
+}
+
+/// What a probe found, as selection sees it.
+pub trait Probed: Copy {
+    /// The CPUID base it was seen at (`None`: a platform hook found it, which `auto` prefers:
+    /// VMI and lguest are announced only where they really are).
+    fn base(&self) -> Option<u32> {
+        None
+    }
+}
+
+/// A backend that is simply there (native) or announced by boot data (lguest).
+impl Probed for () {}
+
+/// A CPUID interface found by the scan.
+impl Probed for pvops::Interface {
+    fn base(&self) -> Option<u32> {
+        Some(self.base)
+    }
 }
 
 /// One backend's absence, as [`Probes::absences`] lists them.

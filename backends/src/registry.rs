@@ -3,7 +3,7 @@
 //! the dispatch of start and stop, and the start errors — so that nothing else lists them.
 
 #[allow(unused_imports)] // for the intra-doc links
-use crate::{Driver, Probes};
+use crate::{Driver, Probed, Probes};
 
 /// Defines, from one list of `field: Variant => Type`, the registry: [`BACKENDS`], [`Probes`]
 /// with [`probe`], [`StartError`] and [`stop`].
@@ -32,7 +32,7 @@ macro_rules! registry {
                     id: <$ty as Driver>::ID,
                     serves: <$ty as Driver>::SERVES,
                     presence: match &self.$field {
-                        Ok(found) => Presence::Present { base: <$ty as Driver>::base(found) },
+                        Ok(found) => Presence::Present { base: Probed::base(found) },
                         Err(_) => Presence::Absent,
                     },
                 },)*]

@@ -178,6 +178,16 @@ pub enum SelectError {
     NothingRuns,
 }
 
+impl SelectError {
+    /// The backend the request named, if the error is about one.
+    pub fn backend(&self) -> Option<BackendId> {
+        match self {
+            SelectError::Absent(id) => Some(*id),
+            SelectError::NothingRuns => None,
+        }
+    }
+}
+
 impl fmt::Display for SelectError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

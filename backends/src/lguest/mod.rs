@@ -57,17 +57,7 @@ use abi::*;
 
 // The 4.x registers, widened: RAX = nr, RBX, RCX, RDX, RSI = a1..a4 (KVM's moves: RBX is
 // callee-saved and kept).
-crate::hypercall_fns!(
-    "lguest",
-    [
-        "push rbx",
-        "mov rax, rdi",
-        "mov rbx, rsi",
-        "mov rsi, r8",
-        "xchg rcx, rdx"
-    ],
-    ["pop rbx"]
-);
+crate::hypercall_fns!("lguest", kvm_registers);
 
 /// Why lguest is not announced.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -485,89 +475,6 @@ pub struct Lguest;
 /// The one instance.
 pub static LGUEST: Lguest = Lguest;
 
-/// Register `lguest_data` with the host (the boot data announced it) and start the backend.
-fn start(detection: &Detection, platform: &dyn Platform) -> Result<&'static Lguest, LguestError> {
-    let cpus = platform.nr_cpus();
-    if cpus != 1 {
-        return Err(LguestError::Smp(cpus));
-    }
-    let hcall_fn = platform
-        .lguest_host()
-        .unwrap_or(hypercall_pick(detection.vendor.uses_vmmcall()));
-    STATE.hcall.store(hcall_fn as usize, Ordering::Relaxed);
-    STATE
-        .privileged
-        .store(platform.privileged(), Ordering::Relaxed);
-
-    let page = platform.alloc_page().ok_or(LguestError::NoMemory)?;
-    let Some(pa) = platform.virt_to_phys(page) else {
-        platform.free_page(page);
-        return Err(LguestError::NoMemory);
-    };
-    // SAFETY: a zeroed page of our own, big and aligned enough for `LguestData` (all-zero is a
-    // valid value of every field); the host does not know it yet.
-    let d = unsafe { &*(page as *const LguestData) };
-    for s in &d.hcall_status {
-        s.store(HCALL_FREE, Ordering::Relaxed);
-    }
-    d.irq_enabled.store(
-        if privileged() {
-            let f: u64;
-            // SAFETY: reads RFLAGS.
-            unsafe { core::arch::asm!("pushfq", "pop {}", out(reg) f, options(nomem)) };
-            f as u32 & X86_EFLAGS_IF
-        } else {
-            X86_EFLAGS_IF
-        },
-        Ordering::Relaxed,
-    );
-    STATE.next.store(0, Ordering::Relaxed);
-    STATE.queued.store(0, Ordering::Relaxed);
-    STATE.lazy.store(false, Ordering::Relaxed);
-    STATE.data.store(page as *mut LguestData, Ordering::Release);
-
-    let rc = hcall(LHCALL_LGUEST_INIT, pa, 0, 0, 0);
-    if rc != 0 {
-        STATE.data.store(core::ptr::null_mut(), Ordering::Release);
-        platform.free_page(page);
-        return Err(LguestError::Refused(rc));
-    }
-    let khz = d.tsc_khz.load(Ordering::Acquire);
-    let filled = d.time_version.load(Ordering::Acquire) & 1 == 0
-        && d.time_tsc.load(Ordering::Acquire) != 0
-        && d.time.tv_sec.load(Ordering::Acquire) != 0;
-    if khz == 0 || !filled {
-        let _ = teardown(platform);
-        return Err(LguestError::HostSilent);
-    }
-    STATE.tsc.set(u64::from(khz));
-    let now = clock_ns();
-    STATE.start_ns.store(now, Ordering::Relaxed);
-    STATE.last.reset(now);
-    Ok(&LGUEST)
-}
-
-/// Drain the ring, take `lguest_data` back from the host and forget it; says what happened.
-fn teardown(platform: &dyn Platform) -> &'static str {
-    let p = STATE.data.load(Ordering::Acquire);
-    if p.is_null() {
-        return "nothing registered";
-    }
-    STATE.lazy.store(false, Ordering::Relaxed);
-    if STATE.queued.load(Ordering::Relaxed) != 0 {
-        hcall(LHCALL_FLUSH_ASYNC, 0, 0, 0, 0);
-    }
-    let rc = hcall(LHCALL_LGUEST_INIT, 0, 0, 0, 0);
-    STATE.data.store(core::ptr::null_mut(), Ordering::Release);
-    if rc == 0 {
-        platform.free_page(p as usize);
-        "lguest_data unregistered"
-    } else {
-        // The host may go on writing into the page: it must never be reused.
-        "lguest_data kept: the host refused to unregister it (its page stays allocated)"
-    }
-}
-
 impl Driver for Lguest {
     const ID: BackendId = BackendId::new("lguest");
     type Found = ();
@@ -579,16 +486,91 @@ impl Driver for Lguest {
         probe(platform)
     }
 
+    /// Register `lguest_data` with the host (the boot data announced it) and start the backend.
     fn start(
         _: (),
         detection: &Detection,
         platform: &dyn Platform,
     ) -> Result<&'static Lguest, LguestError> {
-        start(detection, platform)
+        let cpus = platform.nr_cpus();
+        if cpus != 1 {
+            return Err(LguestError::Smp(cpus));
+        }
+        let hcall_fn = platform
+            .lguest_host()
+            .unwrap_or(hypercall_pick(detection.vendor.uses_vmmcall()));
+        STATE.hcall.store(hcall_fn as usize, Ordering::Relaxed);
+        STATE
+            .privileged
+            .store(platform.privileged(), Ordering::Relaxed);
+
+        let page = platform.alloc_page().ok_or(LguestError::NoMemory)?;
+        let Some(pa) = platform.virt_to_phys(page) else {
+            platform.free_page(page);
+            return Err(LguestError::NoMemory);
+        };
+        // SAFETY: a zeroed page of our own, big and aligned enough for `LguestData` (all-zero is a
+        // valid value of every field); the host does not know it yet.
+        let d = unsafe { &*(page as *const LguestData) };
+        for s in &d.hcall_status {
+            s.store(HCALL_FREE, Ordering::Relaxed);
+        }
+        d.irq_enabled.store(
+            if privileged() {
+                let f: u64;
+                // SAFETY: reads RFLAGS.
+                unsafe { core::arch::asm!("pushfq", "pop {}", out(reg) f, options(nomem)) };
+                f as u32 & X86_EFLAGS_IF
+            } else {
+                X86_EFLAGS_IF
+            },
+            Ordering::Relaxed,
+        );
+        STATE.next.store(0, Ordering::Relaxed);
+        STATE.queued.store(0, Ordering::Relaxed);
+        STATE.lazy.store(false, Ordering::Relaxed);
+        STATE.data.store(page as *mut LguestData, Ordering::Release);
+
+        let rc = hcall(LHCALL_LGUEST_INIT, pa, 0, 0, 0);
+        if rc != 0 {
+            STATE.data.store(core::ptr::null_mut(), Ordering::Release);
+            platform.free_page(page);
+            return Err(LguestError::Refused(rc));
+        }
+        let khz = d.tsc_khz.load(Ordering::Acquire);
+        let filled = d.time_version.load(Ordering::Acquire) & 1 == 0
+            && d.time_tsc.load(Ordering::Acquire) != 0
+            && d.time.tv_sec.load(Ordering::Acquire) != 0;
+        if khz == 0 || !filled {
+            let _ = Self::stop(platform);
+            return Err(LguestError::HostSilent);
+        }
+        STATE.tsc.set(u64::from(khz));
+        let now = clock_ns();
+        STATE.start_ns.store(now, Ordering::Relaxed);
+        STATE.last.reset(now);
+        Ok(&LGUEST)
     }
 
+    /// Drain the ring, take `lguest_data` back from the host and forget it; says what happened.
     fn stop(platform: &dyn Platform) -> &'static str {
-        teardown(platform)
+        let p = STATE.data.load(Ordering::Acquire);
+        if p.is_null() {
+            return "nothing registered";
+        }
+        STATE.lazy.store(false, Ordering::Relaxed);
+        if STATE.queued.load(Ordering::Relaxed) != 0 {
+            hcall(LHCALL_FLUSH_ASYNC, 0, 0, 0, 0);
+        }
+        let rc = hcall(LHCALL_LGUEST_INIT, 0, 0, 0, 0);
+        STATE.data.store(core::ptr::null_mut(), Ordering::Release);
+        if rc == 0 {
+            platform.free_page(p as usize);
+            "lguest_data unregistered"
+        } else {
+            // The host may go on writing into the page: it must never be reused.
+            "lguest_data kept: the host refused to unregister it (its page stays allocated)"
+        }
     }
 }
 

@@ -322,99 +322,8 @@ fn forget() {
     INLINABLE.store(0, Ordering::Relaxed);
 }
 
-/// Validate what the probe found, copy its routines into the arena, run VMI_Init, and hand
-/// out the backend.
-///
-/// Must not run concurrently with itself, [`teardown`] or any op of this backend (the module
-/// calls it at load, before installing the table).
-fn start(
-    (pa, rom): (u64, Rom<'static>),
-    platform: &dyn Platform,
-) -> Result<&'static Vmi, VmiError> {
-    forget();
-    // SAFETY: start and teardown are exclusive and the backend's ops are not installed
-    // (contract above).
-    let mut layout = unsafe { Layout::new() };
-    let init_at = match lay_out(&rom, &mut layout).and_then(|i| check_routes().map(|()| i)) {
-        Ok(i) => i,
-        Err(e) => {
-            // nothing was written
-            forget();
-            return Err(e);
-        }
-    };
-    let used = layout.used();
-    if !layout.write(platform) {
-        forget();
-        return Err(VmiError::NoWriter);
-    }
-    if let Some(at) = init_at {
-        // SAFETY: the arena now holds VMI_Init framed as a function (written just above);
-        // VMI_Init takes nothing and returns 0 in RAX when the ROM is ready (VMI-64.md).
-        let f: unsafe extern "C" fn() -> u64 = unsafe { core::mem::transmute(at) };
-        // SAFETY: as above.
-        let rc = unsafe { f() };
-        if rc != 0 {
-            arena::wipe(platform);
-            forget();
-            return Err(VmiError::InitFailed(rc));
-        }
-    }
-
-    // Time: GetCycleFrequency if the ROM has it, else the platform's TSC rate (native's way).
-    let mut khz = if provided(call::GET_CYCLE_FREQUENCY) {
-        call1(call::GET_CYCLE_FREQUENCY, 0) / 1000
-    } else {
-        0
-    };
-    let khz_source = if khz != 0 {
-        native::set_tsc_rate(khz);
-        "GetCycleFrequency"
-    } else {
-        khz = native::set_tsc_khz(platform);
-        if platform.tsc_khz() != 0 {
-            "the kernel's tsc_khz"
-        } else {
-            "calibrated at load"
-        }
-    };
-    TSC.set(khz);
-    ROM_PA.store(pa, Ordering::Relaxed);
-    let (maj, min) = rom.api();
-    API.store(u16::from(maj) << 8 | u16::from(min), Ordering::Relaxed);
-    let copied = (0..call::COUNT as u16).filter(|c| provided(*c)).count();
-    let inlinable = (0..call::COUNT as u16)
-        .filter(|c| CALLS.flags[usize::from(*c)].load(Ordering::Relaxed) & FLAG_INLINE != 0)
-        .count();
-    COPIED.store(copied, Ordering::Relaxed);
-    INLINABLE.store(inlinable, Ordering::Relaxed);
-
-    // SAFETY: exclusive (contract above); `describe` reads it only after start returned.
-    let (buf, len) = unsafe { &mut *DESCRIBE.0.get() };
-    let mut w = BufWriter { buf, len: 0 };
-    let _ = fmt::Write::write_fmt(
-        &mut w,
-        format_args!(
-            "ROM at {pa:#x} API {maj}.{min} ({} bytes): {copied} calls in the arena ({inlinable} inlinable, {used} bytes, returning by {}); TSC: {khz_source}",
-            rom.bytes().len(),
-            if arena::returns_by_thunk() { "the return thunk" } else { "ret" }
-        ),
-    );
-    *len = w.len;
-    Ok(&VMI)
-}
-
-/// Release what [`start`] set up: the arena back to `int3`, the copied state forgotten. Same
-/// exclusion as [`start`]; the table must no longer hold the backend's functions.
-fn teardown(platform: &dyn Platform) -> &'static str {
-    let wiped = arena::wipe(platform);
-    forget();
-    if wiped {
-        "ROM routines removed from the arena"
-    } else {
-        "arena NOT wiped (text not writable)"
-    }
-}
+/// A ROM found in the option-ROM area (no CPUID base: a platform hook).
+impl crate::Probed for (u64, Rom<'static>) {}
 
 /// The VMI backend.
 #[derive(Debug)]
@@ -438,16 +347,99 @@ impl Driver for Vmi {
         why.refused()
     }
 
+    /// Validate what the probe found, copy its routines into the arena, run VMI_Init, and hand
+    /// out the backend.
+    ///
+    /// Must not run concurrently with itself, [`teardown`] or any op of this backend (the module
+    /// calls it at load, before installing the table).
     fn start(
-        found: (u64, Rom<'static>),
+        (pa, rom): (u64, Rom<'static>),
         _: &Detection,
         platform: &dyn Platform,
     ) -> Result<&'static Vmi, VmiError> {
-        start(found, platform)
+        forget();
+        // SAFETY: start and teardown are exclusive and the backend's ops are not installed
+        // (contract above).
+        let mut layout = unsafe { Layout::new() };
+        let init_at = match lay_out(&rom, &mut layout).and_then(|i| check_routes().map(|()| i)) {
+            Ok(i) => i,
+            Err(e) => {
+                // nothing was written
+                forget();
+                return Err(e);
+            }
+        };
+        let used = layout.used();
+        if !layout.write(platform) {
+            forget();
+            return Err(VmiError::NoWriter);
+        }
+        if let Some(at) = init_at {
+            // SAFETY: the arena now holds VMI_Init framed as a function (written just above);
+            // VMI_Init takes nothing and returns 0 in RAX when the ROM is ready (VMI-64.md).
+            let f: unsafe extern "C" fn() -> u64 = unsafe { core::mem::transmute(at) };
+            // SAFETY: as above.
+            let rc = unsafe { f() };
+            if rc != 0 {
+                arena::wipe(platform);
+                forget();
+                return Err(VmiError::InitFailed(rc));
+            }
+        }
+
+        // Time: GetCycleFrequency if the ROM has it, else the platform's TSC rate (native's way).
+        let mut khz = if provided(call::GET_CYCLE_FREQUENCY) {
+            call1(call::GET_CYCLE_FREQUENCY, 0) / 1000
+        } else {
+            0
+        };
+        let khz_source = if khz != 0 {
+            native::set_tsc_rate(khz);
+            "GetCycleFrequency"
+        } else {
+            khz = native::set_tsc_khz(platform);
+            if platform.tsc_khz() != 0 {
+                "the kernel's tsc_khz"
+            } else {
+                "calibrated at load"
+            }
+        };
+        TSC.set(khz);
+        ROM_PA.store(pa, Ordering::Relaxed);
+        let (maj, min) = rom.api();
+        API.store(u16::from(maj) << 8 | u16::from(min), Ordering::Relaxed);
+        let copied = (0..call::COUNT as u16).filter(|c| provided(*c)).count();
+        let inlinable = (0..call::COUNT as u16)
+            .filter(|c| CALLS.flags[usize::from(*c)].load(Ordering::Relaxed) & FLAG_INLINE != 0)
+            .count();
+        COPIED.store(copied, Ordering::Relaxed);
+        INLINABLE.store(inlinable, Ordering::Relaxed);
+
+        // SAFETY: exclusive (contract above); `describe` reads it only after start returned.
+        let (buf, len) = unsafe { &mut *DESCRIBE.0.get() };
+        let mut w = BufWriter { buf, len: 0 };
+        let _ = fmt::Write::write_fmt(
+            &mut w,
+            format_args!(
+                "ROM at {pa:#x} API {maj}.{min} ({} bytes): {copied} calls in the arena ({inlinable} inlinable, {used} bytes, returning by {}); TSC: {khz_source}",
+                rom.bytes().len(),
+                if arena::returns_by_thunk() { "the return thunk" } else { "ret" }
+            ),
+        );
+        *len = w.len;
+        Ok(&VMI)
     }
 
+    /// Release what [`start`] set up: the arena back to `int3`, the copied state forgotten. Same
+    /// exclusion as [`start`]; the table must no longer hold the backend's functions.
     fn stop(platform: &dyn Platform) -> &'static str {
-        teardown(platform)
+        let wiped = arena::wipe(platform);
+        forget();
+        if wiped {
+            "ROM routines removed from the arena"
+        } else {
+            "arena NOT wiped (text not writable)"
+        }
     }
 }
 

@@ -240,66 +240,6 @@ impl core::fmt::Display for NoXen {
     }
 }
 
-/// Start the backend: version and features, the time record, the vCPU ids.
-fn start(
-    iface: Interface,
-    detection: &Detection,
-    platform: &dyn Platform,
-) -> Result<&'static Xen, XenError> {
-    STATE
-        .vmmcall
-        .store(detection.vendor.uses_vmmcall(), Ordering::Relaxed);
-    if platform.xen_pv() {
-        return start_pv(iface, platform);
-    }
-    STATE.pv.store(false, Ordering::Relaxed);
-    STATE
-        .version
-        .store(platform.cpuid(iface.base + 1, 0).eax, Ordering::Relaxed);
-    let mut features = [0u32; 2]; // xen_feature_info { submap_idx, submap }
-                                  // SAFETY: Xen is present; XENVER_get_features writes the 8-byte structure we pass.
-    let rc = unsafe {
-        hypercall(
-            HYPERVISOR_XEN_VERSION,
-            XENVER_GET_FEATURES,
-            features.as_mut_ptr() as u64,
-            0,
-        )
-    };
-    if rc != 0 || features[1] & XENFEAT_HVM_SAFE_PVCLOCK == 0 {
-        return Err(XenError::NoSafePvclock);
-    }
-    learn_vcpu_ids(platform);
-
-    let rec = match platform.kernel_pvclock_cpu0() {
-        Some(va) => va as *mut PvclockVcpuTimeInfo,
-        None => {
-            let vcpu0 = vcpu_id(0).ok_or(XenError::ClockUnavailable)?;
-            // A page of its own, not module memory: it may have to outlive the module.
-            let page = platform.alloc_page().ok_or(XenError::ClockUnavailable)?;
-            let own = page as *mut PvclockVcpuTimeInfo;
-            // SAFETY: registers the page for vCPU 0 (Xen translates the virtual address); it
-            // stays allocated until teardown unregisters it, or for good if that is refused.
-            let rc = unsafe { register_time_area(vcpu0, page as u64) };
-            if rc != 0 {
-                platform.free_page(page);
-                return Err(XenError::ClockUnavailable);
-            }
-            STATE.own_area.store(vcpu0 as u32, Ordering::Relaxed);
-            OWN_PAGE.store(page as u64, Ordering::Relaxed);
-            own
-        }
-    };
-    let Some(first) = first_reading(rec, platform) else {
-        let _ = teardown(platform);
-        return Err(XenError::ClockUnavailable);
-    };
-    // SAFETY: the area stays registered (the kernel's, or ours until teardown) and mapped.
-    // Xen's stable flag means cross-vCPU consistency (abi-xen.md §3.4).
-    unsafe { STATE.clock.start(rec, first, true) };
-    Ok(&XEN)
-}
-
 fn learn_vcpu_ids(platform: &dyn Platform) {
     for cpu in 0..platform.nr_cpus().min(MAX_CPUS as u32) {
         if let Some(id) = platform.xen_vcpu_id(cpu) {
@@ -354,29 +294,6 @@ fn first_reading(
     None
 }
 
-/// Unregister what `start` registered; says what was released.
-fn teardown(platform: &dyn Platform) -> &'static str {
-    let vcpu = STATE.own_area.swap(u32::MAX, Ordering::Relaxed);
-    STATE.clock.stop();
-    if STATE.pv.swap(false, Ordering::Relaxed) {
-        pv::stop();
-        return "nothing registered (the kernel's vcpu_info and shared_info were read)";
-    }
-    if vcpu == u32::MAX {
-        return "nothing registered";
-    }
-    // SAFETY: unregisters (NULL area) what init registered.
-    let rc = unsafe { register_time_area(u64::from(vcpu), 0) };
-    let page = OWN_PAGE.swap(0, Ordering::Relaxed) as usize;
-    if rc == 0 {
-        platform.free_page(page);
-        "own time area unregistered"
-    } else {
-        // The host keeps writing into the page: it must never be reused.
-        "own time area kept: the host refused to unregister it (its page stays allocated)"
-    }
-}
-
 /// Whether the backend registered a time area of its own.
 pub fn owns_clock() -> bool {
     STATE.own_area.load(Ordering::Relaxed) != u32::MAX
@@ -398,20 +315,87 @@ impl Driver for Xen {
             .ok_or(NoXen)
     }
 
-    fn base(iface: &Interface) -> Option<u32> {
-        Some(iface.base)
-    }
-
+    /// Start the backend: version and features, the time record, the vCPU ids.
     fn start(
         iface: Interface,
         detection: &Detection,
         platform: &dyn Platform,
     ) -> Result<&'static Xen, XenError> {
-        start(iface, detection, platform)
+        STATE
+            .vmmcall
+            .store(detection.vendor.uses_vmmcall(), Ordering::Relaxed);
+        if platform.xen_pv() {
+            return start_pv(iface, platform);
+        }
+        STATE.pv.store(false, Ordering::Relaxed);
+        STATE
+            .version
+            .store(platform.cpuid(iface.base + 1, 0).eax, Ordering::Relaxed);
+        let mut features = [0u32; 2]; // xen_feature_info { submap_idx, submap }
+                                      // SAFETY: Xen is present; XENVER_get_features writes the 8-byte structure we pass.
+        let rc = unsafe {
+            hypercall(
+                HYPERVISOR_XEN_VERSION,
+                XENVER_GET_FEATURES,
+                features.as_mut_ptr() as u64,
+                0,
+            )
+        };
+        if rc != 0 || features[1] & XENFEAT_HVM_SAFE_PVCLOCK == 0 {
+            return Err(XenError::NoSafePvclock);
+        }
+        learn_vcpu_ids(platform);
+
+        let rec = match platform.kernel_pvclock_cpu0() {
+            Some(va) => va as *mut PvclockVcpuTimeInfo,
+            None => {
+                let vcpu0 = vcpu_id(0).ok_or(XenError::ClockUnavailable)?;
+                // A page of its own, not module memory: it may have to outlive the module.
+                let page = platform.alloc_page().ok_or(XenError::ClockUnavailable)?;
+                let own = page as *mut PvclockVcpuTimeInfo;
+                // SAFETY: registers the page for vCPU 0 (Xen translates the virtual address); it
+                // stays allocated until teardown unregisters it, or for good if that is refused.
+                let rc = unsafe { register_time_area(vcpu0, page as u64) };
+                if rc != 0 {
+                    platform.free_page(page);
+                    return Err(XenError::ClockUnavailable);
+                }
+                STATE.own_area.store(vcpu0 as u32, Ordering::Relaxed);
+                OWN_PAGE.store(page as u64, Ordering::Relaxed);
+                own
+            }
+        };
+        let Some(first) = first_reading(rec, platform) else {
+            let _ = Self::stop(platform);
+            return Err(XenError::ClockUnavailable);
+        };
+        // SAFETY: the area stays registered (the kernel's, or ours until teardown) and mapped.
+        // Xen's stable flag means cross-vCPU consistency (abi-xen.md §3.4).
+        unsafe { STATE.clock.start(rec, first, true) };
+        Ok(&XEN)
     }
 
+    /// Unregister what `start` registered; says what was released.
     fn stop(platform: &dyn Platform) -> &'static str {
-        teardown(platform)
+        let vcpu = STATE.own_area.swap(u32::MAX, Ordering::Relaxed);
+        STATE.clock.stop();
+        if STATE.pv.swap(false, Ordering::Relaxed) {
+            pv::stop();
+            return "nothing registered (the kernel's vcpu_info and shared_info were read)";
+        }
+        if vcpu == u32::MAX {
+            return "nothing registered";
+        }
+        // SAFETY: unregisters (NULL area) what init registered.
+        let rc = unsafe { register_time_area(u64::from(vcpu), 0) };
+        let page = OWN_PAGE.swap(0, Ordering::Relaxed) as usize;
+        if rc == 0 {
+            platform.free_page(page);
+            "own time area unregistered"
+        } else {
+            // The host keeps writing into the page: it must never be reused.
+            "own time area kept: the host refused to unregister it (its page stays allocated)"
+        }
     }
 }
 
