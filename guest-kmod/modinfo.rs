@@ -76,8 +76,11 @@ macro_rules! prefixed {
     };
 }
 
-const PARM: &[u8] = prefixed!("parm=backend:auto (default), or one of: ").as_bytes();
-const LIST: &[u8] = prefixed!("backends=").as_bytes();
+// Each entry starts with a NUL too (an empty entry, which the kernel and kmod skip): a reader
+// that scans the file for `\0backends=` (busybox's modinfo, which the rigs' guests use) then
+// finds it wherever the linker put the entry.
+const PARM: &[u8] = concat!("\0", prefixed!("parm=backend:auto (default), or one of: ")).as_bytes();
+const LIST: &[u8] = concat!("\0", prefixed!("backends=")).as_bytes();
 const PARM_LEN: usize = entry_len(PARM, b", ", &BACKENDS, 1);
 const LIST_LEN: usize = entry_len(LIST, b" ", &BACKENDS, 1);
 
