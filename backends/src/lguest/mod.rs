@@ -163,8 +163,8 @@ static STATE: State = State {
 /// The registered `lguest_data`.
 fn data() -> &'static LguestData {
     let p = STATE.data.load(Ordering::Acquire);
-    // SAFETY: the table holding these ops is installed only after `init` registered the page,
-    // and cleared before `teardown` takes it back, so `p` is the live, zero-initialised page.
+    // SAFETY: the table holding these ops is installed only after `start` registered the page,
+    // and cleared before `stop` takes it back, so `p` is the live, zero-initialised page.
     unsafe { &*p }
 }
 
@@ -175,7 +175,7 @@ fn privileged() -> bool {
 /// A synchronous hypercall; the host has drained the ring when it returns.
 fn hcall(nr: u64, a1: u64, a2: u64, a3: u64, a4: u64) -> i64 {
     let f = STATE.hcall.load(Ordering::Relaxed);
-    // SAFETY: `f` is a `HypercallFn` stored by `init` (the instruction, for a host the boot
+    // SAFETY: `f` is a `HypercallFn` stored by `start` (the instruction, for a host the boot
     // data announced, or the platform's model), and every LHCALL the backend makes is one the
     // port defines with arguments that are valid for it.
     let r = unsafe {
@@ -464,7 +464,7 @@ extern "C" fn set_next_event(delta_ns: u64) -> i32 {
 /// The hypercall `cpu.hypercall` holds.
 fn hypercall_fn() -> HypercallFn {
     let f = STATE.hcall.load(Ordering::Relaxed);
-    // SAFETY: stored by `init` from a `HypercallFn`.
+    // SAFETY: stored by `start` from a `HypercallFn`.
     unsafe { core::mem::transmute::<usize, HypercallFn>(f) }
 }
 

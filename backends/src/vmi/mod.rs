@@ -138,8 +138,8 @@ fn returns_nothing(op: Op) -> bool {
     )
 }
 
-/// What the backend copied from the ROM, per call number. Written by [`init`] and
-/// [`teardown`] only, while no op of the backend is installed.
+/// What the backend copied from the ROM, per call number. Written by [`Driver::start`] and
+/// [`Driver::stop`] only, while no op of the backend is installed.
 struct Calls {
     /// Arena address of the call's function (0: NONE, or not copied).
     entry: [AtomicUsize; call::COUNT],
@@ -166,7 +166,7 @@ static INLINABLE: AtomicUsize = AtomicUsize::new(0);
 
 /// The report text (`describe`), formatted at init.
 struct Describe(UnsafeCell<([u8; 128], usize)>);
-// SAFETY: written only by `init` (exclusive, before the backend is handed out), read after.
+// SAFETY: written only by `start` (exclusive, before the backend is handed out), read after.
 unsafe impl Sync for Describe {}
 static DESCRIBE: Describe = Describe(UnsafeCell::new(([0; 128], 0)));
 
@@ -219,7 +219,7 @@ fn call1(c: u16, arg: u64) -> u64 {
     if e == 0 {
         return 0;
     }
-    // SAFETY: `e` is the arena copy of the ROM's routine for `c`, framed by `init` as a
+    // SAFETY: `e` is the arena copy of the ROM's routine for `c`, framed by `start` as a
     // function (endbr64, body, return); the 64-bit VMI ABI makes each such routine callable
     // with the C convention, one argument in RDI and its result in RAX (VMI-64.md).
     let f: unsafe extern "C" fn(u64) -> u64 = unsafe { core::mem::transmute(e) };
@@ -350,7 +350,7 @@ impl Driver for Vmi {
     /// Validate what the probe found, copy its routines into the arena, run VMI_Init, and hand
     /// out the backend.
     ///
-    /// Must not run concurrently with itself, [`teardown`] or any op of this backend (the module
+    /// Must not run concurrently with itself, [`Driver::stop`] or any op of this backend (the module
     /// calls it at load, before installing the table).
     fn start(
         (pa, rom): (u64, Rom<'static>),
@@ -358,7 +358,7 @@ impl Driver for Vmi {
         platform: &dyn Platform,
     ) -> Result<&'static Vmi, VmiError> {
         forget();
-        // SAFETY: start and teardown are exclusive and the backend's ops are not installed
+        // SAFETY: start and stop are exclusive and the backend's ops are not installed
         // (contract above).
         let mut layout = unsafe { Layout::new() };
         let init_at = match lay_out(&rom, &mut layout).and_then(|i| check_routes().map(|()| i)) {
@@ -430,8 +430,8 @@ impl Driver for Vmi {
         Ok(&VMI)
     }
 
-    /// Release what [`start`] set up: the arena back to `int3`, the copied state forgotten. Same
-    /// exclusion as [`start`]; the table must no longer hold the backend's functions.
+    /// Release what [`Driver::start`] set up: the arena back to `int3`, the copied state forgotten. Same
+    /// exclusion as [`Driver::start`]; the table must no longer hold the backend's functions.
     fn stop(platform: &dyn Platform) -> &'static str {
         let wiped = arena::wipe(platform);
         forget();
@@ -453,7 +453,7 @@ fn inline_body(c: u16) -> Option<Inline> {
         return None;
     }
     // SAFETY: the arena is this image's text ('static); `entry` + 4 is the body `start` copied
-    // there, `len` bytes, unchanged until teardown, which runs after every site was reverted.
+    // there, `len` bytes, unchanged until stop, which runs after every site was reverted.
     let bytes = unsafe { core::slice::from_raw_parts((entry + ENDBR64.len()) as *const u8, len) };
     Some(Inline {
         bytes,
