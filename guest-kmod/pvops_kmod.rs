@@ -14,7 +14,7 @@ use pvops::{Backend, BackendId, BackendOps, PatchReport, Patcher, Request, PV_OP
 use pvops_backends::{Platform as _, BACKENDS};
 
 use platform::KernelPlatform;
-use selftest::selftest;
+use selftest::{selftest, Failed, Lines};
 use text::{module_sites, transition, ReadOnlyText};
 
 mod bench;
@@ -169,7 +169,7 @@ impl kernel::Module for PvopsGuest {
         guest.patched = patched;
 
         // report
-        let st = selftest(backend);
+        let st = selftest(backend, &guest.ops);
         let hypervisor = match selection.interface {
             Some(i) => CString::try_from_fmt(fmt!(
                 "{} base={:#x} max_leaf={:#x}",
@@ -202,26 +202,30 @@ impl kernel::Module for PvopsGuest {
         } else {
             "no-hypercall"
         };
-        let selftest = if st.failed.is_empty() && verified {
+        let selftest = if st.failed().next().is_none() && verified {
             CString::try_from_fmt(fmt!(
-                "ok bytes={bytes} checks={} {hc}={hc_nr}:{hc_ret}",
-                st.ran
+                "ok bytes={bytes} checks={} n/a={} {hc}={hc_nr}:{hc_ret}",
+                st.ran(),
+                st.not_applicable()
             ))?
         } else {
             CString::try_from_fmt(fmt!(
-                "FAILED bytes={bytes} checks={} failed={:?} {hc}={hc_nr}:{hc_ret}",
-                st.ran,
-                &st.failed[..]
+                "FAILED bytes={bytes} checks={} n/a={} failed={} {hc}={hc_nr}:{hc_ret}",
+                st.ran(),
+                st.not_applicable(),
+                Failed(&st)
             ))?
         };
+        let checks = CString::try_from_fmt(fmt!("{}", Lines(&st)))?;
         let name = CString::try_from_fmt(fmt!("{}", selection.backend))?;
-        // SAFETY: four NUL-terminated strings; the shim copies them.
+        // SAFETY: five NUL-terminated strings; the shim copies them.
         unsafe {
             shim::pvops_shim_set_report(
                 name.as_char_ptr(),
                 hypervisor.as_char_ptr(),
                 sites.as_char_ptr(),
                 selftest.as_char_ptr(),
+                checks.as_char_ptr(),
             )
         };
         pr_info!(

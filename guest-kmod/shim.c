@@ -106,10 +106,13 @@ void pvops_shim_sync_core(void)
 
 /* The report under /sys/kernel/pvops/: filled once by Rust before the files appear. */
 static char report_backend[64], report_hypervisor[96], report_sites[96], report_selftest[256];
+/* the self-test's checks, one per line: NAME ok | NAME FAIL | NAME n/a REASON */
+static char report_checks[2048];
 
 void pvops_shim_set_report(const char *backend, const char *hypervisor, const char *sites,
-			   const char *selftest)
+			   const char *selftest, const char *checks)
 {
+	strscpy(report_checks, checks, sizeof(report_checks));
 	strscpy(report_backend, backend, sizeof(report_backend));
 	strscpy(report_hypervisor, hypervisor, sizeof(report_hypervisor));
 	strscpy(report_sites, sites, sizeof(report_sites));
@@ -127,9 +130,11 @@ PVOPS_ATTR(backend);
 PVOPS_ATTR(hypervisor);
 PVOPS_ATTR(sites);
 PVOPS_ATTR(selftest);
+PVOPS_ATTR(checks);
 
 static struct attribute *pvops_attrs[] = {
-	&backend_attr.attr, &hypervisor_attr.attr, &sites_attr.attr, &selftest_attr.attr, NULL,
+	&backend_attr.attr, &hypervisor_attr.attr, &sites_attr.attr, &selftest_attr.attr,
+	&checks_attr.attr, NULL,
 };
 static const struct attribute_group pvops_group = { .attrs = pvops_attrs };
 static struct kobject *pvops_kobj;

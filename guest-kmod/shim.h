@@ -16,7 +16,7 @@ void pvops_shim_unalias_text(void *alias);
 int pvops_shim_stop_machine(int (*fn)(void *), void *data);
 void pvops_shim_sync_core(void);
 void pvops_shim_set_report(const char *backend, const char *hypervisor, const char *sites,
-			   const char *selftest);
+			   const char *selftest, const char *checks);
 int pvops_shim_sysfs_create(void);
 void pvops_shim_sysfs_remove(void);
 

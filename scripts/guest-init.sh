@@ -1,8 +1,11 @@
 #!/bin/busybox sh
 # /init of every rig's guest: load the module the ways a user would, check what it reports,
 # unload it, power off (or, with rig_mode=builtin, check the report the built-in code made at
-# boot). Each check prints "RIG-CHECK <name> ok|FAIL <detail>"; the host side (scripts/rig)
-# reads them. rig_expect= (the backend auto must pick) comes from the kernel command line.
+# boot). Each check is streamed as a line "# check NAME: ok|FAIL|n/a DETAIL" and, at the end, all
+# of them are printed as one KTAP document (Documentation/dev-tools/ktap.rst; n/a is "# SKIP",
+# the module's self-test a subtest), which scripts/rig reads and the kernel's own
+# tools/testing/kunit/kunit.py parse can read. rig_expect= (the backend auto must pick) comes
+# from the kernel command line.
 /bin/busybox --install -s /bin
 mount -t proc proc /proc
 mount -t sysfs sys /sys
@@ -15,12 +18,70 @@ release=$(arg rig_release)
 want_hypercall=$(arg rig_hypercall)
 want_dmesg=$(arg rig_dmesg)
 ko=/pvops_guest.ko
-check() { # NAME DETAIL -- CMD...: run CMD (its stdout dropped), print RIG-CHECK NAME ok|FAIL DETAIL
-	check_name=$1 check_detail=$2
-	if [ "$3" != -- ]; then echo "RIG-CHECK $check_name FAIL (guest-init.sh: check without --)"; return; fi
-	shift 3
-	if "$@" >/dev/null; then echo "RIG-CHECK $check_name ok $check_detail"; else echo "RIG-CHECK $check_name FAIL $check_detail"; fi
+results=/rig-results # one line per check: ok|fail|na, TAB, NAME, TAB, DETAIL (or the n/a reason)
+: > $results
+record() { # ok|fail|na NAME DETAIL
+	printf '%s\t%s\t%s\n' "$1" "$2" "$(echo "$3" | tr '\t\n' '  ' | sed 's/ *$//')" >> $results
+	case $1 in ok) w=ok ;; fail) w=FAIL ;; *) w=n/a ;; esac
+	echo "# check $2: $w $3"
 }
+check() { # NAME DETAIL -- CMD...: run CMD (its stdout dropped) and record whether it held
+	check_name=$1 check_detail=$2
+	if [ "$3" != -- ]; then record fail "$check_name" "(guest-init.sh: check without --)"; return; fi
+	shift 3
+	if "$@" >/dev/null; then record ok "$check_name" "$check_detail"; else record fail "$check_name" "$check_detail"; fi
+}
+na() { record na "$1" "$2"; } # NAME REASON: a check that cannot fail on this rig
+# The module's self-test, one check per line of /sys/kernel/pvops/checks (NAME ok|FAIL|n/a
+# REASON), kept as the subtest of the check named selftest.
+subtest=/rig-selftest
+: > $subtest
+keep_selftest() { [ -s $subtest ] || cat /sys/kernel/pvops/checks > $subtest 2>/dev/null; }
+ktap() { # the KTAP document of every check recorded
+	echo "KTAP version 1"
+	echo "1..$(wc -l < $results)"
+	n=0
+	while IFS="$(printf '\t')" read -r how name detail; do
+		n=$((n + 1))
+		if [ "$name" = selftest ] && [ -s $subtest ]; then
+			echo "    KTAP version 1"
+			echo "    # Subtest: selftest"
+			echo "    1..$(wc -l < $subtest)"
+			m=0
+			while read -r sname show sdetail; do
+				m=$((m + 1))
+				case $show in
+				ok) echo "    ok $m $sname" ;;
+				n/a) echo "    ok $m $sname # SKIP $sdetail" ;;
+				*) echo "    not ok $m $sname" ;;
+				esac
+			done < $subtest
+		fi
+		case $how in
+		ok) echo "ok $n $name" ;;
+		na) echo "ok $n $name # SKIP $detail" ;;
+		*) echo "not ok $n $name" ;;
+		esac
+		[ "$how" = na ] || [ -z "$detail" ] || echo "# $detail"
+	done < $results
+}
+# Faults a kernel engineer looks for, in dmesg: warnings, bugs, oopses, #GP, unchecked MSR
+# accesses, RCU stalls, lockups, segfaults. And taint: any flag but O and E, which loading this
+# out-of-tree (unsigned) module sets by design.
+FAULTS='WARNING:|BUG:|Oops|general protection|unchecked MSR access|rcu: INFO|rcu_.*detected stall|self-detected stall|soft lockup|hard LOCKUP|segfault|Kernel panic'
+TAINT_BY_DESIGN=$(( (1 << 12) | (1 << 13) )) # TAINT_OOT_MODULE (O), TAINT_UNSIGNED_MODULE (E)
+fault_scan() {
+	check no-fault "$(dmesg | grep -E "$FAULTS" | head -1)" -- not in_dmesg "$FAULTS"
+	tainted=$(cat /proc/sys/kernel/tainted)
+	check no-taint "tainted=$tainted (O and E allowed)" -- [ $((tainted & ~TAINT_BY_DESIGN)) = 0 ]
+}
+finish() { # RESULT-LINE: the KTAP document, the result for scripts/rig, power off
+	ktap
+	echo "$1"
+	echo "RIG-DONE"
+	poweroff -f
+}
+
 # Conditions for check's CMD. DETAIL is computed before CMD runs: neither changes what the other reads.
 not() { ! "$@"; }
 has() { # [-E] TEXT PATTERN: TEXT matches PATTERN (grep's basic regex; extended with -E)
@@ -56,12 +117,15 @@ report() { # read /sys/kernel/pvops and check it: the expected backend, every si
 	check backend "got '$backend', expected '$expect'" -- [ "$backend" = "$expect" ]
 	p=${sites%%/*}; t=${sites#*/}; t=${t%% *}
 	check all-sites-patched "$sites" -- all_patched "$p" "$t"
+	keep_selftest
 	check selftest "$selftest" -- has "$selftest" '^ok bytes=verified'
 	report_line=$(dmesg | grep 'pvops_guest: backend=' | tail -1)
 	check dmesg-report "$report_line" -- has "$report_line" "backend=$expect .*sites=$p/$t"
-	if [ "$expect" != native ] && [ "$want_hypercall" != none ]; then
-		# a real hypercall was made and answered as the hypervisor documents
-		check hypercall "$selftest" -- has "$selftest" " hypercall=${want_hypercall:-}"
+	if [ -n "$want_hypercall" ] && [ "$want_hypercall" != none ]; then
+		# a real hypercall was made and answered exactly as the hypervisor documents
+		check hypercall "$selftest" -- has "$selftest" " hypercall=$want_hypercall"
+	else
+		na hypercall "${expect}: no hypercall to make"
 	fi
 	if [ -n "$detail" ]; then
 		check detail "want /$detail/" -- has "$report_line" "$detail"
@@ -72,9 +136,8 @@ if grep -q 'rig_mode=builtin' /proc/cmdline; then
 	# Built into the kernel: the report was made at boot.
 	check no-module-file "" -- [ ! -e $ko ]
 	report
-	echo "RIG-RESULT backend=$backend sites=$p/$t builtin"
-	echo "RIG-DONE"
-	poweroff -f
+	fault_scan
+	finish "RIG-RESULT backend=$backend sites=$p/$t builtin"
 fi
 
 # 1. A refused parameter patches nothing and leaves nothing loaded.
@@ -136,8 +199,5 @@ else
 	check load-native "$(cat /sys/kernel/pvops/selftest 2>&1)" -- loaded_as $rc native
 fi
 rmmod pvops_guest
-check no-fault "$(dmesg | grep -E 'Oops|general protection|BUG:' | head -1)" -- not in_dmesg 'Oops|general protection|BUG:'
-
-echo "RIG-RESULT backend=$backend sites=$p/$t"
-echo "RIG-DONE"
-poweroff -f
+fault_scan
+finish "RIG-RESULT backend=$backend sites=$p/$t"
