@@ -28,6 +28,7 @@
 //! [`BackendOps`]: pvops::BackendOps
 #![cfg_attr(not(test), no_std)]
 
+pub mod describe;
 pub mod hypercall;
 #[macro_use]
 mod registry;

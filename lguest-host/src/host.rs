@@ -73,6 +73,8 @@ pub struct Stats {
     pub irqs_sent: u64,
     /// Refused calls.
     pub refused: u64,
+    /// The guest-physical addresses `lguest_data` was registered at, in order.
+    pub registered_at: Vec<u64>,
 }
 
 /// The one-shot clockevent: a thread that fires virtual IRQ 0 at the deadline.
@@ -300,6 +302,7 @@ impl Host {
                     return REFUSED;
                 }
                 self.data_pa = Some(a[0]);
+                self.stats.registered_at.push(a[0]);
                 self.cursor = 0;
                 let d = self.data().expect("checked above");
                 d.tsc_khz.store(self.tsc_khz, Ordering::Relaxed);
@@ -360,6 +363,20 @@ impl Host {
             self.stats.refused,
             self.clock.fired.load(Ordering::Relaxed),
             self.stats.irqs_sent,
+        );
+        let at: Vec<String> = self
+            .stats
+            .registered_at
+            .iter()
+            .map(|pa| format!("{pa:#x}"))
+            .collect();
+        s += &format!(
+            "; lguest_data registered at {}",
+            if at.is_empty() {
+                "-".into()
+            } else {
+                at.join(",")
+            }
         );
         s
     }

@@ -51,6 +51,7 @@ use pvops::detect::Detection;
 use pvops::ops::{BackendOps, Impl};
 use pvops::{arch, Backend, BackendId, NullHypercall};
 
+use crate::describe::Describe;
 use crate::time::{read_versioned, Monotonic, TscScale};
 use crate::{native, Driver, Platform};
 use abi::*;
@@ -159,6 +160,9 @@ static STATE: State = State {
     start_ns: AtomicU64::new(0),
     last: Monotonic::new(),
 };
+
+/// The report text: where `lguest_data` was registered, and the host's TSC rate.
+static DESCRIBE: Describe = Describe::new();
 
 /// The registered `lguest_data`.
 fn data() -> &'static LguestData {
@@ -546,6 +550,12 @@ impl Driver for Lguest {
             return Err(LguestError::HostSilent);
         }
         STATE.tsc.set(u64::from(khz));
+        // SAFETY: start is exclusive with stop and with `describe` (asked of a started backend).
+        unsafe {
+            DESCRIBE.set(format_args!(
+                "lguest_data at {pa:#x} registered with LHCALL_LGUEST_INIT; host TSC {khz} kHz"
+            ))
+        };
         let now = clock_ns();
         STATE.start_ns.store(now, Ordering::Relaxed);
         STATE.last.reset(now);
@@ -614,6 +624,6 @@ impl Backend for Lguest {
     }
 
     fn describe(&self) -> &'static str {
-        "lguest_data registered with LHCALL_LGUEST_INIT"
+        DESCRIBE.get()
     }
 }

@@ -31,13 +31,13 @@
 pub mod arena;
 pub mod rom;
 
-use core::cell::UnsafeCell;
 use core::fmt;
 use core::sync::atomic::{AtomicU16, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 
 use pvops::ops::{BackendOps, Clobbers, Impl, Inline, Op, MAX_SITE_LEN};
 use pvops::{Backend, BackendId, Detection};
 
+use crate::describe::Describe;
 use crate::time::TscScale;
 use crate::{native, Driver, Platform};
 use arena::{ArenaFull, Layout, ENDBR64};
@@ -164,29 +164,8 @@ static TSC: TscScale = TscScale::new();
 static COPIED: AtomicUsize = AtomicUsize::new(0);
 static INLINABLE: AtomicUsize = AtomicUsize::new(0);
 
-/// The report text (`describe`), formatted at init.
-struct Describe(UnsafeCell<([u8; 128], usize)>);
-// SAFETY: written only by `start` (exclusive, before the backend is handed out), read after.
-unsafe impl Sync for Describe {}
-static DESCRIBE: Describe = Describe(UnsafeCell::new(([0; 128], 0)));
-
-struct BufWriter<'a> {
-    buf: &'a mut [u8],
-    len: usize,
-}
-
-impl fmt::Write for BufWriter<'_> {
-    fn write_str(&mut self, s: &str) -> fmt::Result {
-        for b in s.bytes() {
-            let Some(d) = self.buf.get_mut(self.len) else {
-                return Err(fmt::Error);
-            };
-            *d = b;
-            self.len += 1;
-        }
-        Ok(())
-    }
-}
+/// The report text (`describe`), formatted at start.
+static DESCRIBE: Describe = Describe::new();
 
 fn kind_of(c: u16) -> RelocType {
     match CALLS
@@ -416,17 +395,13 @@ impl Driver for Vmi {
         INLINABLE.store(inlinable, Ordering::Relaxed);
 
         // SAFETY: exclusive (contract above); `describe` reads it only after start returned.
-        let (buf, len) = unsafe { &mut *DESCRIBE.0.get() };
-        let mut w = BufWriter { buf, len: 0 };
-        let _ = fmt::Write::write_fmt(
-            &mut w,
-            format_args!(
+        unsafe {
+            DESCRIBE.set(format_args!(
                 "ROM at {pa:#x} API {maj}.{min} ({} bytes): {copied} calls in the arena ({inlinable} inlinable, {used} bytes, returning by {}); TSC: {khz_source}",
                 rom.bytes().len(),
                 if arena::returns_by_thunk() { "the return thunk" } else { "ret" }
-            ),
-        );
-        *len = w.len;
+            ));
+        }
         Ok(&VMI)
     }
 
@@ -467,9 +442,7 @@ impl Backend for Vmi {
     }
 
     fn describe(&self) -> &'static str {
-        // SAFETY: written by `start` before the backend was handed out, not after.
-        let (buf, len) = unsafe { &*DESCRIBE.0.get() };
-        core::str::from_utf8(buf.get(..*len).unwrap_or(&[])).unwrap_or("")
+        DESCRIBE.get()
     }
 
     fn ops(&self) -> BackendOps {
