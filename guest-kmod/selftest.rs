@@ -210,8 +210,10 @@ pub(crate) fn selftest(backend: &dyn Backend, ops: &BackendOps) -> SelfTest {
         // table (set-pte above covers its writes, on a real PTE)
         t.na("lazy-mmu", "xen pv: scratch entries are not page tables");
     } else if id == <lguest::Lguest as Driver>::ID {
-        // the backend stores each entry itself before queueing the notification, so the entries
-        // are in place whatever the ring does: the ring is checked on the host's side
+        // The writes go through the ring (the rig's host-side check counts them there), but the
+        // backend stores each entry itself before queueing the notification, so here the
+        // entries are in place whatever the ring does: run it, report n/a.
+        let _ = lazy_mmu_round_trip();
         t.na(
             "lazy-mmu",
             "lguest: entries are stored before queueing; the rig checks the ring host-side",
