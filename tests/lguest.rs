@@ -50,6 +50,9 @@ struct Host {
     offset_ns: i64,
     /// `time_tsc` back-dated by this many cycles (scaling tests).
     backdate_cycles: u64,
+    /// A host that begins rewriting the time (version odd, fields 1000 s ahead) and never
+    /// finishes.
+    stuck: bool,
 }
 
 static HOST: Mutex<Option<Host>> = Mutex::new(None);
@@ -94,6 +97,14 @@ impl Host {
         let ns = (now.as_nanos() as i128 + i128::from(self.offset_ns)) as u64;
         let v = d.time_version.load(Ordering::Relaxed);
         d.time_version.store(v | 1, Ordering::Release);
+        if self.stuck {
+            d.time
+                .tv_sec
+                .store(ns / 1_000_000_000 + 1000, Ordering::Relaxed);
+            d.time_tsc
+                .store(pvops::arch::rdtsc_ordered(), Ordering::Relaxed);
+            return; // the version stays odd
+        }
         d.time.tv_sec.store(ns / 1_000_000_000, Ordering::Relaxed);
         d.time.tv_nsec.store(ns % 1_000_000_000, Ordering::Relaxed);
         d.time_tsc.store(
@@ -640,6 +651,43 @@ fn clock_is_the_hosts_time_scaled_by_tsc_khz() {
         assert_eq!(host().sync.len(), n);
         assert_eq!((ops.timer.set_next_event)(1_000_000), 0);
         assert_eq!(host().clockevents, vec![1_000_000]);
+    }
+    pvops_backends::stop(pvops_host_tests::ids::LGUEST, &g);
+}
+
+/// A host that leaves `lguest_data.time_version` odd (an update begun, never finished): the
+/// clock never uses the half-written fields; sched_clock holds, the wall clock says unknown
+/// (0), and both recover when the host completes an update.
+#[test]
+fn a_time_record_whose_version_stays_odd_is_never_used() {
+    let _t = turn();
+    let (g, b) = started(pvops_host_tests::clock::tsc_khz() as u32);
+    let ops = b.ops().table();
+    let realtime = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64
+    };
+    // SAFETY: the table's functions, called as the table would.
+    unsafe {
+        let sched0 = (ops.timer.sched_clock)();
+        assert!((ops.timer.wall_clock)().abs_diff(realtime()) < 10_000_000);
+        host().stuck = true;
+        (ops.cpu.hypercall)(LHCALL_FLUSH_ASYNC, 0, 0, 0, 0); // an exit: the host writes
+        let ld = host().lguest_data().unwrap();
+        assert_eq!(ld.time_version.load(Ordering::Relaxed) & 1, 1, "mid-update");
+        let wall = (ops.timer.wall_clock)();
+        let sched = (ops.timer.sched_clock)();
+        assert_eq!(wall, 0, "wall_clock read a record whose version stayed odd");
+        assert!(
+            sched < sched0 + 1_000_000_000,
+            "sched_clock read a record whose version stayed odd ({sched0} -> {sched})"
+        );
+        host().stuck = false;
+        (ops.cpu.hypercall)(LHCALL_FLUSH_ASYNC, 0, 0, 0, 0); // the next update completes
+        assert!((ops.timer.wall_clock)().abs_diff(realtime()) < 10_000_000);
+        assert!((ops.timer.sched_clock)() >= sched);
     }
     pvops_backends::stop(pvops_host_tests::ids::LGUEST, &g);
 }
