@@ -42,7 +42,7 @@ const WALL_NSEC: u32 = 123_456_789;
 /// The model's nanoseconds for `cycles` of TSC (the pvclock formula, computed here).
 fn model_ns(cycles: u64) -> u64 {
     // shift -1: halve, then multiply by mul / 2^32
-    (u128::from(cycles >> 1) * u128::from(MUL) >> 32) as u64
+    ((u128::from(cycles >> 1) * u128::from(MUL)) >> 32) as u64
 }
 
 fn fill(rec: *mut PvclockVcpuTimeInfo) {
@@ -309,29 +309,24 @@ fn a_pvclock_record_whose_version_stays_odd_is_never_read() {
         tsc_shift: 1,
         ..Default::default()
     };
-    // SAFETY: a live local record.
-    assert_eq!(unsafe { read(&rec, || 2_000) }, Err(PvclockError::Unstable));
+    // SAFETY: a live local record (likewise below).
+    let odd = unsafe { read(&rec, || 2_000) };
+    assert_eq!(odd, Err(PvclockError::Unstable));
     rec.version = 8;
     // SAFETY: as above.
-    assert_eq!(
-        unsafe { read(&rec, || 2_000) }.map(|r| r.ns),
-        Ok(5_000_001_000)
-    );
+    let even = unsafe { read(&rec, || 2_000) };
+    assert_eq!(even.map(|r| r.ns), Ok(5_000_001_000));
     // and the wall-clock record likewise
     let mut wall = PvclockWallClock {
         version: 1,
         sec: 1,
         nsec: 2,
     };
-    // SAFETY: a live local record.
-    assert_eq!(
-        unsafe { pvops_backends::pvclock::read_wall(&wall) },
-        Err(PvclockError::Unstable)
-    );
+    // SAFETY: a live local record (likewise below).
+    let odd = unsafe { pvops_backends::pvclock::read_wall(&wall) };
+    assert_eq!(odd, Err(PvclockError::Unstable));
     wall.version = 2;
     // SAFETY: as above.
-    assert_eq!(
-        unsafe { pvops_backends::pvclock::read_wall(&wall) },
-        Ok((1, 2))
-    );
+    let even = unsafe { pvops_backends::pvclock::read_wall(&wall) };
+    assert_eq!(even, Ok((1, 2)));
 }
