@@ -691,3 +691,148 @@ fn a_time_record_whose_version_stays_odd_is_never_used() {
     }
     pvops_backends::stop(pvops_host_tests::ids::LGUEST, &g);
 }
+
+/// Write tracing for [`ring_slot_status_is_published_after_its_arguments`]: the traced page is
+/// read-only; each store into it faults (SIGSEGV), the handler records the address, makes the
+/// page writable and sets the trap flag, so the store runs and the next instruction traps
+/// (SIGTRAP), where the page is made read-only again. The recorded addresses are the order in
+/// which the program stores into the page (on x86, the order another CPU sees them in).
+mod trace {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// The traced page (0: none).
+    static PAGE: AtomicUsize = AtomicUsize::new(0);
+    /// Store addresses, in order.
+    static WRITES: [AtomicUsize; 64] = [const { AtomicUsize::new(0) }; 64];
+    static N: AtomicUsize = AtomicUsize::new(0);
+    const TF: i64 = 1 << 8;
+
+    fn protect(page: usize, writable: bool) {
+        let prot = libc::PROT_READ | if writable { libc::PROT_WRITE } else { 0 };
+        // SAFETY: `page` is the page `start` was given, allocated by the test; mprotect is
+        // async-signal-safe.
+        unsafe { libc::mprotect(page as *mut _, 4096, prot) };
+    }
+
+    extern "C" fn on_segv(_: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+        // SAFETY: the kernel hands a SIGSEGV handler installed with SA_SIGINFO a valid siginfo
+        // and ucontext.
+        let (addr, uc) = unsafe {
+            (
+                (*info).si_addr() as usize,
+                &mut *(ctx as *mut libc::ucontext_t),
+            )
+        };
+        let page = PAGE.load(Ordering::Relaxed);
+        if page == 0 || addr & !4095 != page {
+            // not ours: a real fault; let it kill the process as it would have
+            // SAFETY: restoring the default action is async-signal-safe.
+            unsafe { libc::signal(libc::SIGSEGV, libc::SIG_DFL) };
+            return;
+        }
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        if let Some(w) = WRITES.get(n) {
+            w.store(addr, Ordering::Relaxed);
+        }
+        protect(page, true);
+        uc.uc_mcontext.gregs[libc::REG_EFL as usize] |= TF;
+    }
+
+    extern "C" fn on_trap(_: libc::c_int, _: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+        // SAFETY: as in `on_segv`.
+        let uc = unsafe { &mut *(ctx as *mut libc::ucontext_t) };
+        let page = PAGE.load(Ordering::Relaxed);
+        if page != 0 {
+            protect(page, false);
+        }
+        uc.uc_mcontext.gregs[libc::REG_EFL as usize] &= !TF;
+    }
+
+    fn install(sig: libc::c_int, f: usize) -> libc::sigaction {
+        // SAFETY: a zeroed sigaction is a valid value; the handlers are async-signal-safe
+        // (atomics and mprotect only).
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = f;
+            sa.sa_flags = libc::SA_SIGINFO;
+            libc::sigemptyset(&mut sa.sa_mask);
+            let mut old: libc::sigaction = std::mem::zeroed();
+            assert_eq!(libc::sigaction(sig, &sa, &mut old), 0);
+            old
+        }
+    }
+
+    /// Run `f` with stores into `page` traced; returns their addresses, in order.
+    pub fn stores(page: usize, f: impl FnOnce()) -> Vec<usize> {
+        assert_eq!(page % 4096, 0);
+        N.store(0, Ordering::Relaxed);
+        let old_segv = install(libc::SIGSEGV, on_segv as *const () as usize);
+        let old_trap = install(libc::SIGTRAP, on_trap as *const () as usize);
+        PAGE.store(page, Ordering::SeqCst);
+        protect(page, false);
+        f();
+        PAGE.store(0, Ordering::SeqCst);
+        protect(page, true);
+        // SAFETY: putting back the actions `install` replaced.
+        unsafe {
+            libc::sigaction(libc::SIGSEGV, &old_segv, std::ptr::null_mut());
+            libc::sigaction(libc::SIGTRAP, &old_trap, std::ptr::null_mut());
+        }
+        let n = N.load(Ordering::Relaxed).min(WRITES.len());
+        WRITES[..n]
+            .iter()
+            .map(|w| w.load(Ordering::Relaxed))
+            .collect()
+    }
+}
+
+/// The ring's publication order, observed deterministically: the guest stores a slot's five
+/// arguments first and its status (`HCALL_PENDING`) last, so a host that sees the status sees
+/// the arguments. Every store the backend makes into `lguest_data` while it queues one call is
+/// traced (see [`trace`]).
+#[test]
+fn ring_slot_status_is_published_after_its_arguments() {
+    let _t = turn();
+    let (g, b) = started(1_000_000);
+    let ops = b.ops().table();
+    let ld = host().lguest_data().unwrap();
+    let page = ld as *const LguestData as usize;
+    let mut pte = 0u64;
+    // Two calls, so that a slot other than the first is checked too.
+    for (slot, value) in [(0usize, 0x1003u64), (1, 0x2003)] {
+        // SAFETY: the table's functions; the entry is a local.
+        unsafe { (ops.mmu.lazy_mode_enter)() };
+        let stores = trace::stores(page, || {
+            // SAFETY: as above.
+            unsafe { (ops.mmu.set_pte.get())(&mut pte, value) }
+        });
+        let s = &ld.hcalls[slot];
+        let args = [&s.arg0, &s.arg1, &s.arg2, &s.arg3, &s.arg4].map(|a| a.as_ptr() as usize);
+        let status = ld.hcall_status[slot].as_ptr() as usize;
+        let mut want: Vec<usize> = args.to_vec();
+        want.push(status);
+        let mut got_sorted = stores.clone();
+        got_sorted.sort();
+        let mut want_sorted = want.clone();
+        want_sorted.sort();
+        assert_eq!(
+            got_sorted, want_sorted,
+            "slot {slot}: the stores queueing one call"
+        );
+        assert_eq!(
+            stores.last(),
+            Some(&status),
+            "slot {slot}: the status must be stored after every argument (stores: {stores:#x?}, \
+             status at {status:#x})"
+        );
+        assert_eq!(ld.hcall_status[slot].load(Ordering::Relaxed), HCALL_PENDING);
+        assert_eq!(s.arg2.load(Ordering::Relaxed), value);
+        // SAFETY: as above: leaving flushes the ring through the host.
+        unsafe { (ops.mmu.lazy_mode_leave)() };
+    }
+    assert_eq!(
+        host().ran.iter().map(|c| c.1[1]).collect::<Vec<_>>(),
+        vec![0x1003, 0x2003]
+    );
+    pvops_backends::stop(pvops_host_tests::ids::LGUEST, &g);
+}
