@@ -232,7 +232,7 @@ impl Platform for Guest {
     fn boot_subarch(&self) -> Option<(u32, u64)> {
         self.boot
     }
-    fn lguest_host(&self) -> Option<lguest::HypercallFn> {
+    fn hypercall_model(&self) -> Option<lguest::HypercallFn> {
         Some(model_hypercall)
     }
     fn privileged(&self) -> bool {
