@@ -393,3 +393,95 @@ fn real_hypercall_from_user_mode() {
     let r = unsafe { hc(pvops_backends::kvm::KVM_HC_VAPIC_POLL_IRQ, 0, 0, 0, 0) };
     assert_eq!(r, -pvops_backends::kvm::KVM_EPERM);
 }
+
+/// All 12 signature bytes decide: a signature one byte off anywhere (the last word included)
+/// names no hypervisor pvops knows, and no backend serves it.
+#[test]
+fn near_miss_signatures_are_unknown() {
+    let near_misses: [&[u8; 12]; 8] = [
+        b"KVMKVMKVM\0\0\x01",
+        b"KVMKVMKVM\x01\0\0",
+        b"KVMKVMKVX\0\0\0",
+        b"XKMKVMKVM\0\0\0",
+        b"XenVMMXenVMX",
+        b"XenVMMXenVmM",
+        b"XenVMMxenVMM",
+        b"Microsoft HV",
+    ];
+    for sig in near_misses {
+        assert_eq!(
+            HypervisorKind::from_signature(sig),
+            HypervisorKind::Unknown,
+            "{:?}",
+            String::from_utf8_lossy(sig)
+        );
+        let mut m = pvops_host_tests::CpuidModel::cpu(models::AMD, true);
+        m.interface(0x4000_0000, 0x4000_0005, sig);
+        m.leaf(0x4000_0001, [0x0100_7efb, 0, 0, 0]);
+        let d = detect(&m.source());
+        let i = d.primary().expect("an interface is seen");
+        assert_eq!((i.kind, &i.signature), (HypervisorKind::Unknown, sig));
+        let s = select(
+            Request::Auto,
+            &d,
+            &pvops_backends::probe(&d, &NoPlatform).candidates(),
+        )
+        .unwrap();
+        assert_eq!(
+            (s.backend, s.reason),
+            (
+                BackendId::NATIVE,
+                Reason::Unsupported(HypervisorKind::Unknown)
+            ),
+            "{:?}",
+            String::from_utf8_lossy(sig)
+        );
+    }
+    // and the real ones are known
+    for (sig, kind) in [
+        (b"KVMKVMKVM\0\0\0", HypervisorKind::Kvm),
+        (b"XenVMMXenVMM", HypervisorKind::Xen),
+    ] {
+        assert_eq!(HypervisorKind::from_signature(sig), kind);
+    }
+}
+
+/// The max-leaf bound of detect.rs: a base's EAX below the base holds no interface (leftovers),
+/// nor does one at or beyond the next base; EAX = 0 is old KVM's "base + 1" only with a known
+/// signature; anything from the base to base + 0xff is that interface's highest leaf.
+#[test]
+fn max_leaf_bound() {
+    let kvm = b"KVMKVMKVM\0\0\0";
+    for (base, eax, want) in [
+        (0x4000_0000, 0x4000_0001, Some(0x4000_0001)),
+        (0x4000_0000, 0x4000_0000, Some(0x4000_0000)),
+        (0x4000_0000, 0x4000_00ff, Some(0x4000_00ff)),
+        (0x4000_0000, 0x4000_0100, None),
+        (0x4000_0000, 0x4000_1000, None),
+        (0x4000_0000, 0xffff_ffff, None),
+        (0x4000_0000, 0x3fff_ffff, None),
+        (0x4000_0000, 0x0000_000d, None),
+        (0x4000_0000, 0, Some(0x4000_0001)),
+        (0x4000_0100, 0x4000_0105, Some(0x4000_0105)),
+        (0x4000_0100, 0x4000_00ff, None),
+        (0x4000_0100, 0x4000_0001, None),
+        (0x4000_0100, 0x4000_0200, None),
+        (0x4000_0100, 0, Some(0x4000_0101)),
+    ] {
+        let mut m = pvops_host_tests::CpuidModel::cpu(models::INTEL, true);
+        m.interface(base, eax, kvm);
+        let d = detect(&m.source());
+        let got = d.find(HypervisorKind::Kvm).map(|i| (i.base, i.max_leaf));
+        assert_eq!(got, want.map(|w| (base, w)), "base {base:#x}, EAX {eax:#x}");
+        assert_eq!(d.interfaces().count(), usize::from(want.is_some()));
+        // the KVM backend's presence follows
+        assert_eq!(
+            <pvops_backends::kvm::Kvm as pvops_backends::Driver>::probe(&d, &NoPlatform).is_ok(),
+            want.is_some()
+        );
+    }
+    // EAX = 0 with a signature nobody knows is an unused base, not old KVM
+    let mut m = pvops_host_tests::CpuidModel::cpu(models::INTEL, true);
+    m.interface(0x4000_0000, 0, b"NoSuchHyper\x01");
+    assert_eq!(detect(&m.source()).interfaces().count(), 0);
+}

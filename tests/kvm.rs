@@ -13,6 +13,10 @@ use pvops_backends::pvclock::{PvclockVcpuTimeInfo, PvclockWallClock};
 use pvops_backends::Platform;
 use pvops_host_tests::models;
 
+fn rdtsc() -> u64 {
+    pvops::arch::rdtsc_ordered()
+}
+
 /// A KVM host as the guest sees it. Guest-physical addresses are host addresses (identity).
 struct ModelKvm {
     cpuid: pvops_host_tests::CpuidModel,
@@ -24,7 +28,22 @@ struct ModelKvm {
     steal: Vec<KvmStealTime>,
 }
 
-const TSC_MUL_1GHZ: u32 = 1 << 31; // with shift 1: 1 ns per cycle
+/// The record's scale: abi-kvm.md's worked example, 2 445 406 kHz (not 1 GHz, so that a
+/// reading in cycles rather than nanoseconds shows).
+const MUL: u32 = 3_512_682_389;
+const SHIFT: i8 = -1;
+const KHZ: u64 = 2_445_406;
+/// The record's system time when filled.
+const SYSTEM_TIME: u64 = 1_000_000_000;
+/// The wall clock the host fills in: seconds at system time 0.
+const WALL_SEC: u32 = 1_800_000_000;
+const WALL_NSEC: u32 = 123_456_789;
+
+/// The model's nanoseconds for `cycles` of TSC (the pvclock formula, computed here).
+fn model_ns(cycles: u64) -> u64 {
+    // shift -1: halve, then multiply by mul / 2^32
+    ((u128::from(cycles >> 1) * u128::from(MUL)) >> 32) as u64
+}
 
 fn fill(rec: *mut PvclockVcpuTimeInfo) {
     // SAFETY: `rec` points at a record the test or the backend owns; single-threaded.
@@ -32,9 +51,9 @@ fn fill(rec: *mut PvclockVcpuTimeInfo) {
         rec.write_volatile(PvclockVcpuTimeInfo {
             version: 2,
             tsc_timestamp: pvops::arch::rdtsc_ordered(),
-            system_time: 1_000_000_000,
-            tsc_to_system_mul: TSC_MUL_1GHZ,
-            tsc_shift: 1,
+            system_time: SYSTEM_TIME,
+            tsc_to_system_mul: MUL,
+            tsc_shift: SHIFT,
             flags: pvops_backends::pvclock::PVCLOCK_TSC_STABLE_BIT,
             ..Default::default()
         })
@@ -64,8 +83,8 @@ impl Platform for ModelKvm {
                 unsafe {
                     (value as *mut PvclockWallClock).write_volatile(PvclockWallClock {
                         version: 2,
-                        sec: 1_800_000_000,
-                        nsec: 0,
+                        sec: WALL_SEC,
+                        nsec: WALL_NSEC,
                     })
                 }
             }
@@ -95,6 +114,9 @@ impl Platform for ModelKvm {
 
 fn model(host: bool) -> ModelKvm {
     let mut steal = vec![KvmStealTime::default(), KvmStealTime::default()];
+    // CPU 0's record stays mid-update (odd version) for good: its value is torn, never read
+    steal[0].steal = 777;
+    steal[0].version = 3;
     steal[1].steal = 12_345;
     steal[1].version = 4;
     ModelKvm {
@@ -110,13 +132,19 @@ fn model(host: bool) -> ModelKvm {
 fn kvm_backend() {
     // 1. The kernel registered kvmclock: the backend reads the record and never writes the MSR.
     let m = model(true);
-    let mut kernel_rec = Box::<PvclockVcpuTimeInfo>::default();
-    fill(&mut *kernel_rec);
+    // the kernel's record, shared with the backend by address (written below only through
+    // this pointer, as a host would)
+    let kernel_rec: *mut PvclockVcpuTimeInfo = Box::into_raw(Box::default());
+    fill(kernel_rec);
+    // SAFETY: just allocated and filled; read once here.
+    let ts = unsafe { (*kernel_rec).tsc_timestamp };
     m.msrs
         .borrow_mut()
-        .insert(MSR_KVM_SYSTEM_TIME_NEW, &*kernel_rec as *const _ as u64 | 1);
+        .insert(MSR_KVM_SYSTEM_TIME_NEW, kernel_rec as u64 | 1);
     let d = detect(&m.cpuid.source());
+    let start_before = rdtsc();
     let b = pvops_host_tests::start(pvops_host_tests::ids::KVM, &d, &m).expect("kvm starts");
+    let start_after = rdtsc();
     assert_eq!(b.id(), pvops_host_tests::ids::KVM);
     assert!(!kvm::owns_clock());
     assert!(
@@ -131,26 +159,81 @@ fn kvm_backend() {
         Vec::<String>::new()
     );
     let ops = b.ops().table();
-    // SAFETY: the table's functions, called as the table would.
-    let (t0, khz, wall, steal0, steal1) = unsafe {
+    // SAFETY: the table's functions, called as the table would (likewise below).
+    let (khz, steal0, steal1) = unsafe {
         (
-            (ops.timer.sched_clock)(),
             (ops.timer.tsc_khz)(),
-            (ops.timer.wall_clock)(),
             (ops.timer.steal_clock)(0),
             (ops.timer.steal_clock)(1),
         )
     };
-    std::thread::sleep(std::time::Duration::from_millis(5));
-    // SAFETY: as above.
-    let t1 = unsafe { (ops.timer.sched_clock)() };
-    assert!(t1 > t0, "sched_clock advances ({t0} -> {t1})");
-    assert_eq!(khz, 1_000_000, "1 GHz from mul/shift");
-    assert!(
-        wall >= 1_800_000_000 * 1_000_000_000 + 1_000_000_000,
-        "wall = host's base + pvclock ns"
+    assert_eq!(khz, KHZ, "the rate from the record's mul/shift");
+    assert_eq!(steal1, 12_345);
+    assert_eq!(
+        steal0, 0,
+        "a steal record whose version stays odd is never read"
     );
-    assert_eq!((steal0, steal1), (0, 12_345));
+
+    // sched_clock in nanoseconds of the model: the record's scale applied to the TSC since
+    // the backend's first reading (taken inside `start`), each reading bracketed by the TSC.
+    // SAFETY: as above (every call below).
+    let sched = || unsafe { (ops.timer.sched_clock)() };
+    let (a0, v0, b0) = (rdtsc(), sched(), rdtsc());
+    assert!(
+        v0 >= model_ns(a0 - start_after).saturating_sub(2) && v0 <= model_ns(b0 - start_before) + 2,
+        "sched_clock {v0} ns, the model says {}..={} ns since start",
+        model_ns(a0 - start_after),
+        model_ns(b0 - start_before)
+    );
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    let (a1, v1, b1) = (rdtsc(), sched(), rdtsc());
+    let (lo, hi) = (model_ns(a1 - b0), model_ns(b1 - a0));
+    assert!(
+        v1 - v0 + 2 >= lo && v1 - v0 <= hi + 2,
+        "sched_clock advanced {} ns over 5 ms, the model says {lo}..={hi} ns",
+        v1 - v0
+    );
+
+    // The wall clock: exactly the host's fill (the base at system time 0) plus the record's
+    // nanoseconds now.
+    let base = u64::from(WALL_SEC) * 1_000_000_000 + u64::from(WALL_NSEC);
+    // SAFETY: as above.
+    let (a, wall, bb) = (rdtsc(), unsafe { (ops.timer.wall_clock)() }, rdtsc());
+    let (lo, hi) = (
+        base + SYSTEM_TIME + model_ns(a - ts),
+        base + SYSTEM_TIME + model_ns(bb - ts),
+    );
+    assert!(
+        wall + 1 >= lo && wall <= hi + 1,
+        "wall clock {wall}, the model says {lo}..={hi}"
+    );
+
+    // The host starts an update of the record and never finishes it (its version stays odd):
+    // the half-written fields (a system time 1000 s ahead) are never used.
+    let before = sched();
+    // SAFETY: the record allocated above; the backend reads it with volatile loads.
+    unsafe {
+        core::ptr::addr_of_mut!((*kernel_rec).version).write_volatile(3);
+        core::ptr::addr_of_mut!((*kernel_rec).system_time)
+            .write_volatile(SYSTEM_TIME + 1_000_000_000_000);
+    }
+    let torn = sched();
+    // SAFETY: as above.
+    let torn_wall = unsafe { (ops.timer.wall_clock)() };
+    assert!(
+        torn < before + 1_000_000_000,
+        "sched_clock used a record whose version stayed odd ({before} -> {torn})"
+    );
+    assert!(
+        torn_wall < base + SYSTEM_TIME + 1_000_000_000_000,
+        "the wall clock used a record whose version stayed odd"
+    );
+    // SAFETY: as above: the update completes.
+    unsafe { core::ptr::addr_of_mut!((*kernel_rec).version).write_volatile(4) };
+    assert!(
+        sched() >= before + 1_000_000_000_000,
+        "the finished update is used"
+    );
     // Everything but the timer and the hypercall is the native backend's, inline included.
     assert_eq!(
         b.ops().inline(Op::SaveFl),
@@ -178,7 +261,7 @@ fn kvm_backend() {
     let b = pvops_host_tests::start(pvops_host_tests::ids::KVM, &d, &m).expect("kvm starts");
     assert!(kvm::owns_clock());
     // SAFETY: as above.
-    assert_eq!(unsafe { (b.ops().table().timer.tsc_khz)() }, 1_000_000);
+    assert_eq!(unsafe { (b.ops().table().timer.tsc_khz)() }, KHZ);
     pvops_backends::stop(pvops_host_tests::ids::KVM, &m);
     let writes = m.writes.borrow();
     let clock: Vec<_> = writes
@@ -209,4 +292,41 @@ fn kvm_backend() {
     let bare = models::tcg();
     let d = detect(&bare.source());
     assert!(pvops_host_tests::start(pvops_host_tests::ids::KVM, &d, &m).is_err());
+    // SAFETY: from Box::into_raw above; the backend was stopped and forgot it.
+    drop(unsafe { Box::from_raw(kernel_rec) });
+}
+
+/// The pvclock reader on a record whose version stays odd: never a reading, however
+/// plausible its fields; the same record with an even version reads.
+#[test]
+fn a_pvclock_record_whose_version_stays_odd_is_never_read() {
+    use pvops_backends::pvclock::{read, PvclockError};
+    let mut rec = PvclockVcpuTimeInfo {
+        version: 7,
+        tsc_timestamp: 1_000,
+        system_time: 5_000_000_000,
+        tsc_to_system_mul: 1 << 31,
+        tsc_shift: 1,
+        ..Default::default()
+    };
+    // SAFETY: a live local record (likewise below).
+    let odd = unsafe { read(&rec, || 2_000) };
+    assert_eq!(odd, Err(PvclockError::Unstable));
+    rec.version = 8;
+    // SAFETY: as above.
+    let even = unsafe { read(&rec, || 2_000) };
+    assert_eq!(even.map(|r| r.ns), Ok(5_000_001_000));
+    // and the wall-clock record likewise
+    let mut wall = PvclockWallClock {
+        version: 1,
+        sec: 1,
+        nsec: 2,
+    };
+    // SAFETY: a live local record (likewise below).
+    let odd = unsafe { pvops_backends::pvclock::read_wall(&wall) };
+    assert_eq!(odd, Err(PvclockError::Unstable));
+    wall.version = 2;
+    // SAFETY: as above.
+    let even = unsafe { pvops_backends::pvclock::read_wall(&wall) };
+    assert_eq!(even, Ok((1, 2)));
 }

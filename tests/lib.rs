@@ -508,3 +508,55 @@ pub mod conventions {
         bad
     }
 }
+
+/// Clock comparisons with the rigs' rule (guest-kmod/selftest.rs): a backend's clock over an
+/// interval agrees with the reference clock when it is within 2% + 200 µs of it, each reading
+/// taken between two reference reads ([`pvops::arch::bracketed`]) so that a preemption between
+/// them is thrown away rather than counted.
+pub mod clock {
+    use std::sync::OnceLock;
+    use std::time::Instant;
+
+    /// The rigs' tolerance on an interval of `reference_ns`: 2% + 200 µs.
+    pub fn tolerance(reference_ns: u64) -> u64 {
+        reference_ns / 50 + 200_000
+    }
+
+    /// Whether `measured_ns` agrees with `reference_ns` within [`tolerance`].
+    pub fn agrees(measured_ns: u64, reference_ns: u64) -> bool {
+        measured_ns.abs_diff(reference_ns) <= tolerance(reference_ns)
+    }
+
+    /// This process's monotonic clock in ns (since its first use).
+    pub fn monotonic_ns() -> u64 {
+        static ORIGIN: OnceLock<Instant> = OnceLock::new();
+        ORIGIN.get_or_init(Instant::now).elapsed().as_nanos() as u64
+    }
+
+    /// `sample()` and the monotonic clock at (nearly) the same instant: (reference ns, value).
+    pub fn pair(mut sample: impl FnMut() -> u64) -> (u64, u64) {
+        pvops::arch::bracketed(&mut || Some(monotonic_ns()), &mut sample, 20_000)
+            .expect("the monotonic clock always reads")
+    }
+
+    /// The TSC rate measured against [`monotonic_ns`], as the native backend calibrates it.
+    pub fn tsc_khz() -> u64 {
+        pvops_backends::native::calibrate_tsc_khz(&|| Some(monotonic_ns()))
+    }
+
+    /// Sample `clock` over `ms` milliseconds of the reference and check the rigs' rule; returns
+    /// the (clock, reference) intervals.
+    pub fn check_over(what: &str, ms: u64, mut clock: impl FnMut() -> u64) -> (u64, u64) {
+        let (r0, c0) = pair(&mut clock);
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+        let (r1, c1) = pair(&mut clock);
+        assert!(c1 > c0, "{what}: advances ({c0} -> {c1})");
+        let (dc, dr) = (c1 - c0, r1 - r0);
+        assert!(
+            agrees(dc, dr),
+            "{what}: {dc} ns against {dr} ns of the reference (allowed: ±{} ns)",
+            tolerance(dr)
+        );
+        (dc, dr)
+    }
+}

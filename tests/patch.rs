@@ -115,18 +115,8 @@ fn run_user_ops(tsc_khz: u64) {
 
     assert_eq!(timer::tsc_khz(), tsc_khz);
     assert_eq!(timer::steal_clock(0), 0);
-    let t0 = timer::sched_clock();
-    let wall0 = std::time::Instant::now();
-    std::thread::sleep(std::time::Duration::from_millis(20));
-    let t1 = timer::sched_clock();
-    let dt = wall0.elapsed().as_nanos() as u64;
-    assert!(t1 > t0, "sched_clock is monotonic");
-    // the TSC was calibrated against this clock: within 10%
-    let d = t1 - t0;
-    assert!(
-        d > dt * 9 / 10 && d < dt * 11 / 10,
-        "sched_clock {d} ns vs Instant {dt} ns"
-    );
+    // the TSC was calibrated against this clock: the rigs' rule (2% + 200 µs)
+    pvops_host_tests::clock::check_over("native sched_clock", 20, timer::sched_clock);
 
     // SAFETY: on the native backend these are no-ops (NOPs once patched, empty functions before).
     unsafe {
@@ -137,18 +127,9 @@ fn run_user_ops(tsc_khz: u64) {
     }
 }
 
-fn calibrate_tsc_khz() -> u64 {
-    let c0 = pvops::arch::rdtsc_ordered();
-    let t0 = std::time::Instant::now();
-    std::thread::sleep(std::time::Duration::from_millis(50));
-    let c1 = pvops::arch::rdtsc_ordered();
-    let ns = t0.elapsed().as_nanos() as u64;
-    (c1 - c0) * 1_000_000 / ns
-}
-
 #[test]
 fn patch_this_process() {
-    let khz = calibrate_tsc_khz();
+    let khz = pvops_host_tests::clock::tsc_khz();
     pvops_backends::native::set_tsc_rate(khz);
     let ops = NATIVE.ops();
     // SAFETY: single test thread; nothing runs ops while the table is written.
@@ -291,4 +272,109 @@ fn refusals(p: &Patcher) {
     assert_eq!(snapshot(p), patched);
     p.revert(&mut text).unwrap();
     p.verify(&text, false).unwrap();
+}
+
+/// The engine's choice on this binary's real site records, for a backend whose ops are given:
+/// plan and bytes only (nothing is read from or written to the sites, so this may run beside
+/// `patch_this_process`).
+fn first_site(op: Op) -> pvops::site::Site {
+    // The records are in the binary whether or not `sites_for_every_op` ever runs (it must
+    // not run here: `patch_this_process` may be rewriting its sites).
+    let sites = SiteTable::of_executable();
+    let p = Patcher::new(sites, PV_OPS.addr(), &NATIVE_OPS).expect("records are valid");
+    let site = p.sites().find(|s| s.op == op);
+    site.expect("a site of the op exists")
+}
+
+static NATIVE_OPS: pvops::ops::BackendOps = pvops_backends::native::OPS;
+
+#[test]
+fn an_inline_that_changes_a_register_the_site_forbids_is_not_inlined() {
+    use pvops::ops::{Clobbers, Convention, Inline};
+    let site = first_site(Op::SaveFl);
+    assert_eq!(
+        site.clobbers,
+        Convention::CalleeSave.clobbers(),
+        "a callee-save op's sites tolerate RAX and the flags only"
+    );
+    // `xor ecx, ecx` declared as changing RCX (and the flags): honest, but not for this site.
+    let rcx = Inline {
+        bytes: &[0x31, 0xc9],
+        clobbers: Clobbers::RCX.union(Clobbers::FLAGS),
+    };
+    let mut ops = pvops_backends::native::OPS;
+    ops.irq.save_fl.inline = Some(rcx);
+    let p = Patcher::new(SiteTable::of_executable(), PV_OPS.addr(), &ops).unwrap();
+    let (action, bytes) = p.patched(&site);
+    assert_eq!(
+        action,
+        Action::DirectCall,
+        "an inline changing RCX at a callee-save site must not be inlined: [{bytes:?}]"
+    );
+    assert_eq!(bytes.as_slice()[0], 0xe8, "a direct call instead");
+    let plan = p.plan();
+    assert_eq!(
+        plan.inline,
+        p.sites()
+            .filter(|s| s.op != Op::SaveFl && ops.inline(s.op).is_some())
+            .count(),
+        "no save_fl site is inlined: {plan:?}"
+    );
+
+    // The same bytes declared within the site's tolerance are inlined (the check, not the
+    // bytes, decided above).
+    ops.irq.save_fl.inline = Some(Inline {
+        bytes: &[0x31, 0xc0], // xor eax, eax
+        clobbers: Clobbers::RAX.union(Clobbers::FLAGS),
+    });
+    let p = Patcher::new(SiteTable::of_executable(), PV_OPS.addr(), &ops).unwrap();
+    let (action, bytes) = p.patched(&site);
+    assert_eq!(action, Action::Inline);
+    assert_eq!(&bytes.as_slice()[..2], &[0x31, 0xc0]);
+}
+
+#[test]
+fn a_direct_call_that_does_not_reach_stays_indirect() {
+    let site = first_site(Op::Cpuid);
+    let next = site.addr + 5; // the end of `e8 <rel32>`
+    let cases: [(i64, Action); 6] = [
+        (0x1000, Action::DirectCall),
+        (i64::from(i32::MAX), Action::DirectCall),
+        (i64::from(i32::MIN), Action::DirectCall),
+        (i64::from(i32::MAX) + 1, Action::Indirect),
+        (i64::from(i32::MIN) - 1, Action::Indirect),
+        (3 << 30, Action::Indirect), // 3 GiB away
+    ];
+    for (distance, want) in cases {
+        let target = next.wrapping_add_signed(distance as isize);
+        let mut ops = pvops_backends::native::OPS;
+        // SAFETY: the table is never installed and nothing is called: the engine only computes
+        // the bytes a site would get (plan/patched), so `target` need not be code.
+        unsafe { ops.set_raw(Op::Cpuid, target, None) };
+        let p = Patcher::new(SiteTable::of_executable(), PV_OPS.addr(), &ops).unwrap();
+        let (action, bytes) = p.patched(&site);
+        assert_eq!(
+            action, want,
+            "target {distance:#x} past the call: [{bytes:?}]"
+        );
+        match want {
+            Action::DirectCall => {
+                let insns = decode(bytes.as_slice(), site.addr as u64);
+                assert_eq!(insns[0].near_branch64() as usize, target, "{distance:#x}");
+            }
+            _ => assert_eq!(
+                bytes,
+                p.original(&site),
+                "indirect: the site is left as it was"
+            ),
+        }
+        let plan = p.plan();
+        let cpuid_sites = p.sites().filter(|s| s.op == Op::Cpuid).count();
+        if want == Action::Indirect {
+            assert!(
+                plan.indirect >= 1 && plan.indirect <= cpuid_sites,
+                "{plan:?}"
+            );
+        }
+    }
 }

@@ -5,15 +5,35 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 static SEEN: AtomicU64 = AtomicU64::new(0);
 
-/// An ordinary C-ABI function: free to use every caller-saved register.
+/// An ordinary C-ABI function, free to use every caller-saved register, and made to: it
+/// writes garbage into each of them (RCX, RDX, RSI, RDI, R8–R11, declared as clobbers, so the
+/// compiler keeps `arg` elsewhere), so that a thunk that forgets to save any one of them shows.
 extern "C" fn busy(arg: u64) -> u64 {
     SEEN.store(arg, Ordering::Relaxed);
-    // enough work that the compiler uses scratch registers
-    let mut acc = arg;
-    for i in 0..64u64 {
-        acc = acc.rotate_left(7) ^ i.wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    }
-    std::hint::black_box(acc) ^ acc ^ (arg + 1)
+    // SAFETY: writes only the registers it declares as clobbered; no memory, no stack.
+    unsafe {
+        core::arch::asm!(
+            "mov rcx, {g}",
+            "mov rdx, {g}",
+            "mov rsi, {g}",
+            "mov rdi, {g}",
+            "mov r8, {g}",
+            "mov r9, {g}",
+            "mov r10, {g}",
+            "mov r11, {g}",
+            g = const 0xdead_beef_dead_beef_u64 as i64,
+            out("rcx") _,
+            out("rdx") _,
+            out("rsi") _,
+            out("rdi") _,
+            out("r8") _,
+            out("r9") _,
+            out("r10") _,
+            out("r11") _,
+            options(nomem, nostack, preserves_flags),
+        )
+    };
+    arg + 1
 }
 
 pvops::callee_save_thunk!(

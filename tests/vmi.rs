@@ -428,28 +428,13 @@ fn run_user_ops(khz: u64) {
     unsafe { irq::restore_fl(flags) };
     assert_eq!(timer::tsc_khz(), khz);
     assert_eq!(timer::steal_clock(0), 0, "nothing stolen on hardware");
-    let (t0, w0) = (timer::sched_clock(), std::time::Instant::now());
-    std::thread::sleep(std::time::Duration::from_millis(20));
-    let (t1, dt) = (timer::sched_clock(), w0.elapsed().as_nanos() as u64);
-    assert!(t1 > t0);
-    assert!(
-        (t1 - t0) > dt * 9 / 10 && (t1 - t0) < dt * 11 / 10,
-        "sched_clock {} ns vs {dt} ns",
-        t1 - t0
-    );
+    pvops_host_tests::clock::check_over("vmi sched_clock", 20, timer::sched_clock);
     // SAFETY: the ROM's SetLazyMode and AllocatePage are NOPs on hardware.
     unsafe {
         mmu::lazy_mode_enter();
         mmu::alloc_pt(1, 1);
         mmu::lazy_mode_leave();
     }
-}
-
-fn calibrate() -> u64 {
-    let (c0, t0) = (pvops::arch::rdtsc_ordered(), std::time::Instant::now());
-    std::thread::sleep(std::time::Duration::from_millis(50));
-    let (c1, ns) = (pvops::arch::rdtsc_ordered(), t0.elapsed().as_nanos() as u64);
-    (c1 - c0) * 1_000_000 / ns
 }
 
 fn arena_bytes() -> Vec<u8> {
@@ -570,7 +555,7 @@ fn backend_runs_the_rom_copied_into_its_arena() {
     );
 
     // The real ROM: auto selects vmi (a platform hook outranks every CPUID interface).
-    let khz = calibrate();
+    let khz = pvops_host_tests::clock::tsc_khz();
     let m = Machine::new(ROM, khz);
     let detection = pvops::detect(&pvops::arch::NativeCpuid);
     let cands = pvops_backends::probe(&detection, &m).candidates();

@@ -6,6 +6,11 @@
 //! `hypercall_for(vendor)`, which picks one of them once from the CPU vendor. The table slot
 //! holds the pick, so every patched site calls the right instruction directly.
 
+/// A hypercall entry with the `cpu.hypercall` signature (number, four arguments; the answer):
+/// a backend's instruction, or a modelled host's in host tests
+/// ([`Platform::hypercall_model`](crate::Platform::hypercall_model)).
+pub type HypercallFn = unsafe extern "C" fn(u64, u64, u64, u64, u64) -> i64;
+
 /// Defines `hypercall_vmcall`, `hypercall_vmmcall` and `hypercall_for` for one hypervisor ABI:
 /// `$before` moves the C arguments (RDI = nr, RSI, RDX, RCX, R8 = a0..a3) into the
 /// hypervisor's registers, `$after` undoes what it saved.

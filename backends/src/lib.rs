@@ -189,8 +189,9 @@ pub trait Platform {
         None
     }
 
-    /// A modelled lguest host's hypercall entry, for host tests (`None`: the instruction).
-    fn lguest_host(&self) -> Option<lguest::abi::HypercallFn> {
+    /// A modelled hypervisor's hypercall entry, for host tests (`None`: the instruction). The
+    /// lguest and Xen HVM backends call it in place of `vmcall`/`vmmcall` when it is there.
+    fn hypercall_model(&self) -> Option<hypercall::HypercallFn> {
         None
     }
 

@@ -140,4 +140,4 @@ static_assertions::assert_eq_size!(HcallArgs, [u8; 40]);
 static_assertions::const_assert!(core::mem::size_of::<LguestData>() <= 4096);
 
 /// A hypercall entry: the instruction's, or a modelled host's in host tests.
-pub type HypercallFn = unsafe extern "C" fn(u64, u64, u64, u64, u64) -> i64;
+pub use crate::hypercall::HypercallFn;

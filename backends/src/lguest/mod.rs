@@ -501,7 +501,7 @@ impl Driver for Lguest {
             return Err(LguestError::Smp(cpus));
         }
         let hcall_fn = platform
-            .lguest_host()
+            .hypercall_model()
             .unwrap_or(hypercall_pick(detection.vendor.uses_vmmcall()));
         STATE.hcall.store(hcall_fn as usize, Ordering::Relaxed);
         STATE

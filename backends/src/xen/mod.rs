@@ -27,7 +27,7 @@
 //! - **Everything else is native** on HVM: an HVM guest's kernel runs in ring 0 with real
 //!   interrupt flags and page tables.
 
-use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 pub mod abi;
 pub mod decode;
@@ -68,6 +68,8 @@ struct State {
     own_area: AtomicU32,
     /// VCPUOP_get_runstate_info answered once with an error: do not ask again.
     no_runstate: AtomicBool,
+    /// A modelled host's hypercall entry (HVM, host tests; 0: the instruction).
+    model: AtomicUsize,
 }
 
 static STATE: State = State {
@@ -78,6 +80,7 @@ static STATE: State = State {
     vcpu_ids: [const { AtomicU32::new(u32::MAX) }; MAX_CPUS],
     own_area: AtomicU32::new(u32::MAX),
     no_runstate: AtomicBool::new(false),
+    model: AtomicUsize::new(0),
 };
 
 /// The page holding the backend's own time area (0: none).
@@ -93,12 +96,16 @@ unsafe fn hypercall(nr: u64, a0: u64, a1: u64, a2: u64) -> i64 {
     unsafe { hypercall_fn()(nr, a0, a1, a2, 0) }
 }
 
-/// The `cpu.hypercall` of this domain: `syscall` (PV) or the vendor's instruction (HVM).
-fn hypercall_fn() -> unsafe extern "C" fn(u64, u64, u64, u64, u64) -> i64 {
+/// The `cpu.hypercall` of this domain: `syscall` (PV) or the vendor's instruction (HVM; a
+/// modelled host's entry instead in host tests, [`Platform::hypercall_model`]).
+fn hypercall_fn() -> crate::hypercall::HypercallFn {
     if is_pv() {
-        pv::hypercall_syscall
-    } else {
-        hypercall_pick(STATE.vmmcall.load(Ordering::Relaxed))
+        return pv::hypercall_syscall;
+    }
+    match STATE.model.load(Ordering::Relaxed) {
+        0 => hypercall_pick(STATE.vmmcall.load(Ordering::Relaxed)),
+        // SAFETY: stored by `start` from the platform's `HypercallFn`.
+        f => unsafe { core::mem::transmute::<usize, crate::hypercall::HypercallFn>(f) },
     }
 }
 
@@ -328,6 +335,10 @@ impl Driver for Xen {
             return start_pv(iface, platform);
         }
         STATE.pv.store(false, Ordering::Relaxed);
+        STATE.model.store(
+            platform.hypercall_model().map_or(0, |f| f as usize),
+            Ordering::Relaxed,
+        );
         STATE
             .version
             .store(platform.cpuid(iface.base + 1, 0).eax, Ordering::Relaxed);
