@@ -288,7 +288,9 @@ fn first_reading(
     platform: &dyn Platform,
 ) -> Option<pvclock::Reading> {
     let start = platform.clock_ns();
-    for _ in 0..1_000_000u32 {
+    // bounded by the time where the platform has a clock, by a number of polls where it has none
+    let polls = if start.is_some() { u32::MAX } else { 1_000_000 };
+    for _ in 0..polls {
         // SAFETY: `rec` is registered with Xen (the kernel's or ours) and stays mapped.
         if let Ok(r) = unsafe { pvclock::read(rec, arch::rdtsc_ordered) } {
             return Some(r);
@@ -331,6 +333,8 @@ impl Driver for Xen {
         STATE
             .vmmcall
             .store(detection.vendor.uses_vmmcall(), Ordering::Relaxed);
+        // a host that refused runstate info to an earlier start is asked again
+        STATE.no_runstate.store(false, Ordering::Relaxed);
         if platform.xen_pv() {
             return start_pv(iface, platform);
         }
