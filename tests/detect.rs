@@ -9,6 +9,23 @@ use pvops::{detect, select, BackendId, Candidate, Presence, Reason, Request};
 use pvops_backends::BACKENDS;
 use pvops_host_tests::models;
 
+/// `auto` on `d` with every backend probed (on a platform with nothing but CPUID).
+fn auto(d: &pvops::Detection) -> pvops::Selection {
+    select(
+        Request::Auto,
+        d,
+        &pvops_backends::probe(d, &NoPlatform).candidates(),
+    )
+    .unwrap()
+}
+
+/// `auto` on `d`, with only native present, selects native for `reason`; the selection.
+fn assert_native(d: &pvops::Detection, reason: Reason) -> pvops::Selection {
+    let s = select(Request::Auto, d, &present(&[])).unwrap();
+    assert_eq!((s.backend, s.reason), (BackendId::NATIVE, reason));
+    s
+}
+
 /// Candidates as a build with these backends present (native always is).
 fn present(ids: &[(BackendId, Option<u32>)]) -> Vec<Candidate> {
     pvops_backends::probe(&detect(&models::bare().source()), &NoPlatform)
@@ -45,11 +62,7 @@ fn bare_hardware_is_not_scanned() {
         "hypervisor leaves must not be read without the hypervisor bit"
     );
     assert_eq!(d.vendor, CpuVendor::Intel);
-    let s = select(Request::Auto, &d, &present(&[])).unwrap();
-    assert_eq!(
-        (s.backend, s.reason),
-        (BackendId::NATIVE, Reason::NoHypervisor)
-    );
+    let _ = assert_native(&d, Reason::NoHypervisor);
 }
 
 #[test]
@@ -146,12 +159,7 @@ fn xen_hvm_as_qemu_emulates_it() {
     let d = detect(&models::xen_hvm_qemu().source());
     let xen = d.find(HypervisorKind::Xen).unwrap();
     assert_eq!((xen.base, xen.max_leaf), (0x4000_0000, 0x4000_0004));
-    let s = select(
-        Request::Auto,
-        &d,
-        &pvops_backends::probe(&d, &NoPlatform).candidates(),
-    )
-    .unwrap();
+    let s = auto(&d);
     assert_eq!(
         (s.backend, s.reason),
         (pvops_host_tests::ids::XEN, Reason::Detected)
@@ -201,11 +209,7 @@ fn tcg_means_native_and_leftovers_are_ignored() {
         [HypervisorKind::Tcg],
         "leftover basic-leaf values are no interface"
     );
-    let s = select(Request::Auto, &d, &present(&[])).unwrap();
-    assert_eq!(
-        (s.backend, s.reason),
-        (BackendId::NATIVE, Reason::Unsupported(HypervisorKind::Tcg))
-    );
+    let s = assert_native(&d, Reason::Unsupported(HypervisorKind::Tcg));
     assert_eq!(
         s.to_string(),
         "backend=native reason=\"no backend for tcg\" hypervisor=TCGTCGTCGTCG@0x40000000"
@@ -223,11 +227,7 @@ fn other_hypervisors_are_named() {
         let d = detect(&m.source());
         let i = d.primary().unwrap();
         assert_eq!(i.kind, kind);
-        let s = select(Request::Auto, &d, &present(&[])).unwrap();
-        assert_eq!(
-            (s.backend, s.reason),
-            (BackendId::NATIVE, Reason::Unsupported(kind))
-        );
+        let _ = assert_native(&d, Reason::Unsupported(kind));
     }
     let d = detect(&models::unknown().source());
     let i = d.primary().unwrap();
@@ -239,11 +239,7 @@ fn other_hypervisors_are_named() {
 fn hidden_hypervisor() {
     let d = detect(&models::hidden().source());
     assert!(d.hypervisor_bit);
-    let s = select(Request::Auto, &d, &present(&[])).unwrap();
-    assert_eq!(
-        (s.backend, s.reason),
-        (BackendId::NATIVE, Reason::NoInterface)
-    );
+    let _ = assert_native(&d, Reason::NoInterface);
 }
 
 #[test]
@@ -347,12 +343,7 @@ fn real_cpuid() {
         "real CPUID: hypervisor bit {}, interfaces {:?}",
         d.hypervisor_bit, seen
     );
-    let s = select(
-        Request::Auto,
-        &d,
-        &pvops_backends::probe(&d, &NoPlatform).candidates(),
-    )
-    .unwrap();
+    let s = auto(&d);
     eprintln!("selection: {s}");
     if !d.hypervisor_bit {
         eprintln!("no hypervisor here: checking the native path");
@@ -421,12 +412,7 @@ fn near_miss_signatures_are_unknown() {
         let d = detect(&m.source());
         let i = d.primary().expect("an interface is seen");
         assert_eq!((i.kind, &i.signature), (HypervisorKind::Unknown, sig));
-        let s = select(
-            Request::Auto,
-            &d,
-            &pvops_backends::probe(&d, &NoPlatform).candidates(),
-        )
-        .unwrap();
+        let s = auto(&d);
         assert_eq!(
             (s.backend, s.reason),
             (

@@ -5,7 +5,6 @@
 //!
 //! The backend's state is global, so the tests take turns (`turn()`).
 
-use std::alloc::Layout;
 use std::sync::{Mutex, MutexGuard};
 
 use pvops::{detect, select, BackendId, Op, Presence, Request};
@@ -216,14 +215,8 @@ unsafe extern "C" fn model_hypercall(nr: u64, a1: u64, a2: u64, a3: u64, a4: u64
 struct Guest {
     boot: Option<(u32, u64)>,
     cpus: u32,
-    pages: Mutex<Vec<usize>>,
-    freed: Mutex<Vec<usize>>,
+    pages: pvops_host_tests::Pages,
 }
-
-const PAGE: Layout = match Layout::from_size_align(4096, 4096) {
-    Ok(l) => l,
-    Err(_) => panic!(),
-};
 
 impl Platform for Guest {
     fn tsc_khz(&self) -> u64 {
@@ -242,15 +235,10 @@ impl Platform for Guest {
         self.cpus
     }
     fn alloc_page(&self) -> Option<usize> {
-        // SAFETY: a non-zero-sized layout.
-        let p = unsafe { std::alloc::alloc_zeroed(PAGE) } as usize;
-        self.pages.lock().unwrap().push(p);
-        Some(p)
+        self.pages.alloc()
     }
     fn free_page(&self, va: usize) {
-        self.freed.lock().unwrap().push(va);
-        // SAFETY: allocated by alloc_page with the same layout.
-        unsafe { std::alloc::dealloc(va as *mut u8, PAGE) };
+        self.pages.free(va)
     }
     fn virt_to_phys(&self, va: usize) -> Option<u64> {
         Some(va as u64)
@@ -261,8 +249,7 @@ fn guest(boot: Option<(u32, u64)>) -> Guest {
     Guest {
         boot,
         cpus: 1,
-        pages: Mutex::default(),
-        freed: Mutex::default(),
+        pages: Default::default(),
     }
 }
 
@@ -352,7 +339,10 @@ fn detection_needs_the_boot_data() {
             other => panic!("started without boot data: {:?}", other.map(|b| b.id())),
         }
         assert!(host().sync.is_empty(), "no hypercall without the boot data");
-        assert!(g.pages.lock().unwrap().is_empty(), "no page allocated");
+        assert!(
+            g.pages.given.lock().unwrap().is_empty(),
+            "no page allocated"
+        );
     }
 }
 
@@ -377,7 +367,10 @@ fn start_registers_and_stop_unregisters() {
         pvops_host_tests::start(pvops_host_tests::ids::LGUEST, &d, &g).err(),
         Some(StartError::Lguest(LguestError::Refused(-1)))
     );
-    assert_eq!(*g.pages.lock().unwrap(), *g.freed.lock().unwrap());
+    assert_eq!(
+        *g.pages.given.lock().unwrap(),
+        *g.pages.freed.lock().unwrap()
+    );
 
     // A host that accepts but never fills the time: refused, unregistered, freed.
     new_host(1_000_000);
@@ -393,12 +386,15 @@ fn start_registers_and_stop_unregisters() {
         "unregistered"
     );
     assert_eq!(host().data, 0);
-    assert_eq!(*g.pages.lock().unwrap(), *g.freed.lock().unwrap());
+    assert_eq!(
+        *g.pages.given.lock().unwrap(),
+        *g.pages.freed.lock().unwrap()
+    );
 
     // A working host.
     let (g, b) = started(2_000_000);
     assert_eq!(b.id(), pvops_host_tests::ids::LGUEST);
-    let page = g.pages.lock().unwrap()[0];
+    let page = g.pages.given.lock().unwrap()[0];
     assert_eq!(
         calls_since(0),
         vec![(LHCALL_LGUEST_INIT, [page as u64, 0, 0, 0])]
@@ -443,7 +439,7 @@ fn start_registers_and_stop_unregisters() {
         "lguest_data unregistered"
     );
     assert_eq!(host().data, 0);
-    assert_eq!(*g.freed.lock().unwrap(), vec![page]);
+    assert_eq!(*g.pages.freed.lock().unwrap(), vec![page]);
     assert_eq!(
         pvops_backends::stop(pvops_host_tests::ids::LGUEST, &g),
         "nothing registered"

@@ -560,3 +560,68 @@ pub mod clock {
         (dc, dr)
     }
 }
+
+/// Call a callee-save op at `f` with `rdi` as its argument, every other caller-saved register
+/// holding a sentinel; returns RAX and the registers after the call, in the order RCX, RDX,
+/// RSI, RDI, R8, R9, R10, R11.
+///
+/// # Safety
+///
+/// `f` is a callee-save op whose contract holds here.
+pub unsafe fn call_callee_save(f: usize, rdi: u64) -> (u64, [u64; 8]) {
+    let (rax, rcx, rdx, rsi, rdi_out, r8, r9, r10, r11);
+    // SAFETY: forwarded; every register the callee may touch is declared.
+    unsafe {
+        core::arch::asm!(
+            "call {f}",
+            f = in(reg) f,
+            inout("rdi") rdi => rdi_out,
+            inout("rcx") SENTINELS[0] => rcx,
+            inout("rdx") SENTINELS[1] => rdx,
+            inout("rsi") SENTINELS[2] => rsi,
+            inout("r8") SENTINELS[4] => r8,
+            inout("r9") SENTINELS[5] => r9,
+            inout("r10") SENTINELS[6] => r10,
+            inout("r11") SENTINELS[7] => r11,
+            out("rax") rax,
+        )
+    };
+    (rax, [rcx, rdx, rsi, rdi_out, r8, r9, r10, r11])
+}
+
+/// What [`call_callee_save`] puts in RCX, RDX, RSI, (RDI: the argument), R8, R9, R10, R11.
+pub const SENTINELS: [u64; 8] = [
+    0x1111, 0x2222, 0x3333, 0x4444, 0x8888, 0x9999, 0xaaaa, 0xbbbb,
+];
+
+/// Pages a modelled platform hands out (zeroed, page-aligned) and takes back, remembered so a
+/// test can check that every page was freed, or kept.
+#[derive(Default)]
+pub struct Pages {
+    /// Every page handed out, in order.
+    pub given: std::sync::Mutex<Vec<usize>>,
+    /// Every page taken back, in order.
+    pub freed: std::sync::Mutex<Vec<usize>>,
+}
+
+const PAGE: std::alloc::Layout = match std::alloc::Layout::from_size_align(4096, 4096) {
+    Ok(l) => l,
+    Err(_) => panic!("a page layout"),
+};
+
+impl Pages {
+    /// A zeroed page (`Platform::alloc_page`).
+    pub fn alloc(&self) -> Option<usize> {
+        // SAFETY: a non-zero-sized layout.
+        let p = unsafe { std::alloc::alloc_zeroed(PAGE) } as usize;
+        self.given.lock().unwrap().push(p);
+        Some(p)
+    }
+
+    /// Take a page back (`Platform::free_page`).
+    pub fn free(&self, va: usize) {
+        self.freed.lock().unwrap().push(va);
+        // SAFETY: allocated by `alloc` with the same layout.
+        unsafe { std::alloc::dealloc(va as *mut u8, PAGE) };
+    }
+}

@@ -43,33 +43,15 @@ pvops::callee_save_thunk!(
 
 #[test]
 fn thunk_preserves_every_register_but_rax() {
-    let sentinels: [u64; 8] = [
-        0x1111, 0x2222, 0x3333, 0x4444, 0x8888, 0x9999, 0xaaaa, 0xbbbb,
-    ];
-    let (rcx, rdx, rsi, rdi, r8, r9, r10, r11): (u64, u64, u64, u64, u64, u64, u64, u64);
-    let rax: u64;
-    // SAFETY: calls the thunk with the callee-save convention (argument in RDI); every register
-    // the asm touches is declared.
-    unsafe {
-        core::arch::asm!(
-            "call {f}",
-            f = in(reg) busy_thunk.get(),
-            inout("rdi") 41u64 => rdi,
-            inout("rcx") sentinels[0] => rcx,
-            inout("rdx") sentinels[1] => rdx,
-            inout("rsi") sentinels[2] => rsi,
-            inout("r8") sentinels[4] => r8,
-            inout("r9") sentinels[5] => r9,
-            inout("r10") sentinels[6] => r10,
-            inout("r11") sentinels[7] => r11,
-            out("rax") rax,
-        )
-    };
+    // SAFETY: the thunk has the callee-save convention (argument in RDI) and `busy`'s
+    // contract is only to be called.
+    let (rax, [rcx, rdx, rsi, rdi, r8, r9, r10, r11]) =
+        unsafe { pvops_host_tests::call_callee_save(busy_thunk.get() as usize, 41) };
     assert_eq!(rax, 42, "result in RAX");
     assert_eq!(SEEN.load(Ordering::Relaxed), 41, "argument passed in RDI");
     assert_eq!(rdi, 41, "RDI preserved");
     assert_eq!(
         [rcx, rdx, rsi, r8, r9, r10, r11],
-        [0x1111, 0x2222, 0x3333, 0x8888, 0x9999, 0xaaaa, 0xbbbb]
+        [0, 1, 2, 4, 5, 6, 7].map(|i| pvops_host_tests::SENTINELS[i])
     );
 }

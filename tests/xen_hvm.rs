@@ -7,7 +7,6 @@
 //! One test function: the backend's state is global (and `VCPUOP_get_runstate_info` refused
 //! once is never asked again, so the host without it comes last).
 
-use std::alloc::Layout;
 use std::sync::{Mutex, MutexGuard};
 
 use pvops::ops::CpuidResult;
@@ -164,18 +163,12 @@ unsafe extern "C" fn model_hypercall(nr: u64, a0: u64, a1: u64, a2: u64, a3: u64
     with_host(|h| h.service(nr, [a0, a1, a2, a3]))
 }
 
-const PAGE: Layout = match Layout::from_size_align(4096, 4096) {
-    Ok(l) => l,
-    Err(_) => panic!(),
-};
-
 /// What the HVM guest's kernel would tell the backend.
 struct Guest {
     cpuid: CpuidModel,
     /// The kernel's secondary time area for CPU 0, if it registered one.
     kernel_area: Option<usize>,
-    pages: Mutex<Vec<usize>>,
-    freed: Mutex<Vec<usize>>,
+    pages: pvops_host_tests::Pages,
 }
 
 impl Platform for Guest {
@@ -201,15 +194,10 @@ impl Platform for Guest {
         2
     }
     fn alloc_page(&self) -> Option<usize> {
-        // SAFETY: a non-zero-sized layout.
-        let p = unsafe { std::alloc::alloc_zeroed(PAGE) } as usize;
-        self.pages.lock().unwrap().push(p);
-        Some(p)
+        self.pages.alloc()
     }
     fn free_page(&self, va: usize) {
-        self.freed.lock().unwrap().push(va);
-        // SAFETY: allocated by alloc_page with the same layout.
-        unsafe { std::alloc::dealloc(va as *mut u8, PAGE) };
+        self.pages.free(va)
     }
 }
 
@@ -217,8 +205,7 @@ fn guest(kernel_area: Option<usize>) -> Guest {
     Guest {
         cpuid: models::xen_hvm_qemu(),
         kernel_area,
-        pages: Mutex::default(),
-        freed: Mutex::default(),
+        pages: Default::default(),
     }
 }
 
@@ -294,7 +281,10 @@ fn xen_hvm_backend() {
                 [XENVER_GET_FEATURES, calls()[0].1[1], 0, 0]
             )]
         );
-        assert!(g.pages.lock().unwrap().is_empty(), "nothing allocated");
+        assert!(
+            g.pages.given.lock().unwrap().is_empty(),
+            "nothing allocated"
+        );
     }
 
     // 2. The kernel's secondary time area: read back, nothing registered.
@@ -357,7 +347,7 @@ fn xen_hvm_backend() {
         b.describe(),
         "xen hvm: own time area for vCPU 0, registered at load"
     );
-    let page = g.pages.lock().unwrap()[0];
+    let page = g.pages.given.lock().unwrap()[0];
     assert_eq!(with_host(|h| h.areas.clone()), vec![(0, page as u64)]);
     check_clock(b, t0, t1);
     assert_eq!(
@@ -365,7 +355,7 @@ fn xen_hvm_backend() {
         "own time area unregistered"
     );
     assert!(with_host(|h| h.areas.is_empty()));
-    assert_eq!(*g.freed.lock().unwrap(), vec![page]);
+    assert_eq!(*g.pages.freed.lock().unwrap(), vec![page]);
     assert_eq!(pvops_backends::stop(ids::XEN, &g), "nothing registered");
 
     // 4. The host refuses the NULL area (QEMU): the page stays allocated, never reused.
@@ -376,7 +366,7 @@ fn xen_hvm_backend() {
         pvops_backends::stop(ids::XEN, &g),
         "own time area kept: the host refused to unregister it (its page stays allocated)"
     );
-    assert!(g.freed.lock().unwrap().is_empty(), "the page is kept");
+    assert!(g.pages.freed.lock().unwrap().is_empty(), "the page is kept");
 
     // 5. The host refuses the registration: refused, the page freed.
     new_host(|h| h.refuse_register = true);
@@ -385,7 +375,10 @@ fn xen_hvm_backend() {
         start(&g).err(),
         Some(StartError::Xen(XenError::ClockUnavailable))
     );
-    assert_eq!(*g.pages.lock().unwrap(), *g.freed.lock().unwrap());
+    assert_eq!(
+        *g.pages.given.lock().unwrap(),
+        *g.pages.freed.lock().unwrap()
+    );
 
     // 6. Accepted but never filled: given up after the registration timeout, unregistered.
     new_host(|h| h.silent = true);
@@ -402,7 +395,10 @@ fn xen_hvm_backend() {
         xen::REGISTRATION_TIMEOUT_NS
     );
     assert!(with_host(|h| h.areas.is_empty()), "unregistered");
-    assert_eq!(*g.pages.lock().unwrap(), *g.freed.lock().unwrap());
+    assert_eq!(
+        *g.pages.given.lock().unwrap(),
+        *g.pages.freed.lock().unwrap()
+    );
 
     // 7. No VCPUOP_get_runstate_info (QEMU's emulation): steal time reads 0.
     new_host(|h| h.runstate = None);

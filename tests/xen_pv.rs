@@ -218,38 +218,6 @@ fn low_pages() -> Option<usize> {
     None
 }
 
-/// Call a callee-save op at `f` with `rdi` as its argument, every other caller-saved register
-/// holding a sentinel; returns RAX and the registers after the call, in the order RCX, RDX,
-/// RSI, RDI, R8, R9, R10, R11.
-///
-/// # Safety
-///
-/// `f` is a callee-save op whose contract holds here.
-unsafe fn call_callee_save(f: usize, rdi: u64) -> (u64, [u64; 8]) {
-    let (rax, rcx, rdx, rsi, rdi_out, r8, r9, r10, r11);
-    // SAFETY: forwarded; every register the callee may touch is declared.
-    unsafe {
-        core::arch::asm!(
-            "call {f}",
-            f = in(reg) f,
-            inout("rdi") rdi => rdi_out,
-            inout("rcx") SENTINELS[0] => rcx,
-            inout("rdx") SENTINELS[1] => rdx,
-            inout("rsi") SENTINELS[2] => rsi,
-            inout("r8") SENTINELS[4] => r8,
-            inout("r9") SENTINELS[5] => r9,
-            inout("r10") SENTINELS[6] => r10,
-            inout("r11") SENTINELS[7] => r11,
-            out("rax") rax,
-        )
-    };
-    (rax, [rcx, rdx, rsi, rdi_out, r8, r9, r10, r11])
-}
-
-const SENTINELS: [u64; 8] = [
-    0x1111, 0x2222, 0x3333, 0x4444, 0x8888, 0x9999, 0xaaaa, 0xbbbb,
-];
-
 /// Whether `rax` is what a Linux system call returns (0 or -errno): the mark that
 /// `check_events` ran (its `syscall`, in user space Linux's pread64(0, NULL, …), harmless).
 fn syscall_result(rax: u64) -> bool {
@@ -325,8 +293,8 @@ fn pv_irq_ops_run_against_a_modelled_vcpu_info() {
     // convention; check_events' syscall is pread64(0, NULL, …) here, harmless.
     unsafe {
         let call = |o: pvops::Op, arg: u64| {
-            let (rax, regs) = call_callee_save(op(o), arg);
-            let mut want = SENTINELS;
+            let (rax, regs) = pvops_host_tests::call_callee_save(op(o), arg);
+            let mut want = pvops_host_tests::SENTINELS;
             want[3] = arg;
             assert_eq!(regs, want, "{}: every register but RAX kept", o.name());
             rax
