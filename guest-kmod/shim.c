@@ -136,7 +136,9 @@ static struct attribute *pvops_attrs[] = {
 	&backend_attr.attr, &hypervisor_attr.attr, &sites_attr.attr, &selftest_attr.attr,
 	&checks_attr.attr, NULL,
 };
-static const struct attribute_group pvops_group = { .attrs = pvops_attrs };
+static const struct attribute_group pvops_group = {
+	.attrs = pvops_attrs,
+};
 static struct kobject *pvops_kobj;
 
 int pvops_shim_sysfs_create(void)
@@ -464,5 +466,34 @@ int pvops_shim_boot_subarch(u32 *subarch, u64 *data)
 	*data = bp->hdr.hardware_subarch_data;
 	kfree(bp);
 	return 0;
+}
+#endif
+
+#ifndef MODULE
+/*
+ * Built into the kernel: pvops as the kernel's own paravirt layer (guest-kmod/builtin.rs).
+ * pvops_kernel_early() runs from alternative_instructions() (kernel/pvops-early.patch).
+ */
+#include <asm/pvops_early.h>
+
+/* pvops.kernel=on|off (default on); off leaves Linux's own paravirt layer untouched. */
+static bool pvops_kernel_on = true;
+
+static int __init pvops_kernel_setup(char *s)
+{
+	if (s && !strcmp(s, "on"))
+		pvops_kernel_on = true;
+	else if (s && !strcmp(s, "off"))
+		pvops_kernel_on = false;
+	else
+		pr_warn("pvops: pvops.kernel=%s is neither on nor off; keeping %s\n", s ? s : "",
+			pvops_kernel_on ? "on" : "off");
+	return 0;
+}
+early_param("pvops.kernel", pvops_kernel_setup);
+
+int pvops_shim_kernel_param(void)
+{
+	return pvops_kernel_on;
 }
 #endif

@@ -90,4 +90,10 @@ u64 pvops_shim_ktime_real_ns(void);
 void pvops_shim_mdelay(unsigned int ms);
 int pvops_shim_boot_subarch(u32 *subarch, u64 *data);
 
+/*
+ * Built into the kernel only (not in the module): pvops as the kernel's paravirt layer
+ * (guest-kmod/kernel.rs, kernel/pvops-early.patch).
+ */
+int pvops_shim_kernel_param(void);
+
 #endif /* PVOPS_SHIM_H */
