@@ -3,80 +3,365 @@
 //! Built into the kernel: pvops as the kernel's own paravirt layer.
 //!
 //! `alternative_instructions()` calls [`pvops_kernel_early`] (kernel/pvops-early.patch) before
-//! `apply_alternatives()`. There, with only the boot CPU running and kernel text still
-//! writable, pvops detects, selects and starts its backend and installs its table.
+//! `apply_alternatives()`, with vmlinux's `.altinstructions`. There, with only the boot CPU
+//! running and kernel text still writable, pvops detects, selects and starts its backend, takes
+//! a census of the kernel's pv call sites ([`pvops::linux`]) and plans the sites of the members
+//! it serves. It writes none of them yet: every site is left to Linux, which the census says.
 //!
 //! What is not available that early is deferred to the initcall (`PvopsGuest::init`, which
 //! takes the started backend with [`take_early`]): the other CPUs (not up yet: a backend's
-//! per-CPU registrations are read for CPU 0 only), sysfs, the self-test, and the patching of
-//! pvops's own call sites (under `stop_machine`, as in the module).
+//! per-CPU registrations are read for CPU 0 only), sysfs (`/sys/kernel/pvops/kernel` is written
+//! there), the self-test, the patching of pvops's own call sites (under `stop_machine`, as in
+//! the module), and the read-back of every kernel site pvops wrote ([`readback`]).
 
 use core::cell::UnsafeCell;
+use core::fmt;
 
 use kernel::prelude::*;
-use pvops::{Request, PV_OPS};
+use kernel::str::CString;
+use pvops::linux::{self, OddSite, Served};
+use pvops::{BackendOps, ReadText, Request, PV_OPS};
 
+use crate::text::ReadOnlyText;
 use crate::{choose, param, shim, Chosen};
 
-/// What boot did.
-struct Early {
-    /// The backend started at boot, until the initcall takes it.
-    chosen: Option<Chosen>,
+/// At most this many `pv_ops` members (6.12 with every option has about 90).
+const MAX_MEMBERS: usize = 128;
+/// At most this many 8-byte slots in `pv_ops`.
+const MAX_SLOTS: usize = 256;
+/// No member at this slot.
+const NO_MEMBER: u8 = u8::MAX;
+
+/// One `pv_ops` member and what happened to its sites.
+#[derive(Clone, Copy)]
+struct Member {
+    /// `group.member`.
+    name: &'static str,
+    /// Byte offset in `pv_ops`.
+    offset: u32,
+    /// Whether pvops serves it, and if not why.
+    served: Served,
+    /// Its sites.
+    sites: u32,
+    /// Sites given the backend's inline bytes.
+    inline: u32,
+    /// Sites turned into direct calls into pvops.
+    direct: u32,
 }
 
-/// Written once by [`pvops_kernel_early`] (boot CPU alone) and read afterwards.
-struct Slot(UnsafeCell<Early>);
+/// What happened at boot.
+struct Census {
+    /// Whether boot took it (pvops_kernel_early ran).
+    taken: bool,
+    /// `pvops.kernel=on`.
+    on: bool,
+    /// The backend started at boot, until the initcall takes it.
+    chosen: Option<Chosen>,
+    /// Its ops (what the sites were planned for).
+    ops: Option<BackendOps>,
+    /// The members, as the kernel lays them out.
+    members: [Member; MAX_MEMBERS],
+    /// How many of `members` are real.
+    n: usize,
+    /// Direct-call entries that were not a pv call into `pv_ops` (Linux's layer stays).
+    odd: u32,
+    /// Why nothing was written, if so.
+    refused: Option<&'static str>,
+    /// The first odd site, for the message.
+    first_odd: Option<OddSite>,
+    /// Every site pvops wrote: its address and member index (for the read-back).
+    written: KVec<(usize, u8)>,
+}
+
+impl Census {
+    fn members(&self) -> &[Member] {
+        &self.members[..self.n]
+    }
+
+    fn totals(&self) -> (u32, u32, u32) {
+        self.members().iter().fold((0, 0, 0), |(t, i, d), m| {
+            (t + m.sites, i + m.inline, d + m.direct)
+        })
+    }
+}
+
+/// The census, written once by [`pvops_kernel_early`] (boot CPU alone) and read afterwards.
+/// A static rather than a local: the member array is a few KiB, too much for the boot stack.
+struct Slot(UnsafeCell<Census>);
 
 // SAFETY: written only by pvops_kernel_early, which runs once on the boot CPU before any other
 // CPU or thread exists; after it only the initcall (one thread, once) reads it and takes the
 // backend out of it.
 unsafe impl Sync for Slot {}
 
-static EARLY: Slot = Slot(UnsafeCell::new(Early { chosen: None }));
+/// A member not filled in yet.
+const NO_SUCH_MEMBER: Member = Member {
+    name: "",
+    offset: 0,
+    served: Served::No(""),
+    sites: 0,
+    inline: 0,
+    direct: 0,
+};
 
-/// What boot did.
+static CENSUS: Slot = Slot(UnsafeCell::new(Census {
+    taken: false,
+    on: false,
+    chosen: None,
+    ops: None,
+    members: [NO_SUCH_MEMBER; MAX_MEMBERS],
+    n: 0,
+    odd: 0,
+    refused: None,
+    first_odd: None,
+    written: KVec::new(),
+}));
+
+/// The census.
 ///
 /// # Safety
 ///
 /// As for [`Slot`]: the boot CPU alone in [`pvops_kernel_early`], the initcall afterwards; no
 /// two references are live at once.
-unsafe fn early() -> &'static mut Early {
+unsafe fn census() -> &'static mut Census {
     // SAFETY: the caller's contract.
-    unsafe { &mut *EARLY.0.get() }
+    unsafe { &mut *CENSUS.0.get() }
 }
 
 /// The backend started at boot, for the initcall (once).
 pub(crate) fn take_early() -> Option<Chosen> {
     // SAFETY: the initcall, after boot; the reference ends here.
-    unsafe { early() }.chosen.take()
+    unsafe { census() }.chosen.take()
 }
 
 /// Called by `alternative_instructions()` before `apply_alternatives()` (the kernel patch).
 ///
 /// # Safety
 ///
-/// `start..end` is vmlinux's `.altinstructions`; only the boot CPU runs.
+/// `start..end` is vmlinux's `.altinstructions`, writable; only the boot CPU runs and kernel
+/// text is still writable.
 #[no_mangle]
-pub(crate) unsafe extern "C" fn pvops_kernel_early(_start: *mut u8, _end: *mut u8) {
+pub(crate) unsafe extern "C" fn pvops_kernel_early(start: *mut u8, end: *mut u8) {
     // SAFETY: reads a flag set by early_param.
-    if unsafe { shim::pvops_shim_kernel_param() } == 0 {
-        pr_info!("kernel: pvops.kernel=off: Linux's paravirt layer left untouched\n");
-        return;
-    }
-    let Ok(request) = Request::parse(param(), &pvops_backends::BACKENDS) else {
-        // the initcall reports it
-        return;
-    };
-    let Ok(chosen) = choose(request) else {
-        return;
-    };
-    pr_info!(
-        "kernel: {} started at boot (before apply_alternatives)\n",
-        chosen.selection
-    );
-    // SAFETY: nothing calls pvops yet (its own sites are patched by the initcall); the
-    // backend's functions honour the ops' contracts.
-    unsafe { PV_OPS.install(&chosen.backend.ops().table()) };
+    let on = unsafe { shim::pvops_shim_kernel_param() } != 0;
     // SAFETY: the boot CPU alone runs, once (see `Slot`).
-    unsafe { early() }.chosen = Some(chosen);
+    let c = unsafe { census() };
+    c.taken = true;
+    c.on = on;
+    // the kernel's own layout of pv_ops
+    let mut size = 0;
+    // SAFETY: returns &pv_ops and its size.
+    let pv_ops = unsafe { shim::pvops_shim_pv_ops(&mut size) } as usize;
+    let mut slots = [NO_MEMBER; MAX_SLOTS];
+    loop {
+        let mut offset = 0;
+        // SAFETY: a static table of the shim; NULL past its end.
+        let name = unsafe { shim::pvops_shim_pv_member(c.n as u32, &mut offset) };
+        if name.is_null() || c.n == MAX_MEMBERS {
+            break;
+        }
+        // SAFETY: a NUL-terminated string literal of the shim.
+        let name = unsafe { CStr::from_char_ptr(name) }.to_str().unwrap_or("?");
+        if let Some(s) = slots.get_mut(offset as usize / 8) {
+            *s = c.n as u8;
+        }
+        c.members[c.n] = Member {
+            name,
+            offset,
+            served: linux::served(name),
+            sites: 0,
+            inline: 0,
+            direct: 0,
+        };
+        c.n += 1;
+    }
+    if !on {
+        pr_info!("kernel: pvops.kernel=off: Linux's paravirt layer left untouched\n");
+        c.refused = Some("pvops.kernel=off");
+    }
+    let chosen = if on {
+        match Request::parse(param(), &pvops_backends::BACKENDS) {
+            Ok(r) => choose(r).ok(),
+            Err(_) => None,
+        }
+    } else {
+        None
+    };
+    if on && chosen.is_none() {
+        c.refused = Some("no backend started at boot");
+    }
+    if let Some(ch) = chosen {
+        pr_info!(
+            "kernel: {} started at boot (before apply_alternatives)\n",
+            ch.selection
+        );
+        let ops = ch.backend.ops();
+        // SAFETY: nothing calls pvops yet (its own sites are patched by the initcall); the
+        // backend's functions honour the ops' contracts.
+        unsafe { PV_OPS.install(&ops.table()) };
+        c.ops = Some(ops);
+    }
+    c.chosen = chosen;
+
+    let len = (end as usize).saturating_sub(start as usize);
+    // SAFETY: the caller passes vmlinux's .altinstructions.
+    let table = unsafe { core::slice::from_raw_parts(start.cast_const(), len) };
+    let base = start as usize;
+    let member_of = |slot: usize| -> Option<usize> {
+        let m = *slots.get(slot / 8)?;
+        (m != NO_MEMBER).then_some(m as usize)
+    };
+    // pass 1: count, verify every site's bytes (pv_sites reads them: ff 15 <disp32> into
+    // pv_ops), and plan
+    let mut planned = 0usize;
+    for s in linux::pv_sites(table, base, pv_ops, size as usize, &ReadOnlyText) {
+        let s = match s {
+            Ok(s) => s,
+            Err(odd) => {
+                c.odd += 1;
+                c.first_odd.get_or_insert(odd);
+                continue;
+            }
+        };
+        let Some(m) = member_of(s.slot) else {
+            c.odd += 1;
+            continue;
+        };
+        c.members[m].sites += 1;
+        if let (Served::Yes { op, conv }, Some(ops)) = (c.members[m].served, c.ops.as_ref()) {
+            if linux::plan(s.addr, op, conv, ops).is_some() {
+                planned += 1;
+            }
+        }
+    }
+    if c.odd > 0 && c.refused.is_none() {
+        c.refused = Some("a direct-call entry is not a pv call into pv_ops");
+    }
+    if c.refused.is_none() {
+        // the census, and the plan for the members pvops serves; writing them comes next
+        c.refused = Some("census only: this build plans the sites it serves but writes none");
+    }
+    if planned > 0 {
+        pr_info!(
+            "kernel: {} sites of the members pvops serves could be patched\n",
+            planned
+        );
+    }
+    let (t, i, d) = c.totals();
+    match (c.refused, c.first_odd) {
+        (Some(why), Some(odd)) => pr_warn!(
+            "kernel: {} pv sites, nothing written ({}: {:?}); Linux's paravirt layer stays\n",
+            t,
+            why,
+            odd
+        ),
+        (Some(why), None) => pr_info!(
+            "kernel: {} pv sites, 0 patched ({}); Linux's paravirt layer stays\n",
+            t,
+            why
+        ),
+        (None, _) => pr_info!(
+            "kernel: {} pv sites, {} patched by pvops (inline {}, direct {}), {} left to Linux\n",
+            t,
+            i + d,
+            i,
+            d,
+            t - i - d
+        ),
+    }
+}
+
+/// The census as text: the totals, then one line per member with sites.
+struct Report<'a>(&'a Census, u32);
+
+impl fmt::Display for Report<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let c = self.0;
+        let (t, i, d) = c.totals();
+        writeln!(
+            f,
+            "total sites={t} patched={} inline={i} direct={d} linux={} odd={} readback-mismatch={}",
+            i + d,
+            t - i - d,
+            c.odd,
+            self.1
+        )?;
+        for m in c.members().iter().filter(|m| m.sites > 0) {
+            let linux = m.sites - m.inline - m.direct;
+            write!(
+                f,
+                "{} sites={} inline={} direct={} linux={}",
+                m.name, m.sites, m.inline, m.direct, linux
+            )?;
+            if linux > 0 {
+                let why = match (c.refused, m.served) {
+                    (Some(why), _) => why,
+                    (None, Served::No(why)) => why,
+                    (None, Served::Yes { .. }) => "out of reach",
+                };
+                write!(f, " why=\"{why}\"")?;
+            }
+            writeln!(f)?;
+        }
+        Ok(())
+    }
+}
+
+/// After boot (the initcall): read every site pvops wrote back and compare it with the plan,
+/// check the `pv_ops` members, and publish the census in `/sys/kernel/pvops/kernel`. Returns
+/// the number of sites that do not hold what was planned.
+pub(crate) fn readback() -> u32 {
+    // SAFETY: the initcall, after boot; the only reference while it runs.
+    let c = unsafe { census() };
+    if !c.taken {
+        return 0;
+    }
+    let mut bad = 0u32;
+    if let Some(ops) = c.ops {
+        for &(addr, m) in c.written.iter() {
+            let Served::Yes { op, conv } = c.members[m as usize].served else {
+                continue;
+            };
+            let want = linux::plan(addr, op, conv, &ops).map(|p| p.1);
+            let mut found = [0u8; linux::PV_SITE_LEN as usize];
+            ReadOnlyText.read(addr, &mut found);
+            if want != Some(found) {
+                if bad == 0 {
+                    pr_err!(
+                        "kernel: site {:#x} ({}) holds {:02x?}, planned {:02x?}\n",
+                        addr,
+                        c.members[m as usize].name,
+                        found,
+                        want
+                    );
+                }
+                bad += 1;
+            }
+        }
+    }
+    let (t, i, d) = c.totals();
+    if c.refused.is_none() {
+        pr_info!(
+            "kernel: read back {} sites pvops wrote: {}\n",
+            i + d,
+            if bad == 0 {
+                "all as planned"
+            } else {
+                "MISMATCH"
+            }
+        );
+    }
+    pr_info!(
+        "kernel: kernel-sites={}/{} inline={} direct={} left-to-linux={}\n",
+        i + d,
+        t,
+        i,
+        d,
+        t - i - d
+    );
+    if let Ok(text) = CString::try_from_fmt(format_args!("{}", Report(c, bad))) {
+        // SAFETY: a NUL-terminated string; the shim copies it.
+        unsafe { shim::pvops_shim_set_kernel_report(text.as_char_ptr()) };
+    }
+    bad
 }

@@ -95,5 +95,8 @@ int pvops_shim_boot_subarch(u32 *subarch, u64 *data);
  * (guest-kmod/kernel.rs, kernel/pvops-early.patch).
  */
 int pvops_shim_kernel_param(void);
+const char *pvops_shim_pv_member(unsigned int i, unsigned int *offset);
+unsigned long pvops_shim_pv_ops(unsigned long *size);
+void pvops_shim_set_kernel_report(const char *text);
 
 #endif /* PVOPS_SHIM_H */

@@ -104,6 +104,10 @@ loaded_as() { # RC BACKEND: insmod succeeded, sysfs names BACKEND and the self-t
 	[ "$1" = 0 ] && [ "$(cat /sys/kernel/pvops/backend)" = "$2" ] && grep -q '^ok' /sys/kernel/pvops/selftest
 }
 
+kernel_sites_ok() { # TOTAL PATCHED ODD MISMATCH: a census of the kernel's pv sites, nothing
+	# odd, every written site as planned (none is written yet)
+	[ -n "$1" ] && [ "$1" -gt 0 ] && [ "$3" = 0 ] && [ "$4" = 0 ]
+}
 all_patched() { [ -n "$1" ] && [ "$1" -gt 0 ] && [ "$1" = "$2" ]; } # PATCHED TOTAL
 report() { # read /sys/kernel/pvops and check it: the expected backend, every site patched
 	backend=$(cat /sys/kernel/pvops/backend 2>/dev/null)
@@ -136,8 +140,16 @@ if grep -q 'rig_mode=builtin' /proc/cmdline; then
 	# Built into the kernel: the report was made at boot.
 	check no-module-file "" -- [ ! -e $ko ]
 	report
+	# the kernel's own pv call sites (pvops.kernel=on): the census pvops took at boot, and the
+	# sites it wrote (native backend) read back against its plan; every member with its counts
+	kernel_total=$(grep '^total ' /sys/kernel/pvops/kernel 2>/dev/null)
+	sed 's/^/RIG-KERNEL /' /sys/kernel/pvops/kernel 2>/dev/null
+	dmesg | grep 'pvops_guest: kernel' | sed 's/^/RIG-KERNEL-DMESG /'
+	kv() { echo "$kernel_total" | tr ' ' '\n' | sed -n "s/^$1=//p"; }
+	kt=$(kv sites) kp=$(kv patched)
+	check kernel-sites "$kernel_total" -- kernel_sites_ok "$kt" "$kp" "$(kv odd)" "$(kv readback-mismatch)"
 	fault_scan
-	finish "RIG-RESULT backend=$backend sites=$p/$t builtin"
+	finish "RIG-RESULT backend=$backend sites=$p/$t kernel-sites=$kp/$kt builtin"
 fi
 
 # 1. A refused parameter patches nothing and leaves nothing loaded.
