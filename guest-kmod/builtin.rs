@@ -5,22 +5,28 @@
 //! `alternative_instructions()` calls [`pvops_kernel_early`] (kernel/pvops-early.patch) before
 //! `apply_alternatives()`, with vmlinux's `.altinstructions`. There, with only the boot CPU
 //! running and kernel text still writable, pvops detects, selects and starts its backend, takes
-//! a census of the kernel's pv call sites ([`pvops::linux`]) and plans the sites of the members
-//! it serves. It writes none of them yet: every site is left to Linux, which the census says.
+//! a census of the kernel's pv call sites ([`pvops::linux`]), and, for the members it serves,
+//! writes each site itself (the backend's inline bytes or a direct call into pvops), flags the
+//! site's entries `ALT_FLAG_PVOPS` so that `apply_alternatives()` leaves them alone, and points
+//! those `pv_ops` members at pvops's functions (so modules loaded later call pvops).
 //!
 //! What is not available that early is deferred to the initcall (`PvopsGuest::init`, which
 //! takes the started backend with [`take_early`]): the other CPUs (not up yet: a backend's
 //! per-CPU registrations are read for CPU 0 only), sysfs (`/sys/kernel/pvops/kernel` is written
 //! there), the self-test, the patching of pvops's own call sites (under `stop_machine`, as in
 //! the module), and the read-back of every kernel site pvops wrote ([`readback`]).
+//!
+//! So far the kernel's sites are written only for the native backend: the other backends
+//! forward some ops to the kernel's own accessors (Xen PV's CR3, for one), which would then call
+//! pvops again. Under them the census is taken and every site is left to Linux, with the reason.
 
 use core::cell::UnsafeCell;
 use core::fmt;
 
 use kernel::prelude::*;
 use kernel::str::CString;
-use pvops::linux::{self, OddSite, Served};
-use pvops::{BackendOps, ReadText, Request, PV_OPS};
+use pvops::linux::{self, KernelAction, OddSite, Served, ALT_FLAG_PVOPS};
+use pvops::{BackendId, BackendOps, ReadText, Request, PV_OPS};
 
 use crate::text::ReadOnlyText;
 use crate::{choose, param, shim, Chosen};
@@ -200,6 +206,9 @@ pub(crate) unsafe extern "C" fn pvops_kernel_early(start: *mut u8, end: *mut u8)
         // backend's functions honour the ops' contracts.
         unsafe { PV_OPS.install(&ops.table()) };
         c.ops = Some(ops);
+        if ch.selection.backend != BackendId::NATIVE {
+            c.refused = Some("only the native backend serves the kernel's sites so far");
+        }
     }
     c.chosen = chosen;
 
@@ -214,7 +223,7 @@ pub(crate) unsafe extern "C" fn pvops_kernel_early(start: *mut u8, end: *mut u8)
     // pass 1: count, verify every site's bytes (pv_sites reads them: ff 15 <disp32> into
     // pv_ops), and plan
     let mut planned = 0usize;
-    for s in linux::pv_sites(table, base, pv_ops, size as usize, &ReadOnlyText) {
+    for s in linux::pv_sites(table, base, pv_ops, size, &ReadOnlyText) {
         let s = match s {
             Ok(s) => s,
             Err(odd) => {
@@ -237,15 +246,47 @@ pub(crate) unsafe extern "C" fn pvops_kernel_early(start: *mut u8, end: *mut u8)
     if c.odd > 0 && c.refused.is_none() {
         c.refused = Some("a direct-call entry is not a pv call into pv_ops");
     }
-    if c.refused.is_none() {
-        // the census, and the plan for the members pvops serves; writing them comes next
-        c.refused = Some("census only: this build plans the sites it serves but writes none");
+    if c.refused.is_none() && planned > 0 && c.written.reserve(planned, GFP_KERNEL).is_err() {
+        c.refused = Some("no memory for the list of written sites");
     }
-    if planned > 0 {
-        pr_info!(
-            "kernel: {} sites of the members pvops serves could be patched\n",
-            planned
-        );
+    // pass 2: write (all or nothing: pass 1 found every site as expected)
+    if let (None, Some(ops)) = (c.refused, c.ops) {
+        for s in linux::pv_sites(table, base, pv_ops, size, &ReadOnlyText).flatten() {
+            let Some(m) = member_of(s.slot) else { continue };
+            let Served::Yes { op, conv } = c.members[m].served else {
+                continue;
+            };
+            let Some((action, bytes)) = linux::plan(s.addr, op, conv, &ops) else {
+                continue;
+            };
+            // SAFETY: the boot CPU alone runs; the site holds `call *pv_ops+slot(%rip)`
+            // (pv_sites checked it just now); kernel text is writable until mark_rodata_ro.
+            unsafe { shim::pvops_shim_poke_early(s.addr, bytes.as_ptr(), bytes.len() as u32) };
+            for e in s.first..s.first + s.entries {
+                let at = base + e * linux::ALT_INSTR_LEN + 8;
+                // SAFETY: `at` is the ft_flags word of entry `e` of the table, which is
+                // writable init data (apply_alternatives writes it too); the flags are its
+                // upper 16 bits.
+                unsafe {
+                    let p = at as *mut u32;
+                    p.write_unaligned(p.read_unaligned() | (u32::from(ALT_FLAG_PVOPS) << 16));
+                }
+            }
+            match action {
+                KernelAction::Inline => c.members[m].inline += 1,
+                KernelAction::Direct => c.members[m].direct += 1,
+            }
+            // cannot fail: reserved above
+            let _ = c.written.push((s.addr, m as u8), GFP_KERNEL);
+        }
+        // pv_ops for the members pvops serves: what modules loaded later are patched with
+        for m in c.members() {
+            if let Served::Yes { op, .. } = m.served {
+                // SAFETY: writes one pointer of pv_ops, a function of the member's type and
+                // convention (linux::served checked each); only the boot CPU runs.
+                unsafe { shim::pvops_shim_set_pv_op(m.offset, ops.target(op) as _) };
+            }
+        }
     }
     let (t, i, d) = c.totals();
     match (c.refused, c.first_odd) {

@@ -584,6 +584,27 @@ unsigned long pvops_shim_pv_ops(unsigned long *size)
 	return (unsigned long)&pv_ops;
 }
 
+/* Point the pv_ops member at byte offset `offset` at fn (what modules loaded later call). */
+void pvops_shim_set_pv_op(unsigned int offset, unsigned long fn)
+{
+	if (offset + sizeof(void *) <= sizeof(pv_ops))
+		WRITE_ONCE(*(unsigned long *)((char *)&pv_ops + offset), fn);
+}
+
+/*
+ * Write a call site of the kernel image during boot, as text_poke_early() does for vmlinux:
+ * only the boot CPU runs and kernel text is still writable (before mark_rodata_ro()).
+ */
+void pvops_shim_poke_early(unsigned long addr, const u8 *bytes, unsigned int len)
+{
+	unsigned long flags;
+
+	local_irq_save(flags);
+	memcpy((void *)addr, bytes, len);
+	sync_core();
+	local_irq_restore(flags);
+}
+
 /* /sys/kernel/pvops/kernel: the census of the kernel's own pv call sites. */
 void pvops_shim_set_kernel_report(const char *text)
 {
