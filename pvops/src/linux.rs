@@ -505,4 +505,69 @@ mod tests {
         assert!(matches!(served("cpu.write_cr4"), Served::No(w) if w.contains("pins")));
         assert_eq!(served("lock.kick"), Served::No("no pvops op"));
     }
+
+    /// Six consecutive entries of a real Linux 6.12.118 `.altinstructions` (this project's
+    /// built-in kernel, at 0xffffffff820696b8), with the bytes of the pv sites they name, read
+    /// from its vmlinux: an ordinary alternative (two entries, no pv call), two direct-call-only
+    /// pv sites (slots 0xb8 and 0xc0: cpu.read_msr_safe and cpu.write_msr_safe in that
+    /// kernel's layout) and `irq.save_fl` (slot 0xe0) with Linux's inline `pushf; pop %rax`
+    /// under ALT_NOT(X86_FEATURE_XENPV).
+    #[test]
+    fn real_records_of_linux_6_12() {
+        const TABLE: &str = "2016fdfe9e1002007500000005051216fdfe95100200680000000500a317fdfe\
+            87100200750002000605b617fdfe7e1002007500020006059b22fdfe751002007500020006058d22fdfe\
+            6c100200100101000602";
+        let hex = |s: &str| -> Vec<u8> {
+            let s: Vec<u8> = s.bytes().filter(u8::is_ascii_hexdigit).collect();
+            s.chunks(2)
+                .map(|c| u8::from_str_radix(core::str::from_utf8(c).unwrap(), 16).unwrap())
+                .collect()
+        };
+        let table = hex(TABLE);
+        assert_eq!(table.len(), 6 * ALT_INSTR_LEN);
+        let base = 0xffff_ffff_8206_96b8;
+        let pv_ops = 0xffff_ffff_81c3_7f80;
+        let (s1, s2, s3) = (
+            0xffff_ffff_8103_ae77usize,
+            0xffff_ffff_8103_ae98usize,
+            0xffff_ffff_8103_b98busize,
+        );
+        let (b1, b2, b3) = (
+            hex("ff15bbd1bf00"),
+            hex("ff15a2d1bf00"),
+            hex("ff15cfc6bf00"),
+        );
+        let text = Pieces(&[(s1, &b1), (s2, &b2), (s3, &b3)]);
+        let e: Vec<_> = alt_instrs(&table, base).collect();
+        assert_eq!(
+            (e[0].instr, e[0].cpuid, e[0].flags),
+            (0xffff_ffff_8103_acd8, ALWAYS, 0)
+        );
+        assert_eq!(
+            (e[5].cpuid, e[5].flags, e[5].repllen),
+            (XENPV, ALT_FLAG_NOT, 2)
+        );
+        assert_eq!(e[4].flags, ALT_FLAG_DIRECT_CALL);
+        let sites: Vec<_> = pv_sites(&table, base, pv_ops, 648, &text).collect();
+        let site = |addr, slot, first, entries| {
+            Ok(PvSite {
+                addr,
+                len: 6,
+                slot,
+                first,
+                entries,
+                linux_inline: entries > 1,
+            })
+        };
+        assert_eq!(
+            sites,
+            [
+                site(s1, 0xb8, 2, 1),
+                site(s2, 0xc0, 3, 1),
+                site(s3, 0xe0, 4, 2)
+            ]
+        );
+        // a pv_ops of another size: the slots fall outside it and the sites are odd
+        assert!(pv_sites(&table, base, pv_ops, 0xb8, &text).all(|s| s.is_err()));
+    }
 }
