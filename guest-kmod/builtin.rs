@@ -16,9 +16,10 @@
 //! there), the self-test, the patching of pvops's own call sites (under `stop_machine`, as in
 //! the module), and the read-back of every kernel site pvops wrote ([`readback`]).
 //!
-//! So far the kernel's sites are written only for the native backend: the other backends
-//! forward some ops to the kernel's own accessors (Xen PV's CR3, for one), which would then call
-//! pvops again. Under them the census is taken and every site is left to Linux, with the reason.
+//! Each backend says which of its ops may serve the kernel ([`pvops::Backend::serves_kernel`]):
+//! an op that forwards to the kernel's own accessor (Xen PV's CR3, for one) would call itself.
+//! Native serves every member pvops serves, Xen PV the interrupt flag and CR2, the others none
+//! so far; the rest is left to Linux, with the reason.
 
 use core::cell::UnsafeCell;
 use core::fmt;
@@ -26,7 +27,7 @@ use core::fmt;
 use kernel::prelude::*;
 use kernel::str::CString;
 use pvops::linux::{self, KernelAction, OddSite, Served, ALT_FLAG_PVOPS};
-use pvops::{BackendId, BackendOps, ReadText, Request, PV_OPS};
+use pvops::{BackendOps, ReadText, Request, PV_OPS};
 
 use crate::text::ReadOnlyText;
 use crate::{choose, param, shim, Chosen};
@@ -37,6 +38,9 @@ const MAX_MEMBERS: usize = 128;
 const MAX_SLOTS: usize = 256;
 /// No member at this slot.
 const NO_MEMBER: u8 = u8::MAX;
+/// Why a member pvops serves is left to Linux under a backend ([`pvops::Backend::serves_kernel`]).
+const BACKEND_LEAVES_IT: &str =
+    "this backend's op does not serve the kernel (it forwards to the kernel's own, or is unchecked)";
 
 /// One `pv_ops` member and what happened to its sites.
 #[derive(Clone, Copy)]
@@ -206,8 +210,14 @@ pub(crate) unsafe extern "C" fn pvops_kernel_early(start: *mut u8, end: *mut u8)
         // backend's functions honour the ops' contracts.
         unsafe { PV_OPS.install(&ops.table()) };
         c.ops = Some(ops);
-        if ch.selection.backend != BackendId::NATIVE {
-            c.refused = Some("only the native backend serves the kernel's sites so far");
+        // the members pvops serves, as far as this backend's ops may serve the kernel
+        let n = c.n;
+        for m in c.members[..n].iter_mut() {
+            if let Served::Yes { op, .. } = m.served {
+                if !ch.backend.serves_kernel(op) {
+                    m.served = Served::No(BACKEND_LEAVES_IT);
+                }
+            }
         }
     }
     c.chosen = chosen;

@@ -105,18 +105,19 @@ loaded_as() { # RC BACKEND: insmod succeeded, sysfs names BACKEND and the self-t
 }
 
 kernel_sites_ok() { # TOTAL PATCHED ODD MISMATCH: a census of the kernel's pv sites, nothing odd,
-	# every written site as planned, and some sites patched under native (the backend that
-	# serves the kernel so far), none with pvops.kernel=off
+	# every written site as planned, and some sites patched where the rig says the backend
+	# serves the kernel (rig_kernel=patched), none with pvops.kernel=off
 	[ -n "$1" ] && [ "$1" -gt 0 ] && [ "$3" = 0 ] && [ "$4" = 0 ] || return 1
 	if grep -q 'pvops.kernel=off' /proc/cmdline; then [ "$2" = 0 ]
-	elif [ "$expect" = native ]; then [ "$2" -gt 0 ]
+	elif [ "$(arg rig_kernel)" = patched ]; then [ "$2" -gt 0 ]
 	else true; fi
 }
-module_sites_ok() { # LINE PATCHED: the probe module's site calls what pv_ops holds: pvops's
-	# function when pvops patched kernel sites, not pvops's otherwise
-	has "$1" ', same, read_cr0=0x' || return 1
-	called=$(echo "$1" | sed 's/.* site calls \([^ ]*\),.*/\1/')
-	if [ -n "$2" ] && [ "$2" -gt 0 ]; then has "$called" pvops; else not has "$called" pvops; fi
+module_sites_ok() { # LINES PATCHED: the probe module reported both sites; each one that is a call
+	# calls what pv_ops holds; and some call lands in pvops exactly when pvops patched the kernel
+	[ "$(echo "$1" | grep -c 'pvops_probe: ')" = 2 ] || return 1
+	! echo "$1" | grep ' site calls ' | grep -qv ', same, ' || return 1
+	into=$(echo "$1" | sed -n 's/.* site calls \([^ ]*\),.*/\1/p' | grep -c pvops)
+	if [ -n "$2" ] && [ "$2" -gt 0 ]; then [ "$into" -gt 0 ]; else [ "$into" = 0 ]; fi
 }
 all_patched() { [ -n "$1" ] && [ "$1" -gt 0 ] && [ "$1" = "$2" ]; } # PATCHED TOTAL
 report() { # read /sys/kernel/pvops and check it: the expected backend, every site patched
@@ -158,10 +159,10 @@ if grep -q 'rig_mode=builtin' /proc/cmdline; then
 	kv() { echo "$kernel_total" | tr ' ' '\n' | sed -n "s/^$1=//p"; }
 	kt=$(kv sites) kp=$(kv patched)
 	check kernel-sites "$kernel_total" -- kernel_sites_ok "$kt" "$kp" "$(kv odd)" "$(kv readback-mismatch)"
-	# a module loaded now: its read_cr0 site (a direct call, Linux has no inline for it) calls
-	# what pv_ops holds, pvops's function when pvops patched the kernel, Linux's otherwise
+	# a module loaded now: its pv sites that Linux's loader made calls call what pv_ops holds,
+	# pvops's functions when pvops patched the kernel, Linux's otherwise
 	insmod /pvops_probe.ko 2>&1
-	probe=$(dmesg | grep 'pvops_probe: cpu.read_cr0' | tail -1)
+	probe=$(dmesg | grep 'pvops_probe: ' | tail -2)
 	check module-sites "$probe" -- module_sites_ok "$probe" "$kp"
 	fault_scan
 	finish "RIG-RESULT backend=$backend sites=$p/$t kernel-sites=$kp/$kt builtin"

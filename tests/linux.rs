@@ -85,3 +85,16 @@ fn members_left_to_linux_say_why() {
         assert!(matches!(served(m), Served::No(w) if !w.is_empty()), "{m}");
     }
 }
+
+#[test]
+fn which_backends_serve_the_kernel() {
+    use pvops::Backend;
+    // native: the bare instructions, every member pvops serves
+    for (name, op, _) in served_members() {
+        assert!(pvops_backends::native::NATIVE.serves_kernel(op), "{name}");
+    }
+    // xen outside a PV domain (the host here): HVM is not checked yet, so none
+    for (name, op, _) in served_members() {
+        assert!(!pvops_backends::xen::Xen.serves_kernel(op), "{name}");
+    }
+}

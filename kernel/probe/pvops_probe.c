@@ -2,24 +2,30 @@
 /*
  * pvops_probe: loaded after boot into a kernel with pvops built in. Linux's module loader
  * patched this module's pv call sites from pv_ops as it is now; with pvops.kernel=on and the
- * native backend, pv_ops' members pvops serves hold pvops's functions, so the read_cr0() below
- * (a direct-call pv site: Linux has no inline replacement for it) must call pvops.
+ * backend serving the kernel, pv_ops' members pvops serves hold pvops's functions, so this
+ * module's sites call pvops wherever Linux makes them calls.
  *
- * Reports one line: where the site's call leads, what pv_ops.cpu.read_cr0 holds, and the value
- * read through the site. The rig's check compares them (guest-init.sh, module-sites).
+ * Reports one line per site: where its call leads (or that it is inline), what pv_ops holds,
+ * and the value read through it. The rig's check compares them (guest-init.sh, module-sites).
  */
 #include <linux/module.h>
 #include <linux/kernel.h>
 #include <asm/paravirt.h>
 #include <asm/special_insns.h>
 
-/* One pv call site: read_cr0() (PVOP_CALL0 of cpu.read_cr0). */
+/* Two pv call sites: read_cr0() (a direct call: Linux has no inline replacement for it) and
+ * arch_local_save_flags() (Linux's inline pushf; pop where not Xen PV, a call under Xen PV). */
 static noinline unsigned long probe_read_cr0(void)
 {
 	return read_cr0();
 }
 
-/* The target of the first `call rel32` (e8) in the first bytes of fn, or 0. */
+static noinline unsigned long probe_save_fl(void)
+{
+	return arch_local_save_flags();
+}
+
+/* The target of the first `call rel32` (e8) in the first bytes of fn, or 0 (inline). */
 static unsigned long first_call(const u8 *fn, unsigned int n)
 {
 	unsigned int i;
@@ -31,17 +37,27 @@ static unsigned long first_call(const u8 *fn, unsigned int n)
 	return 0;
 }
 
-static int __init pvops_probe_init(void)
+/* One line per site: where its call leads (or inline), what pv_ops holds, and the value. */
+static void report(const char *name, unsigned long (*fn)(void), void *slot)
 {
-	unsigned long target = first_call((const u8 *)probe_read_cr0, 16);
-	unsigned long slot = (unsigned long)pv_ops.cpu.read_cr0;
-	unsigned long cr0 = probe_read_cr0();
+	unsigned long target = first_call((const u8 *)fn, 16);
+	unsigned long value = fn();
 
-	pr_info("pvops_probe: cpu.read_cr0 site calls %pS, pv_ops holds %pS, %s, read_cr0=%#lx\n",
-		(void *)target, (void *)slot, target == slot ? "same" : "DIFFERENT", cr0);
-	return 0;
+	if (target)
+		pr_info("pvops_probe: %s site calls %pS, pv_ops holds %pS, %s, value=%#lx\n", name,
+			(void *)target, slot, target == (unsigned long)slot ? "same" : "DIFFERENT",
+			value);
+	else
+		pr_info("pvops_probe: %s site inline, pv_ops holds %pS, value=%#lx\n", name, slot,
+			value);
 }
 
+static int __init pvops_probe_init(void)
+{
+	report("cpu.read_cr0", probe_read_cr0, pv_ops.cpu.read_cr0);
+	report("irq.save_fl", probe_save_fl, pv_ops.irq.save_fl.func);
+	return 0;
+}
 static void __exit pvops_probe_exit(void)
 {
 }
