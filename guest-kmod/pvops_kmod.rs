@@ -18,6 +18,8 @@ use selftest::{selftest, Failed, Lines};
 use text::{module_sites, transition, ReadOnlyText};
 
 mod bench;
+#[cfg(not(MODULE))]
+mod builtin;
 mod modinfo;
 mod platform;
 mod selftest;
@@ -40,6 +42,8 @@ module! {
     unreachable_pub,
     clippy::all
 )]
+// the built-in-only functions (builtin.rs) are unused in the module
+#[cfg_attr(MODULE, allow(dead_code))]
 mod shim {
     use kernel::ffi;
 
@@ -52,6 +56,68 @@ fn param() -> &'static str {
     // as the module.
     let s = unsafe { CStr::from_char_ptr(shim::pvops_shim_backend_param()) };
     s.to_str().unwrap_or("<invalid utf-8>")
+}
+
+/// What detect → probe → select → start chose.
+#[derive(Clone, Copy)]
+pub(crate) struct Chosen {
+    /// The selection (with a fallback to native applied).
+    pub(crate) selection: pvops::Selection,
+    /// The started backend.
+    pub(crate) backend: &'static dyn Backend,
+    /// Cycles spent detecting.
+    pub(crate) detect: u64,
+    /// Cycles spent probing, selecting and starting.
+    pub(crate) select: u64,
+}
+
+/// detect → probe → select → start, for `request`; errors are reported here.
+pub(crate) fn choose(request: Request) -> Result<Chosen> {
+    let t0 = pvops::arch::rdtsc_ordered();
+    let detection = pvops::detect(pvops_backends::cpuid_source(&KernelPlatform));
+    let t1 = pvops::arch::rdtsc_ordered();
+    // every backend probed once; the chosen one starts from what its probe found
+    let probes = pvops_backends::probe(&detection, &KernelPlatform);
+    for a in probes.absences().filter(|a| a.refused) {
+        pr_warn!("{}: {}; the {} backend is absent\n", a.id, a.why, a.id);
+    }
+    let candidates = probes.candidates();
+    let selection = pvops::select(request, &detection, &candidates).map_err(|e| {
+        match probes.absences().find(|a| Some(a.id) == e.backend()) {
+            Some(a) => pr_err!("{} ({}); nothing patched\n", e, a.why),
+            None => pr_err!("{}; nothing patched\n", e),
+        }
+        ENODEV
+    })?;
+    let (selection, backend) = match probes.start(selection.backend, &detection, &KernelPlatform) {
+        Ok(b) => (selection, b),
+        Err(e) => {
+            let Some(native) = selection.fall_back(request, &candidates) else {
+                pr_err!(
+                    "backend {} failed to start ({}); nothing patched\n",
+                    selection.backend,
+                    e
+                );
+                return Err(ENODEV);
+            };
+            pr_warn!(
+                "backend {} failed to start ({}); falling back to native\n",
+                selection.backend,
+                e
+            );
+            let b = probes
+                .start(BackendId::NATIVE, &detection, &KernelPlatform)
+                .map_err(|_| ENODEV)?;
+            (native, b)
+        }
+    };
+    let t2 = pvops::arch::rdtsc_ordered();
+    Ok(Chosen {
+        selection,
+        backend,
+        detect: t1 - t0,
+        select: t2 - t1,
+    })
 }
 
 /// The loaded module: what unloading has to undo.
@@ -83,47 +149,20 @@ impl kernel::Module for PvopsGuest {
             );
             EINVAL
         })?;
-        let t0 = pvops::arch::rdtsc_ordered();
-        let detection = pvops::detect(pvops_backends::cpuid_source(&KernelPlatform));
-        let t1 = pvops::arch::rdtsc_ordered();
-        // every backend probed once; the chosen one starts from what its probe found
-        let probes = pvops_backends::probe(&detection, &KernelPlatform);
-        for a in probes.absences().filter(|a| a.refused) {
-            pr_warn!("{}: {}; the {} backend is absent\n", a.id, a.why, a.id);
-        }
-        let candidates = probes.candidates();
-        let selection = pvops::select(request, &detection, &candidates).map_err(|e| {
-            match probes.absences().find(|a| Some(a.id) == e.backend()) {
-                Some(a) => pr_err!("{} ({}); nothing patched\n", e, a.why),
-                None => pr_err!("{}; nothing patched\n", e),
-            }
-            ENODEV
-        })?;
-        let (selection, backend) =
-            match probes.start(selection.backend, &detection, &KernelPlatform) {
-                Ok(b) => (selection, b),
-                Err(e) => {
-                    let Some(native) = selection.fall_back(request, &candidates) else {
-                        pr_err!(
-                            "backend {} failed to start ({}); nothing patched\n",
-                            selection.backend,
-                            e
-                        );
-                        return Err(ENODEV);
-                    };
-                    pr_warn!(
-                        "backend {} failed to start ({}); falling back to native\n",
-                        selection.backend,
-                        e
-                    );
-                    let b = probes
-                        .start(BackendId::NATIVE, &detection, &KernelPlatform)
-                        .map_err(|_| ENODEV)?;
-                    (native, b)
-                }
-            };
-
-        let t2 = pvops::arch::rdtsc_ordered();
+        // built in, the backend was started at boot, before apply_alternatives (builtin.rs)
+        #[cfg(not(MODULE))]
+        let early = builtin::take_early();
+        #[cfg(MODULE)]
+        let early = None;
+        let Chosen {
+            selection,
+            backend,
+            detect: detect_cycles,
+            select: select_cycles,
+        } = match early {
+            Some(c) => c,
+            None => choose(request)?,
+        };
 
         // fill
         let ops = backend.ops();
@@ -147,8 +186,8 @@ impl kernel::Module for PvopsGuest {
         let t3 = pvops::arch::rdtsc_ordered();
         let patch_result = transition(&patcher, false);
         let load = bench::LoadCost {
-            detect: t1 - t0,
-            select: t2 - t1,
+            detect: detect_cycles,
+            select: select_cycles,
             patch: pvops::arch::rdtsc_ordered() - t3,
             sites: patcher.plan().total,
         };
@@ -167,6 +206,9 @@ impl kernel::Module for PvopsGuest {
         };
         let verified = !patched || patcher.verify(&ReadOnlyText, true).is_ok();
         guest.patched = patched;
+        // built in: the kernel's own sites pvops wrote at boot, read back against the plan
+        #[cfg(not(MODULE))]
+        builtin::readback();
 
         // report
         let st = selftest(backend, &guest.ops);

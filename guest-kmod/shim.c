@@ -131,12 +131,33 @@ PVOPS_ATTR(hypervisor);
 PVOPS_ATTR(sites);
 PVOPS_ATTR(selftest);
 PVOPS_ATTR(checks);
+#ifndef MODULE
+/*
+ * Built in: /sys/kernel/pvops/kernel, the census of the kernel's own pv call sites (filled at
+ * boot, see the end of this file); a binary attribute, since it is longer than a page.
+ */
+static char report_kernel[4 * PAGE_SIZE];
+
+static ssize_t kernel_report_read(struct file *f, struct kobject *k, struct bin_attribute *a, char *buf,
+				  loff_t off, size_t count)
+{
+	return memory_read_from_buffer(buf, count, &off, report_kernel, strlen(report_kernel));
+}
+static struct bin_attribute bin_attr_kernel =
+	__BIN_ATTR(kernel, 0444, kernel_report_read, NULL, sizeof(report_kernel));
+static struct bin_attribute *pvops_bin_attrs[] = { &bin_attr_kernel, NULL };
+#endif
 
 static struct attribute *pvops_attrs[] = {
 	&backend_attr.attr, &hypervisor_attr.attr, &sites_attr.attr, &selftest_attr.attr,
 	&checks_attr.attr, NULL,
 };
-static const struct attribute_group pvops_group = { .attrs = pvops_attrs };
+static const struct attribute_group pvops_group = {
+	.attrs = pvops_attrs,
+#ifndef MODULE
+	.bin_attrs = pvops_bin_attrs,
+#endif
+};
 static struct kobject *pvops_kobj;
 
 int pvops_shim_sysfs_create(void)
@@ -464,5 +485,129 @@ int pvops_shim_boot_subarch(u32 *subarch, u64 *data)
 	*data = bp->hdr.hardware_subarch_data;
 	kfree(bp);
 	return 0;
+}
+#endif
+
+#ifndef MODULE
+/*
+ * Built into the kernel: pvops as the kernel's own paravirt layer (guest-kmod/builtin.rs).
+ * pvops_kernel_early() runs from alternative_instructions() (kernel/pvops-early.patch).
+ */
+#include <asm/pvops_early.h>
+
+/* pvops.kernel=on|off (default on); off leaves Linux's own paravirt layer untouched. */
+static bool pvops_kernel_on = true;
+
+static int __init pvops_kernel_setup(char *s)
+{
+	if (s && !strcmp(s, "on"))
+		pvops_kernel_on = true;
+	else if (s && !strcmp(s, "off"))
+		pvops_kernel_on = false;
+	else
+		pr_warn("pvops: pvops.kernel=%s is neither on nor off; keeping %s\n", s ? s : "",
+			pvops_kernel_on ? "on" : "off");
+	return 0;
+}
+early_param("pvops.kernel", pvops_kernel_setup);
+
+int pvops_shim_kernel_param(void)
+{
+	return pvops_kernel_on;
+}
+
+/* Every member of the kernel's pv_ops, at its offset in this kernel's own layout. */
+#define PV_MEMBER(m) { offsetof(struct paravirt_patch_template, m), #m }
+static const struct {
+	unsigned int offset;
+	const char *name;
+} pv_members[] = {
+	PV_MEMBER(cpu.io_delay),
+#ifdef CONFIG_PARAVIRT_XXL
+	PV_MEMBER(cpu.get_debugreg), PV_MEMBER(cpu.set_debugreg), PV_MEMBER(cpu.read_cr0),
+	PV_MEMBER(cpu.write_cr0), PV_MEMBER(cpu.write_cr4), PV_MEMBER(cpu.load_tr_desc),
+	PV_MEMBER(cpu.load_gdt), PV_MEMBER(cpu.load_idt), PV_MEMBER(cpu.set_ldt),
+	PV_MEMBER(cpu.store_tr), PV_MEMBER(cpu.load_tls), PV_MEMBER(cpu.load_gs_index),
+	PV_MEMBER(cpu.write_ldt_entry), PV_MEMBER(cpu.write_gdt_entry),
+	PV_MEMBER(cpu.write_idt_entry), PV_MEMBER(cpu.alloc_ldt), PV_MEMBER(cpu.free_ldt),
+	PV_MEMBER(cpu.load_sp0),
+#ifdef CONFIG_X86_IOPL_IOPERM
+	PV_MEMBER(cpu.invalidate_io_bitmap), PV_MEMBER(cpu.update_io_bitmap),
+#endif
+	PV_MEMBER(cpu.wbinvd), PV_MEMBER(cpu.cpuid), PV_MEMBER(cpu.read_msr),
+	PV_MEMBER(cpu.write_msr), PV_MEMBER(cpu.read_msr_safe), PV_MEMBER(cpu.write_msr_safe),
+	PV_MEMBER(cpu.read_pmc), PV_MEMBER(cpu.start_context_switch),
+	PV_MEMBER(cpu.end_context_switch),
+	PV_MEMBER(irq.save_fl), PV_MEMBER(irq.irq_disable), PV_MEMBER(irq.irq_enable),
+#endif
+	PV_MEMBER(irq.safe_halt), PV_MEMBER(irq.halt),
+	PV_MEMBER(mmu.flush_tlb_user), PV_MEMBER(mmu.flush_tlb_kernel),
+	PV_MEMBER(mmu.flush_tlb_one_user), PV_MEMBER(mmu.flush_tlb_multi),
+	PV_MEMBER(mmu.tlb_remove_table), PV_MEMBER(mmu.exit_mmap),
+	PV_MEMBER(mmu.notify_page_enc_status_changed),
+#ifdef CONFIG_PARAVIRT_XXL
+	PV_MEMBER(mmu.read_cr2), PV_MEMBER(mmu.write_cr2), PV_MEMBER(mmu.read_cr3),
+	PV_MEMBER(mmu.write_cr3), PV_MEMBER(mmu.enter_mmap), PV_MEMBER(mmu.pgd_alloc),
+	PV_MEMBER(mmu.pgd_free), PV_MEMBER(mmu.alloc_pte), PV_MEMBER(mmu.alloc_pmd),
+	PV_MEMBER(mmu.alloc_pud), PV_MEMBER(mmu.alloc_p4d), PV_MEMBER(mmu.release_pte),
+	PV_MEMBER(mmu.release_pmd), PV_MEMBER(mmu.release_pud), PV_MEMBER(mmu.release_p4d),
+	PV_MEMBER(mmu.set_pte), PV_MEMBER(mmu.set_pmd), PV_MEMBER(mmu.ptep_modify_prot_start),
+	PV_MEMBER(mmu.ptep_modify_prot_commit), PV_MEMBER(mmu.pte_val), PV_MEMBER(mmu.make_pte),
+	PV_MEMBER(mmu.pgd_val), PV_MEMBER(mmu.make_pgd), PV_MEMBER(mmu.set_pud),
+	PV_MEMBER(mmu.pmd_val), PV_MEMBER(mmu.make_pmd), PV_MEMBER(mmu.pud_val),
+	PV_MEMBER(mmu.make_pud), PV_MEMBER(mmu.set_p4d),
+#if CONFIG_PGTABLE_LEVELS >= 5
+	PV_MEMBER(mmu.p4d_val), PV_MEMBER(mmu.make_p4d), PV_MEMBER(mmu.set_pgd),
+#endif
+	PV_MEMBER(mmu.lazy_mode.enter), PV_MEMBER(mmu.lazy_mode.leave),
+	PV_MEMBER(mmu.lazy_mode.flush), PV_MEMBER(mmu.set_fixmap),
+#endif
+#ifdef CONFIG_PARAVIRT_SPINLOCKS
+	PV_MEMBER(lock.queued_spin_lock_slowpath), PV_MEMBER(lock.queued_spin_unlock),
+	PV_MEMBER(lock.wait), PV_MEMBER(lock.kick), PV_MEMBER(lock.vcpu_is_preempted),
+#endif
+};
+
+/* Member i's name (NULL past the last) and its byte offset in pv_ops. */
+const char *pvops_shim_pv_member(unsigned int i, unsigned int *offset)
+{
+	if (i >= ARRAY_SIZE(pv_members))
+		return NULL;
+	*offset = pv_members[i].offset;
+	return pv_members[i].name;
+}
+
+/* The kernel's pv_ops: its address, and its size in *size. */
+unsigned long pvops_shim_pv_ops(unsigned long *size)
+{
+	*size = sizeof(pv_ops);
+	return (unsigned long)&pv_ops;
+}
+
+/* Point the pv_ops member at byte offset `offset` at fn (what modules loaded later call). */
+void pvops_shim_set_pv_op(unsigned int offset, unsigned long fn)
+{
+	if (offset + sizeof(void *) <= sizeof(pv_ops))
+		WRITE_ONCE(*(unsigned long *)((char *)&pv_ops + offset), fn);
+}
+
+/*
+ * Write a call site of the kernel image during boot, as text_poke_early() does for vmlinux:
+ * only the boot CPU runs and kernel text is still writable (before mark_rodata_ro()).
+ */
+void pvops_shim_poke_early(unsigned long addr, const u8 *bytes, unsigned int len)
+{
+	unsigned long flags;
+
+	local_irq_save(flags);
+	memcpy((void *)addr, bytes, len);
+	sync_core();
+	local_irq_restore(flags);
+}
+
+/* /sys/kernel/pvops/kernel: the census of the kernel's own pv call sites. */
+void pvops_shim_set_kernel_report(const char *text)
+{
+	strscpy(report_kernel, text, sizeof(report_kernel));
 }
 #endif

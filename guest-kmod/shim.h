@@ -90,4 +90,15 @@ u64 pvops_shim_ktime_real_ns(void);
 void pvops_shim_mdelay(unsigned int ms);
 int pvops_shim_boot_subarch(u32 *subarch, u64 *data);
 
+/*
+ * Built into the kernel only (not in the module): pvops as the kernel's paravirt layer
+ * (guest-kmod/kernel.rs, kernel/pvops-early.patch).
+ */
+int pvops_shim_kernel_param(void);
+const char *pvops_shim_pv_member(unsigned int i, unsigned int *offset);
+unsigned long pvops_shim_pv_ops(unsigned long *size);
+void pvops_shim_set_pv_op(unsigned int offset, unsigned long fn);
+void pvops_shim_poke_early(unsigned long addr, const u8 *bytes, unsigned int len);
+void pvops_shim_set_kernel_report(const char *text);
+
 #endif /* PVOPS_SHIM_H */

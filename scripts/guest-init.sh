@@ -104,6 +104,21 @@ loaded_as() { # RC BACKEND: insmod succeeded, sysfs names BACKEND and the self-t
 	[ "$1" = 0 ] && [ "$(cat /sys/kernel/pvops/backend)" = "$2" ] && grep -q '^ok' /sys/kernel/pvops/selftest
 }
 
+kernel_sites_ok() { # TOTAL PATCHED ODD MISMATCH: a census of the kernel's pv sites, nothing odd,
+	# every written site as planned, and some sites patched where the rig says the backend
+	# serves the kernel (rig_kernel=patched), none with pvops.kernel=off
+	[ -n "$1" ] && [ "$1" -gt 0 ] && [ "$3" = 0 ] && [ "$4" = 0 ] || return 1
+	if grep -q 'pvops.kernel=off' /proc/cmdline; then [ "$2" = 0 ]
+	elif [ "$(arg rig_kernel)" = patched ]; then [ "$2" -gt 0 ]
+	else true; fi
+}
+module_sites_ok() { # LINES PATCHED: the probe module reported both sites; each one that is a call
+	# calls what pv_ops holds; and some call lands in pvops exactly when pvops patched the kernel
+	[ "$(echo "$1" | grep -c 'pvops_probe: ')" = 2 ] || return 1
+	! echo "$1" | grep ' site calls ' | grep -qv ', same, ' || return 1
+	into=$(echo "$1" | sed -n 's/.* site calls \([^ ]*\),.*/\1/p' | grep -c pvops)
+	if [ -n "$2" ] && [ "$2" -gt 0 ]; then [ "$into" -gt 0 ]; else [ "$into" = 0 ]; fi
+}
 all_patched() { [ -n "$1" ] && [ "$1" -gt 0 ] && [ "$1" = "$2" ]; } # PATCHED TOTAL
 report() { # read /sys/kernel/pvops and check it: the expected backend, every site patched
 	backend=$(cat /sys/kernel/pvops/backend 2>/dev/null)
@@ -136,8 +151,21 @@ if grep -q 'rig_mode=builtin' /proc/cmdline; then
 	# Built into the kernel: the report was made at boot.
 	check no-module-file "" -- [ ! -e $ko ]
 	report
+	# the kernel's own pv call sites (pvops.kernel=on): the census pvops took at boot, and the
+	# sites it wrote (native backend) read back against its plan; every member with its counts
+	kernel_total=$(grep '^total ' /sys/kernel/pvops/kernel 2>/dev/null)
+	sed 's/^/RIG-KERNEL /' /sys/kernel/pvops/kernel 2>/dev/null
+	dmesg | grep 'pvops_guest: kernel' | sed 's/^/RIG-KERNEL-DMESG /'
+	kv() { echo "$kernel_total" | tr ' ' '\n' | sed -n "s/^$1=//p"; }
+	kt=$(kv sites) kp=$(kv patched)
+	check kernel-sites "$kernel_total" -- kernel_sites_ok "$kt" "$kp" "$(kv odd)" "$(kv readback-mismatch)"
+	# a module loaded now: its pv sites that Linux's loader made calls call what pv_ops holds,
+	# pvops's functions when pvops patched the kernel, Linux's otherwise
+	insmod /pvops_probe.ko 2>&1
+	probe=$(dmesg | grep 'pvops_probe: ' | tail -2)
+	check module-sites "$probe" -- module_sites_ok "$probe" "$kp"
 	fault_scan
-	finish "RIG-RESULT backend=$backend sites=$p/$t builtin"
+	finish "RIG-RESULT backend=$backend sites=$p/$t kernel-sites=$kp/$kt builtin"
 fi
 
 # 1. A refused parameter patches nothing and leaves nothing loaded.

@@ -581,6 +581,11 @@ impl Backend for Native {
     fn ops(&self) -> BackendOps {
         OPS
     }
+
+    fn serves_kernel(&self, _op: pvops::Op) -> bool {
+        // every op is the bare instruction, the kernel's own native code
+        true
+    }
 }
 
 /// Set the TSC rate the native clock and timer use, for a backend that learns it elsewhere

@@ -27,6 +27,7 @@
 
 pub mod arch;
 pub mod detect;
+pub mod linux;
 pub mod ops;
 pub mod patch;
 pub mod select;

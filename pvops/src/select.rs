@@ -9,7 +9,7 @@
 use core::fmt;
 
 use crate::detect::{Detection, HypervisorKind, Interface};
-use crate::ops::BackendOps;
+use crate::ops::{BackendOps, Op};
 
 /// A backend's identity: its name, as parameters and reports spell it. pvops knows one backend
 /// by name, [`BackendId::NATIVE`] (the real instructions, the policy's fallback); every other
@@ -65,6 +65,16 @@ pub trait Backend: Sync {
     /// it registered).
     fn describe(&self) -> &'static str {
         ""
+    }
+
+    /// Whether the backend's `op` may serve the kernel's own pv call sites when pvops is built
+    /// into the kernel ([`crate::linux`]): it must not call back into the kernel's paravirt
+    /// layer (an op that forwards to the kernel's own accessor would then call itself), and it
+    /// must have been checked against what the kernel's own implementation does. None by
+    /// default.
+    fn serves_kernel(&self, op: Op) -> bool {
+        let _ = op;
+        false
     }
 }
 

@@ -449,4 +449,19 @@ impl Backend for Xen {
             "xen hvm: the kernel's secondary time area, read back"
         }
     }
+
+    fn serves_kernel(&self, op: pvops::Op) -> bool {
+        // PV: the ops that work on the kernel's vcpu_info the way Linux's xen-asm.S does (the
+        // upcall mask with the pending check, CR2); CR3 and CR4 forward to the kernel's own
+        // accessors, which are pv sites themselves. HVM: not checked yet.
+        is_pv()
+            && matches!(
+                op,
+                pvops::Op::SaveFl
+                    | pvops::Op::IrqDisable
+                    | pvops::Op::IrqEnable
+                    | pvops::Op::ReadCr2
+                    | pvops::Op::WriteCr2
+            )
+    }
 }

@@ -1,0 +1,573 @@
+//! Linux 6.12's own paravirt call sites, as pvops sees them when it is built into the kernel.
+//!
+//! In 6.12 every pv call site is an alternative: the original bytes are `ff 15 <disp32>`
+//! (`call *pv_ops+off(%rip)`), with one `.altinstructions` entry flagged
+//! [`ALT_FLAG_DIRECT_CALL`] (and often a second one, at the same address, carrying Linux's
+//! inline native code under `ALT_NOT(X86_FEATURE_XENPV)`). This module parses those records
+//! ([`AltInstr`]), groups them into sites ([`pv_sites`]), says which Linux member each site
+//! calls (through the kernel's own layout, a table of `offsetof`s the caller supplies), which of
+//! those members pvops can serve and why not the others ([`served`]), and what each served site
+//! becomes ([`plan`]): the backend's inline bytes where they fit and Linux's convention for the
+//! member allows, else a direct call into pvops.
+//!
+//! Nothing here touches memory: records and site bytes come in as slices and a [`ReadText`].
+
+use crate::ops::{BackendOps, Clobbers, Convention, Op};
+use crate::patch::{fill_nops, ReadText};
+
+/// Size of Linux 6.12's `struct alt_instr` (packed): `s32 instr_offset; s32 repl_offset;
+/// u32 ft_flags; u8 instrlen; u8 replacementlen`.
+pub const ALT_INSTR_LEN: usize = 14;
+
+/// `ALT_FLAG_NOT`: patch when the feature is absent.
+pub const ALT_FLAG_NOT: u16 = 1 << 0;
+/// `ALT_FLAG_DIRECT_CALL`: the replacement is `call BUG_func`, aimed at the `pv_ops` slot's
+/// current function by Linux.
+pub const ALT_FLAG_DIRECT_CALL: u16 = 1 << 1;
+/// `ALT_FLAG_PVOPS` (kernel/pvops-early.patch): pvops patched the site; `apply_alternatives`
+/// skips the entry.
+pub const ALT_FLAG_PVOPS: u16 = 1 << 15;
+
+/// The length of a 6.12 pv call site (`alt_replace_call` insists on it).
+pub const PV_SITE_LEN: u8 = 6;
+
+/// One `.altinstructions` entry, resolved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AltInstr {
+    /// Address of the original instruction.
+    pub instr: usize,
+    /// Address of the replacement.
+    pub repl: usize,
+    /// CPU feature number (word · 32 + bit).
+    pub cpuid: u16,
+    /// `ALT_FLAG_*`.
+    pub flags: u16,
+    /// Original length, padding included.
+    pub instrlen: u8,
+    /// Replacement length.
+    pub repllen: u8,
+}
+
+impl AltInstr {
+    /// The entry stored at address `at` as `bytes`.
+    pub fn parse(bytes: &[u8; ALT_INSTR_LEN], at: usize) -> AltInstr {
+        let word =
+            |i: usize| u32::from_le_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]);
+        let ft = word(8);
+        AltInstr {
+            instr: at.wrapping_add_signed(word(0) as i32 as isize),
+            repl: (at + 4).wrapping_add_signed(word(4) as i32 as isize),
+            cpuid: ft as u16,
+            flags: (ft >> 16) as u16,
+            instrlen: bytes[12],
+            repllen: bytes[13],
+        }
+    }
+}
+
+/// The entries of a `.altinstructions` table stored at `base`, in order.
+pub fn alt_instrs(table: &[u8], base: usize) -> impl Iterator<Item = AltInstr> + '_ {
+    table
+        .chunks_exact(ALT_INSTR_LEN)
+        .enumerate()
+        .filter_map(move |(i, c)| {
+            let c: &[u8; ALT_INSTR_LEN] = c.try_into().ok()?;
+            Some(AltInstr::parse(c, base + i * ALT_INSTR_LEN))
+        })
+}
+
+/// One of Linux's pv call sites.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PvSite {
+    /// Address of the site.
+    pub addr: usize,
+    /// Its length (the longest `instrlen` of its entries).
+    pub len: u8,
+    /// The `pv_ops` slot it calls, as a byte offset into `pv_ops`.
+    pub slot: usize,
+    /// Index of its first entry in the table.
+    pub first: usize,
+    /// Number of consecutive entries for this address.
+    pub entries: usize,
+    /// Whether Linux also has an inline replacement for it (a second entry).
+    pub linux_inline: bool,
+}
+
+/// An entry flagged [`ALT_FLAG_DIRECT_CALL`] whose site is not a pv call Linux 6.12 would make.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OddSite {
+    /// The length is not [`PV_SITE_LEN`].
+    Length {
+        /// Site address.
+        addr: usize,
+        /// Its length.
+        len: u8,
+    },
+    /// The bytes are not `ff 15 <disp32>` into `pv_ops`.
+    Bytes {
+        /// Site address.
+        addr: usize,
+        /// What is there.
+        found: [u8; PV_SITE_LEN as usize],
+    },
+}
+
+/// Every pv call site of a `.altinstructions` table (stored at `base`), the site bytes read
+/// through `text`, for the `pv_ops` table at `pv_ops` of `pv_ops_len` bytes. Entries for one
+/// address are consecutive (Linux's `ALTERNATIVE_2` emits them so); a group with a
+/// [`ALT_FLAG_DIRECT_CALL`] entry is a pv site.
+pub fn pv_sites<'a>(
+    table: &'a [u8],
+    base: usize,
+    pv_ops: usize,
+    pv_ops_len: usize,
+    text: &'a dyn ReadText,
+) -> impl Iterator<Item = Result<PvSite, OddSite>> + 'a {
+    let entry = move |i: usize| -> Option<AltInstr> {
+        let c: &[u8; ALT_INSTR_LEN] = table
+            .get(i * ALT_INSTR_LEN..(i + 1) * ALT_INSTR_LEN)?
+            .try_into()
+            .ok()?;
+        Some(AltInstr::parse(c, base + i * ALT_INSTR_LEN))
+    };
+    let mut i = 0;
+    core::iter::from_fn(move || loop {
+        let first = entry(i)?;
+        let start = i;
+        let (mut len, mut direct, mut count) = (0u8, false, 0usize);
+        while let Some(e) = entry(i).filter(|e| e.instr == first.instr) {
+            len = len.max(e.instrlen);
+            direct |= e.flags & ALT_FLAG_DIRECT_CALL != 0;
+            count += 1;
+            i += 1;
+        }
+        if !direct {
+            continue;
+        }
+        if len != PV_SITE_LEN {
+            return Some(Err(OddSite::Length {
+                addr: first.instr,
+                len,
+            }));
+        }
+        let mut b = [0u8; PV_SITE_LEN as usize];
+        text.read(first.instr, &mut b);
+        let disp = i32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+        let target = (first.instr + PV_SITE_LEN as usize).wrapping_add_signed(disp as isize);
+        let slot = target.wrapping_sub(pv_ops);
+        if b[..2] != [0xff, 0x15] || slot >= pv_ops_len || slot & 7 != 0 {
+            return Some(Err(OddSite::Bytes {
+                addr: first.instr,
+                found: b,
+            }));
+        }
+        return Some(Ok(PvSite {
+            addr: first.instr,
+            len,
+            slot,
+            first: start,
+            entries: count,
+            linux_inline: count > 1,
+        }));
+    })
+}
+
+/// How Linux calls a member (`PV_CALLEE_SAVE` or plain C).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinuxConv {
+    /// `struct paravirt_callee_save`: every register but RAX is kept.
+    CalleeSave,
+    /// A plain C function: the caller-saved registers may change.
+    C,
+}
+
+impl LinuxConv {
+    /// What a site of this convention lets its callee change.
+    pub const fn clobbers(self) -> Clobbers {
+        match self {
+            LinuxConv::CalleeSave => Clobbers::RAX.union(Clobbers::FLAGS),
+            LinuxConv::C => Clobbers::all(),
+        }
+    }
+}
+
+/// Whether pvops serves a Linux member, and if not, why.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Served {
+    /// pvops's `op`, called with Linux's convention `conv`.
+    Yes {
+        /// The pvops op with Linux's signature and semantics.
+        op: Op,
+        /// Linux's convention for the member.
+        conv: LinuxConv,
+    },
+    /// Left to Linux, for this reason.
+    No(&'static str),
+}
+
+/// The Linux members pvops serves, by `group.member` name, checked against Linux 6.12's
+/// `paravirt_types.h` one by one (signature, convention, and what Linux's native function does
+/// beyond the instruction); every other member is left to Linux by [`served`].
+const SERVED: &[(&str, Op, LinuxConv)] = &[
+    // PV_CALLEE_SAVE in Linux, callee-save in pvops
+    ("irq.save_fl", Op::SaveFl, LinuxConv::CalleeSave),
+    ("irq.irq_disable", Op::IrqDisable, LinuxConv::CalleeSave),
+    ("irq.irq_enable", Op::IrqEnable, LinuxConv::CalleeSave),
+    ("mmu.read_cr2", Op::ReadCr2, LinuxConv::CalleeSave),
+    // plain C in Linux; pvops's callee-save functions are valid C functions of the same type
+    ("mmu.write_cr2", Op::WriteCr2, LinuxConv::C),
+    ("mmu.read_cr3", Op::ReadCr3, LinuxConv::C),
+    ("mmu.write_cr3", Op::WriteCr3, LinuxConv::C),
+    ("cpu.read_cr0", Op::ReadCr0, LinuxConv::C),
+    ("cpu.wbinvd", Op::Wbinvd, LinuxConv::C),
+    ("cpu.store_tr", Op::StoreTr, LinuxConv::C),
+    // pte_t/pmd_t/pud_t are one u64 passed by value: the same registers as pvops's u64
+    ("mmu.set_pte", Op::SetPte, LinuxConv::C),
+    ("mmu.set_pmd", Op::SetPmd, LinuxConv::C),
+    ("mmu.set_pud", Op::SetPud, LinuxConv::C),
+];
+
+/// Members left to Linux on purpose, with the reason (the rest: "no pvops op").
+const LEFT: &[(&str, &str)] = &[
+    (
+        "cpu.io_delay",
+        "Linux's delay follows io_delay= (0x80, 0xed, udelay, none)",
+    ),
+    ("cpu.write_cr0", "Linux's native_write_cr0 pins CR0.WP"),
+    ("cpu.write_cr4", "Linux's native_write_cr4 pins CR4 bits"),
+    (
+        "cpu.cpuid",
+        "signature differs (four pointers; pvops: leaf, subleaf, out)",
+    ),
+    (
+        "cpu.read_msr",
+        "Linux's native_read_msr fixes up a faulting MSR; pvops's faults",
+    ),
+    ("cpu.write_msr", "signature differs (msr, low, high)"),
+    ("cpu.read_msr_safe", "signature differs (msr, int *err)"),
+    ("cpu.write_msr_safe", "signature differs (msr, low, high)"),
+    (
+        "cpu.load_idt",
+        "not served yet (desc_ptr matches; Xen PV's load_idt is the kernel's)",
+    ),
+    (
+        "cpu.load_gdt",
+        "not served yet (desc_ptr matches; Xen PV's load_gdt is the kernel's)",
+    ),
+    (
+        "irq.safe_halt",
+        "Linux's native_safe_halt clears CPU buffers (MDS) before hlt",
+    ),
+    (
+        "irq.halt",
+        "Linux's native_halt clears CPU buffers (MDS) before hlt",
+    ),
+    (
+        "mmu.flush_tlb_user",
+        "Linux's flush handles PCID and PTI user ASIDs",
+    ),
+    (
+        "mmu.flush_tlb_kernel",
+        "Linux's flush handles PCID and PTI user ASIDs",
+    ),
+    (
+        "mmu.flush_tlb_one_user",
+        "Linux's flush handles PCID and PTI user ASIDs",
+    ),
+    ("mmu.alloc_pte", "signature differs (mm, pfn)"),
+    ("mmu.alloc_pmd", "signature differs (mm, pfn)"),
+    ("mmu.alloc_pud", "signature differs (mm, pfn)"),
+    ("mmu.release_pte", "signature differs (pfn)"),
+    ("mmu.release_pmd", "signature differs (pfn)"),
+    ("mmu.release_pud", "signature differs (pfn)"),
+    (
+        "mmu.lazy_mode.enter",
+        "Linux tracks the lazy mode per CPU itself",
+    ),
+    (
+        "mmu.lazy_mode.leave",
+        "Linux tracks the lazy mode per CPU itself",
+    ),
+];
+
+/// Whether pvops serves the Linux member `name` (`group.member`, as in `paravirt_types.h`).
+pub fn served(name: &str) -> Served {
+    if let Some(&(_, op, conv)) = SERVED.iter().find(|(n, _, _)| *n == name) {
+        return Served::Yes { op, conv };
+    }
+    match LEFT.iter().find(|(n, _)| *n == name) {
+        Some(&(_, why)) => Served::No(why),
+        None => Served::No("no pvops op"),
+    }
+}
+
+/// The Linux members pvops serves (name, op, Linux's convention).
+pub fn served_members() -> impl Iterator<Item = (&'static str, Op, LinuxConv)> {
+    SERVED.iter().copied()
+}
+
+/// What one served site becomes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KernelAction {
+    /// The backend's inline bytes.
+    Inline,
+    /// A direct call into pvops.
+    Direct,
+}
+
+/// The bytes pvops writes at a served site (of length [`PV_SITE_LEN`]), and which action.
+///
+/// Inline when the backend offers bytes for `op` that fit and change nothing Linux's convention
+/// for the member forbids; else `call rel32` to the backend's function plus one NOP; `None` when
+/// the function is out of `rel32` reach (the site is then left to Linux).
+pub fn plan(
+    addr: usize,
+    op: Op,
+    conv: LinuxConv,
+    ops: &BackendOps,
+) -> Option<(KernelAction, [u8; PV_SITE_LEN as usize])> {
+    let mut b = [0u8; PV_SITE_LEN as usize];
+    if let Some(inline) = ops.inline(op) {
+        if inline.bytes.len() <= b.len() && conv.clobbers().contains(inline.clobbers) {
+            b[..inline.bytes.len()].copy_from_slice(inline.bytes);
+            fill_nops(&mut b[inline.bytes.len()..]);
+            return Some((KernelAction::Inline, b));
+        }
+    }
+    let target = ops.target(op) as isize;
+    let rel = i32::try_from(target.wrapping_sub((addr + 5) as isize)).ok()?;
+    b[0] = 0xe8;
+    b[1..5].copy_from_slice(&rel.to_le_bytes());
+    fill_nops(&mut b[5..]);
+    Some((KernelAction::Direct, b))
+}
+
+// pvops may serve a Linux callee-save member only with a callee-save op of its own.
+const _: () = {
+    let mut i = 0;
+    while i < SERVED.len() {
+        let (_, op, conv) = SERVED[i];
+        assert!(
+            !matches!(conv, LinuxConv::CalleeSave)
+                || matches!(op.convention(), Convention::CalleeSave)
+        );
+        i += 1;
+    }
+};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Text made of (address, bytes) pieces.
+    struct Pieces<'a>(&'a [(usize, &'a [u8])]);
+
+    impl ReadText for Pieces<'_> {
+        fn read(&self, addr: usize, out: &mut [u8]) {
+            for (i, o) in out.iter_mut().enumerate() {
+                let a = addr + i;
+                *o = self
+                    .0
+                    .iter()
+                    .find(|(at, b)| a >= *at && a < at + b.len())
+                    .map_or(0xcc, |(at, b)| b[a - at]);
+            }
+        }
+    }
+
+    /// An alt_instr as Linux's ALTERNATIVE macros lay it out, stored at `at`.
+    fn entry(
+        at: usize,
+        instr: usize,
+        repl: usize,
+        cpuid: u16,
+        flags: u16,
+        len: u8,
+        rlen: u8,
+    ) -> [u8; 14] {
+        let mut e = [0u8; 14];
+        e[0..4].copy_from_slice(&((instr as isize - at as isize) as i32).to_le_bytes());
+        e[4..8].copy_from_slice(&((repl as isize - (at + 4) as isize) as i32).to_le_bytes());
+        e[8..12].copy_from_slice(&(u32::from(cpuid) | u32::from(flags) << 16).to_le_bytes());
+        e[12] = len;
+        e[13] = rlen;
+        e
+    }
+
+    const BASE: usize = 0x10_0000;
+    const PV_OPS: usize = 0x20_0000;
+    const SITE: usize = 0x30_0000;
+    /// X86_FEATURE_ALWAYS, X86_FEATURE_XENPV
+    const ALWAYS: u16 = 3 * 32 + 21;
+    const XENPV: u16 = 8 * 32 + 16;
+
+    /// `call *pv_ops+slot(%rip)` at `site`.
+    fn pv_call(site: usize, slot: usize) -> [u8; 6] {
+        let disp = (PV_OPS + slot) as isize - (site + 6) as isize;
+        let d = (disp as i32).to_le_bytes();
+        [0xff, 0x15, d[0], d[1], d[2], d[3]]
+    }
+
+    #[test]
+    fn parses_the_field_layout_of_alt_instr() {
+        // a real 6.12 record (irq.save_fl site): instr_offset, repl_offset, ALT_CALL_ALWAYS
+        let e = entry(BASE, SITE, SITE + 0x100, ALWAYS, ALT_FLAG_DIRECT_CALL, 6, 5);
+        let a = AltInstr::parse(&e, BASE);
+        assert_eq!(a.instr, SITE);
+        assert_eq!(a.repl, SITE + 0x100);
+        assert_eq!((a.cpuid, a.flags, a.instrlen, a.repllen), (ALWAYS, 2, 6, 5));
+    }
+
+    #[test]
+    fn groups_entries_of_one_site_and_finds_the_slot() {
+        let mut t = [0u8; 14 * 4];
+        // site 1: ALTERNATIVE_2(call *pv_ops+0x58, call BUG_func, ALWAYS|DIRECT_CALL, pushf; pop, NOT XENPV)
+        t[0..14].copy_from_slice(&entry(BASE, SITE, 0, ALWAYS, ALT_FLAG_DIRECT_CALL, 6, 5));
+        t[14..28].copy_from_slice(&entry(BASE + 14, SITE, 0, XENPV, ALT_FLAG_NOT, 6, 2));
+        // an ordinary alternative (not a pv call)
+        t[28..42].copy_from_slice(&entry(BASE + 28, SITE + 0x40, 0, 100, 0, 3, 3));
+        // site 2: a direct-call-only site (cpu.io_delay at slot 0)
+        t[42..56].copy_from_slice(&entry(
+            BASE + 42,
+            SITE + 0x80,
+            0,
+            ALWAYS,
+            ALT_FLAG_DIRECT_CALL,
+            6,
+            5,
+        ));
+        let b1 = pv_call(SITE, 0x58);
+        let b2 = pv_call(SITE + 0x80, 0);
+        let text = Pieces(&[(SITE, &b1), (SITE + 0x80, &b2)]);
+        let sites: Vec<_> = pv_sites(&t, BASE, PV_OPS, 0x400, &text).collect();
+        assert_eq!(
+            sites,
+            [
+                Ok(PvSite {
+                    addr: SITE,
+                    len: 6,
+                    slot: 0x58,
+                    first: 0,
+                    entries: 2,
+                    linux_inline: true
+                }),
+                Ok(PvSite {
+                    addr: SITE + 0x80,
+                    len: 6,
+                    slot: 0,
+                    first: 3,
+                    entries: 1,
+                    linux_inline: false
+                }),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_direct_call_entry_whose_site_is_not_a_pv_call_is_odd() {
+        let t = entry(BASE, SITE, 0, ALWAYS, ALT_FLAG_DIRECT_CALL, 6, 5);
+        // already a direct call (e8): not the bytes a site holds before apply_alternatives
+        let b = [0xe8, 1, 2, 3, 4, 0x90];
+        let text = Pieces(&[(SITE, &b)]);
+        let s: Vec<_> = pv_sites(&t, BASE, PV_OPS, 0x400, &text).collect();
+        assert_eq!(
+            s,
+            [Err(OddSite::Bytes {
+                addr: SITE,
+                found: b
+            })]
+        );
+        // a call through another table
+        let b = pv_call(SITE, 0x1000);
+        let text = Pieces(&[(SITE, &b)]);
+        assert!(matches!(
+            pv_sites(&t, BASE, PV_OPS, 0x400, &text).next(),
+            Some(Err(OddSite::Bytes { .. }))
+        ));
+        let t = entry(BASE, SITE, 0, ALWAYS, ALT_FLAG_DIRECT_CALL, 7, 5);
+        assert_eq!(
+            pv_sites(&t, BASE, PV_OPS, 0x400, &text).next(),
+            Some(Err(OddSite::Length { addr: SITE, len: 7 }))
+        );
+    }
+
+    #[test]
+    fn served_members_keep_linux_semantics() {
+        assert_eq!(
+            served("irq.save_fl"),
+            Served::Yes {
+                op: Op::SaveFl,
+                conv: LinuxConv::CalleeSave
+            }
+        );
+        assert!(matches!(served("cpu.cpuid"), Served::No(w) if w.contains("signature")));
+        assert!(matches!(served("cpu.write_msr"), Served::No(_)));
+        assert!(matches!(served("cpu.write_cr4"), Served::No(w) if w.contains("pins")));
+        assert_eq!(served("lock.kick"), Served::No("no pvops op"));
+    }
+
+    /// Six consecutive entries of a real Linux 6.12.118 `.altinstructions` (this project's
+    /// built-in kernel, at 0xffffffff820696b8), with the bytes of the pv sites they name, read
+    /// from its vmlinux: an ordinary alternative (two entries, no pv call), two direct-call-only
+    /// pv sites (slots 0xb8 and 0xc0: cpu.read_msr_safe and cpu.write_msr_safe in that
+    /// kernel's layout) and `irq.save_fl` (slot 0xe0) with Linux's inline `pushf; pop %rax`
+    /// under ALT_NOT(X86_FEATURE_XENPV).
+    #[test]
+    fn real_records_of_linux_6_12() {
+        const TABLE: &str = "2016fdfe9e1002007500000005051216fdfe95100200680000000500a317fdfe\
+            87100200750002000605b617fdfe7e1002007500020006059b22fdfe751002007500020006058d22fdfe\
+            6c100200100101000602";
+        let hex = |s: &str| -> Vec<u8> {
+            let s: Vec<u8> = s.bytes().filter(u8::is_ascii_hexdigit).collect();
+            s.chunks(2)
+                .map(|c| u8::from_str_radix(core::str::from_utf8(c).unwrap(), 16).unwrap())
+                .collect()
+        };
+        let table = hex(TABLE);
+        assert_eq!(table.len(), 6 * ALT_INSTR_LEN);
+        let base = 0xffff_ffff_8206_96b8;
+        let pv_ops = 0xffff_ffff_81c3_7f80;
+        let (s1, s2, s3) = (
+            0xffff_ffff_8103_ae77usize,
+            0xffff_ffff_8103_ae98usize,
+            0xffff_ffff_8103_b98busize,
+        );
+        let (b1, b2, b3) = (
+            hex("ff15bbd1bf00"),
+            hex("ff15a2d1bf00"),
+            hex("ff15cfc6bf00"),
+        );
+        let text = Pieces(&[(s1, &b1), (s2, &b2), (s3, &b3)]);
+        let e: Vec<_> = alt_instrs(&table, base).collect();
+        assert_eq!(
+            (e[0].instr, e[0].cpuid, e[0].flags),
+            (0xffff_ffff_8103_acd8, ALWAYS, 0)
+        );
+        assert_eq!(
+            (e[5].cpuid, e[5].flags, e[5].repllen),
+            (XENPV, ALT_FLAG_NOT, 2)
+        );
+        assert_eq!(e[4].flags, ALT_FLAG_DIRECT_CALL);
+        let sites: Vec<_> = pv_sites(&table, base, pv_ops, 648, &text).collect();
+        let site = |addr, slot, first, entries| {
+            Ok(PvSite {
+                addr,
+                len: 6,
+                slot,
+                first,
+                entries,
+                linux_inline: entries > 1,
+            })
+        };
+        assert_eq!(
+            sites,
+            [
+                site(s1, 0xb8, 2, 1),
+                site(s2, 0xc0, 3, 1),
+                site(s3, 0xe0, 4, 2)
+            ]
+        );
+        // a pv_ops of another size: the slots fall outside it and the sites are odd
+        assert!(pv_sites(&table, base, pv_ops, 0xb8, &text).all(|s| s.is_err()));
+    }
+}

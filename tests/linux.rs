@@ -1,0 +1,100 @@
+//! pvops built into Linux 6.12: the plan for the kernel's own pv call sites
+//! (`pvops::linux`), with the native backend's real inline bytes.
+
+use pvops::linux::{plan, served, served_members, KernelAction, LinuxConv, Served};
+use pvops::ops::{Clobbers, Inline};
+use pvops::Op;
+use pvops_backends::native::OPS;
+
+const SITE: usize = 0xffff_ffff_8100_0000;
+
+#[test]
+fn every_served_member_is_inline_on_native() {
+    for (name, op, conv) in served_members() {
+        assert_eq!(served(name), Served::Yes { op, conv });
+        let (action, bytes) = plan(SITE, op, conv, &OPS).unwrap();
+        assert_eq!(action, KernelAction::Inline, "{name}");
+        let inline = OPS.inline(op).unwrap();
+        assert_eq!(&bytes[..inline.bytes.len()], inline.bytes, "{name}");
+    }
+    // Linux's own native replacements, byte for byte (paravirt.h: "pushf; pop %rax", "cli",
+    // "sti", "mov %cr2,%rax", "mov %cr3,%rax", "mov %rdi,%cr3"), padded with one NOP
+    let p = |op, conv| plan(SITE, op, conv, &OPS).unwrap().1;
+    assert_eq!(
+        p(Op::SaveFl, LinuxConv::CalleeSave),
+        [0x9c, 0x58, 0x0f, 0x1f, 0x40, 0x00]
+    );
+    assert_eq!(
+        p(Op::IrqDisable, LinuxConv::CalleeSave),
+        [0xfa, 0x0f, 0x1f, 0x44, 0x00, 0x00]
+    );
+    assert_eq!(
+        p(Op::IrqEnable, LinuxConv::CalleeSave),
+        [0xfb, 0x0f, 0x1f, 0x44, 0x00, 0x00]
+    );
+    assert_eq!(
+        p(Op::ReadCr2, LinuxConv::CalleeSave),
+        [0x0f, 0x20, 0xd0, 0x0f, 0x1f, 0x00]
+    );
+    assert_eq!(
+        p(Op::ReadCr3, LinuxConv::C),
+        [0x0f, 0x20, 0xd8, 0x0f, 0x1f, 0x00]
+    );
+    assert_eq!(
+        p(Op::WriteCr3, LinuxConv::C),
+        [0x0f, 0x22, 0xdf, 0x0f, 0x1f, 0x00]
+    );
+}
+
+#[test]
+fn inline_bytes_outside_the_convention_become_a_direct_call() {
+    let mut ops = OPS;
+    let target = SITE + 0x1234;
+    // an inline sequence that changes RCX: fine at a C site, not at a callee-save one
+    let rcx = Inline {
+        bytes: &[0x31, 0xc9],
+        clobbers: Clobbers::RCX,
+    };
+    // SAFETY: a test table nothing runs.
+    unsafe { ops.set_raw(Op::SaveFl, target, Some(rcx)) };
+    let (a, b) = plan(SITE, Op::SaveFl, LinuxConv::CalleeSave, &ops).unwrap();
+    assert_eq!(a, KernelAction::Direct);
+    let r = 0x1234i32.wrapping_sub(5).to_le_bytes();
+    assert_eq!(b, [0xe8, r[0], r[1], r[2], r[3], 0x90]);
+    let (a, b) = plan(SITE, Op::SaveFl, LinuxConv::C, &ops).unwrap();
+    assert_eq!(
+        (a, b),
+        (KernelAction::Inline, [0x31, 0xc9, 0x0f, 0x1f, 0x40, 0x00])
+    );
+    // out of rel32 reach: left to Linux
+    // SAFETY: as above.
+    unsafe { ops.set_raw(Op::SaveFl, 0x4000_0000_0000, None) };
+    assert_eq!(plan(SITE, Op::SaveFl, LinuxConv::CalleeSave, &ops), None);
+}
+
+#[test]
+fn members_left_to_linux_say_why() {
+    for m in [
+        "cpu.cpuid",
+        "cpu.write_msr",
+        "cpu.write_cr0",
+        "cpu.write_cr4",
+        "irq.safe_halt",
+        "mmu.flush_tlb_one_user",
+    ] {
+        assert!(matches!(served(m), Served::No(w) if !w.is_empty()), "{m}");
+    }
+}
+
+#[test]
+fn which_backends_serve_the_kernel() {
+    use pvops::Backend;
+    // native: the bare instructions, every member pvops serves
+    for (name, op, _) in served_members() {
+        assert!(pvops_backends::native::NATIVE.serves_kernel(op), "{name}");
+    }
+    // xen outside a PV domain (the host here): HVM is not checked yet, so none
+    for (name, op, _) in served_members() {
+        assert!(!pvops_backends::xen::Xen.serves_kernel(op), "{name}");
+    }
+}
