@@ -102,6 +102,9 @@ def main():
     visit(root)
     out = a.out
     os.makedirs(out, exist_ok=True)
+    # a failed run must not leave the previous OUT.o behind for make to take as up to date
+    if os.path.exists(f"{out}.o"):
+        os.remove(f"{out}.o")
     objs = []
     lints = workspace_lints(a.root)
     local = {p["id"] for p in meta["packages"] if p.get("source") is None}

@@ -379,6 +379,11 @@ macro_rules! define_ops {
                 pub(super) mod $group {
                     use super::super::*;
                     $(
+                        /// The slot's value before a backend is installed: stops the machine.
+                        ///
+                        /// # Safety
+                        ///
+                        /// None: it never returns (`unsafe` only to fit the slot's type).
                         #[allow(unused_variables)]
                         pub(in crate::ops) unsafe extern "C" fn $op($($arg: $ty),*) $(-> $ret)? {
                             super::unfilled(Op::$Variant)
