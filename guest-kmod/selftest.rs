@@ -243,16 +243,27 @@ pub(crate) fn selftest(backend: &dyn Backend, ops: &BackendOps) -> SelfTest {
 
     // The backend's clock against the kernel's (ktime) over 20 ms: within 2% + 200 us. Each
     // reading of the backend's clock is bracketed by two ktime reads with interrupts off, and
-    // retried if something (a host-side preemption) stretched the bracket.
-    let (k0, c0) = clock_pair();
-    // SAFETY: busy-waits 20 ms.
-    unsafe { shim::pvops_shim_mdelay(20) };
-    let (k1, c1) = clock_pair();
-    let (dk, dc) = (k1 - k0, c1.wrapping_sub(c0));
-    t.check(
-        "clock-vs-ktime",
-        c1 > c0 && dc.abs_diff(dk) <= dk / 50 + 200_000,
-    );
+    // retried if something (a host-side preemption) stretched the bracket. Under nested
+    // emulation a host can stall a vCPU for longer than the whole interval (seen on the xen-pv
+    // rig with the machine loaded): up to three intervals are measured, each miss is logged
+    // with its figures, and the check holds if one interval agrees. A clock that runs at the
+    // wrong rate or stands still misses all three.
+    let mut held = false;
+    for attempt in 1..=3 {
+        let (k0, c0) = clock_pair();
+        // SAFETY: busy-waits 20 ms.
+        unsafe { shim::pvops_shim_mdelay(20) };
+        let (k1, c1) = clock_pair();
+        let (dk, dc) = (k1 - k0, c1.wrapping_sub(c0));
+        if c1 > c0 && dc.abs_diff(dk) <= dk / 50 + 200_000 {
+            held = true;
+            break;
+        }
+        pr_warn!(
+            "self-test: clock-vs-ktime interval {attempt}/3: the backend's clock advanced {dc} ns while ktime advanced {dk} ns\n"
+        );
+    }
+    t.check("clock-vs-ktime", held);
     let wall = timer::wall_clock();
     // SAFETY: reads the kernel's wall clock.
     let real = unsafe { shim::pvops_shim_ktime_real_ns() };
