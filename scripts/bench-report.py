@@ -276,7 +276,8 @@ def svg(rigs):
         d = rig.doc
         floor = max(rig.res, 0.01)
         vals = [v for o in d["ops"] for p in PATHS if (st := rig.stat(o, p)) for v in st[1:] if v > 0]
-        lo = 10 ** math.floor(math.log10(max(min(vals + [floor]), 0.01))) if vals else 0.1
+        # the axis starts a decade at or below the resolution: what lies under it is noise
+        lo = 10 ** math.floor(math.log10(floor if not rig.host else max(min(vals or [0.1]), 0.01)))
         hi = 10 ** math.ceil(math.log10(max(vals))) if vals else 10
         span = math.log10(hi) - math.log10(lo) or 1
 
@@ -313,7 +314,7 @@ def svg(rigs):
                 below = not rig.host and m < rig.res
                 fill = "none" if below else COLORS[p]
                 s.append(f'<circle cx="{xs(max(m, floor)):.1f}" cy="{y}" r="4" fill="{fill}" '
-                         f'stroke="{COLORS[p]}" opacity="0.85"><title>{p}: {rig.cell(o, p)}</title></circle>')
+                         f'stroke="{COLORS[p]}" opacity="0.85"><title>{p}: {html.escape(rig.cell(o, p))}</title></circle>')
         present = [p for p in PATHS if any(p in o for o in d["ops"])]
         for j, p in enumerate(present):
             ly = y0 + top + j * 16
