@@ -18,7 +18,9 @@
 //!   has no pv op: the row says which); `linux_indirect`: an indirect call through Linux's own
 //!   `pv_ops` slot.
 //!
-//! Each path: `REPS` operations per loop, interrupts off, a warm-up loop, `SAMPLES` loops; the
+//! Each path: `REPS` operations per loop (`REPS_SLOW` for a path whose operation costs more than
+//! `SLOW` cycles, a VM exit: the nested rigs would otherwise take minutes), interrupts off, a
+//! warm-up loop, `SAMPLES` loops; the
 //! run's value is the median minus the empty loop's median (the same macro with no body, measured
 //! in the same run), never clamped. The whole table is measured `RUNS` times in one boot; the
 //! JSON keeps every run's value. The resolution is the empty loop's spread (10th to 90th
@@ -42,6 +44,10 @@ use crate::text::{transition, ReadOnlyText};
 
 /// Operations per timed loop.
 const REPS: u32 = 200;
+/// Operations per timed loop for a slow path.
+const REPS_SLOW: u32 = 20;
+/// TSC cycles per operation above which a path is slow (a probe loop of `REPS_SLOW` decides).
+const SLOW: u64 = 10_000;
 /// Timed loops per path and run (after one warm-up loop).
 const SAMPLES: usize = 21;
 /// Runs of the whole table.
@@ -124,13 +130,13 @@ fn insertion_sort(s: &mut [i64]) {
 }
 
 /// `SAMPLES` loops of `path` after a warm-up, interrupts off, sorted: TSC cycles per loop.
-fn samples(path: &dyn Fn(u32) -> u64) -> [i64; SAMPLES] {
+fn samples(path: &dyn Fn(u32) -> u64, reps: u32) -> [i64; SAMPLES] {
     let mut s = [0i64; SAMPLES];
     // SAFETY: the kernel's local_irq_save; restored below.
     let flags = unsafe { shim::pvops_shim_irq_save() };
-    path(REPS); // warm-up
+    path(reps); // warm-up
     for v in s.iter_mut() {
-        *v = path(REPS) as i64;
+        *v = path(reps) as i64;
     }
     // SAFETY: restores the flags saved above.
     unsafe { shim::pvops_shim_irq_restore(flags) };
@@ -138,16 +144,36 @@ fn samples(path: &dyn Fn(u32) -> u64) -> [i64; SAMPLES] {
     s
 }
 
-/// Cycles per loop as cycles per 100 operations.
-fn per100(cycles: i64) -> i64 {
-    cycles * 100 / i64::from(REPS)
+/// Cycles per loop of `reps` as cycles per 100 operations.
+fn per100(cycles: i64, reps: u32) -> i64 {
+    cycles * 100 / i64::from(reps)
 }
 
-/// One run's value of a path: median loop minus the empty loop's median, per 100 ops.
-fn measure(row: u32, path: Loop, base: i64) -> i64 {
+/// How many operations a loop of this path runs: the fastest of three probe loops of
+/// `REPS_SLOW`, interrupts off (the first run of fresh code costs more under TCG: translation).
+fn reps_for(row: u32, path: Loop) -> u32 {
+    // SAFETY: the kernel's local_irq_save; restored below.
+    let flags = unsafe { shim::pvops_shim_irq_save() };
+    // SAFETY: runs one of linux_peer.c's loops, interrupts off.
+    let c = (0..3)
+        .map(|_| unsafe { shim::pvops_linux_run(row, path, REPS_SLOW) })
+        .min()
+        .unwrap_or(0);
+    // SAFETY: restores the flags saved above.
+    unsafe { shim::pvops_shim_irq_restore(flags) };
+    if c / u64::from(REPS_SLOW) > SLOW {
+        REPS_SLOW
+    } else {
+        REPS
+    }
+}
+
+/// One run's value of a path: median loop minus the empty loop's median (of the same `reps`),
+/// per 100 ops.
+fn measure(row: u32, path: Loop, reps: u32, base: i64) -> i64 {
     // SAFETY: runs one of linux_peer.c's loops; `samples` turned interrupts off.
-    let s = samples(&|reps| unsafe { shim::pvops_linux_run(row, path, reps) });
-    per100(s[SAMPLES / 2] - base)
+    let s = samples(&|n| unsafe { shim::pvops_linux_run(row, path, n) }, reps);
+    per100(s[SAMPLES / 2] - base, reps)
 }
 
 /// The paths, in JSON order.
@@ -170,6 +196,8 @@ const LINUX_IND: usize = 5;
 struct RowRes {
     /// Per path, each run's value (`None`: the path does not exist for the row).
     v: [Option<[i64; RUNS]>; 6],
+    /// Per path, the operations per loop (decided in the first run).
+    reps: [u32; 6],
     /// What the engine makes of the row's sites when patching for the backend.
     actions: [Option<Action>; 2],
     /// The row's sites hold the native backend's bytes once patched, which is what Linux's site
@@ -328,6 +356,7 @@ fn run(state: &State) -> Result {
     for row in 0..nrows {
         let mut r = RowRes {
             v: [None; 6],
+            reps: [0; 6],
             actions: [None; 2],
             native_bytes: true,
         };
@@ -355,14 +384,21 @@ fn run(state: &State) -> Result {
     for run in 0..RUNS {
         // the loop's own cost: the same macro, no body
         // SAFETY: linux_peer.c's empty loop.
-        let e = samples(&|reps| unsafe { shim::pvops_linux_empty(reps) });
+        let e = samples(&|n| unsafe { shim::pvops_linux_empty(n) }, REPS);
         let base = e[SAMPLES / 2];
         empty[run] = base;
-        resolution[run] = per100(e[SAMPLES * 9 / 10] - e[SAMPLES / 10]).max(1);
+        resolution[run] = per100(e[SAMPLES * 9 / 10] - e[SAMPLES / 10], REPS).max(1);
+        // SAFETY: as above.
+        let base_slow = samples(&|n| unsafe { shim::pvops_linux_empty(n) }, REPS_SLOW)[SAMPLES / 2];
 
         let put = |row: u32, path: usize, l: Loop, res: &mut KVec<RowRes>| {
-            let v = measure(row, l, base);
-            res[row as usize].v[path].get_or_insert([0; RUNS])[run] = v;
+            let r = &mut res[row as usize];
+            if r.reps[path] == 0 {
+                r.reps[path] = reps_for(row, l);
+            }
+            let reps = r.reps[path];
+            let v = measure(row, l, reps, if reps == REPS { base } else { base_slow });
+            r.v[path].get_or_insert([0; RUNS])[run] = v;
         };
         // 1. patched for the backend: raw, inline (rows the engine inlined), Linux's paths
         step(&normal, false)?;
@@ -403,7 +439,7 @@ fn run(state: &State) -> Result {
     let l = state.load;
     let sel = state.backend.id();
     (|| -> core::fmt::Result {
-        write!(j, "{{\"backend\":\"{sel}\",\"tsc_khz\":{},\"reps\":{REPS},\"samples\":{SAMPLES},\"runs\":{RUNS},", state.tsc_khz)?;
+        write!(j, "{{\"backend\":\"{sel}\",\"tsc_khz\":{},\"reps\":{REPS},\"reps_slow\":{REPS_SLOW},\"slow_cycles\":{SLOW},\"samples\":{SAMPLES},\"runs\":{RUNS},", state.tsc_khz)?;
         write!(j, "\"unit\":\"TSC cycles per 100 ops\",\"resolution\":{res_max},\"empty_loop\":{{\"runs\":")?;
         j.list(&empty)?;
         j.write_str(",\"spread\":")?;
@@ -447,10 +483,10 @@ fn run(state: &State) -> Result {
                 write!(j, "{}\"{a}\"", if n > 0 { "," } else { "" })?;
             }
             j.write_str("]")?;
-            for (name, v) in PATHS.iter().zip(r.v.iter()) {
+            for ((name, v), reps) in PATHS.iter().zip(r.v.iter()).zip(r.reps.iter()) {
                 if let Some(v) = v {
                     let (m, lo, hi) = spread(v);
-                    write!(j, ",\"{name}\":{{\"median\":{m},\"min\":{lo},\"max\":{hi},\"runs\":")?;
+                    write!(j, ",\"{name}\":{{\"median\":{m},\"min\":{lo},\"max\":{hi},\"reps\":{reps},\"runs\":")?;
                     j.list(v)?;
                     j.write_str("}")?;
                 }

@@ -45,19 +45,22 @@
 
 /*
  * The loop every path is measured with: `reps` (>= 1) iterations of the body between two
- * serialised TSC reads. The counter and `arg` go through OPAQUE each iteration, so the
- * compiler can neither unroll the loop nor hoist anything out of the body; an empty body gives
- * the loop's own cost (pvops_linux_empty), subtracted from every path.
+ * serialised TSC reads. The counter goes through OPAQUE each iteration (and so does `arg` in
+ * the bodies that use it), so the compiler can neither unroll the loop nor hoist anything out
+ * of the body; the counter lives in
+ * R12, a register no call site or call uses, so every loop ends in the same `sub $1, %r12d;
+ * jne` (in a register of the compiler's choice, it shuffled the counter around sites that take
+ * fixed argument registers); an empty body gives the loop's own cost (pvops_linux_empty),
+ * subtracted from every path.
  */
 #define BENCH_LOOP(name, ...)						\
 	static noinline notrace u64 bench_##name(u32 reps, u64 arg)	\
 	{								\
 		u64 t0, t1;						\
-		u32 i = reps;						\
+		register u32 i asm("r12") = reps;			\
 									\
 		t0 = rdtsc_ordered();					\
 		do {							\
-			OPAQUE(arg);					\
 			__VA_ARGS__;					\
 			OPAQUE(i);					\
 		} while (--i);						\
@@ -77,7 +80,7 @@
 	label ":\n"							\
 	"771:\n\t"							\
 	"call *pvops_bench_pv_ops+%c[slot](%%rip)\n\t"			\
-	".skip %c[len] - %c[icl], 0x90\n\t"				\
+	".if %c[len] > %c[icl]\n\t.skip %c[len] - %c[icl], 0x90\n\t.endif\n\t" \
 	".pushsection .discard.retpoline_safe\n\t.long 771b\n\t.popsection\n\t" \
 	".pushsection .discard.noendbr\n\t.long 771b\n\t.popsection\n\t" \
 	".pushsection " BENCH_SITES ", \"a\"\n\t.subsection 1\n\t.balign 4\n\t" \
@@ -135,13 +138,13 @@ BENCH_LOOP(linux_save_fl, KEEP(arch_local_save_flags()))
 BENCH_LOOP(linux_ind_save_fl, KEEP(((unsigned long (*)(void))pv_ops.irq.save_fl.func)()))
 
 /* arg: the flags with IF clear (row restore_fl_off) or set (restore_fl_on) */
-BENCH_LOOP(raw_restore_fl, asm volatile("push %0; popfq" : : "r"(arg) : "memory", "cc"))
-BENCH_LOOP(pv_restore_fl, PV_CS1("pvops_bench_restore_fl_0", RESTORE_FL, arg))
-BENCH_LOOP(linux_restore_fl, arch_local_irq_restore(arg))
-BENCH_LOOP(raw_restore_fl_on, asm volatile("push %0; popfq; cli" : : "r"(arg) : "memory", "cc"))
-BENCH_LOOP(pv_restore_fl_on, PV_CS1("pvops_bench_restore_fl_on_0", RESTORE_FL, arg);
+BENCH_LOOP(raw_restore_fl, OPAQUE(arg); asm volatile("push %0; popfq" : : "r"(arg) : "memory", "cc"))
+BENCH_LOOP(pv_restore_fl, OPAQUE(arg); PV_CS1("pvops_bench_restore_fl_0", RESTORE_FL, arg))
+BENCH_LOOP(linux_restore_fl, OPAQUE(arg); arch_local_irq_restore(arg))
+BENCH_LOOP(raw_restore_fl_on, OPAQUE(arg); asm volatile("push %0; popfq; cli" : : "r"(arg) : "memory", "cc"))
+BENCH_LOOP(pv_restore_fl_on, OPAQUE(arg); PV_CS1("pvops_bench_restore_fl_on_0", RESTORE_FL, arg);
 	   PV_CS0("pvops_bench_restore_fl_on_1", IRQ_DISABLE))
-BENCH_LOOP(linux_restore_fl_on, arch_local_irq_restore(arg); arch_local_irq_disable())
+BENCH_LOOP(linux_restore_fl_on, OPAQUE(arg); arch_local_irq_restore(arg); arch_local_irq_disable())
 
 BENCH_LOOP(raw_irq_disable, asm volatile("cli" : : : "memory"))
 BENCH_LOOP(pv_irq_disable, PV_CS0("pvops_bench_irq_disable_0", IRQ_DISABLE))
@@ -207,10 +210,10 @@ BENCH_LOOP(pv_io_delay, PV_CS0("pvops_bench_io_delay_0", IO_DELAY))
 BENCH_LOOP(linux_io_delay, slow_down_io())
 
 /* arg: the value written (1) */
-BENCH_LOOP(raw_set_pte, asm volatile("movq %1, %0" : "=m"(scratch_pte) : "r"(arg) : "memory"))
-BENCH_LOOP(pv_set_pte, PV_CS2("pvops_bench_set_pte_0", SET_PTE, &scratch_pte, arg))
+BENCH_LOOP(raw_set_pte, OPAQUE(arg); asm volatile("movq %1, %0" : "=m"(scratch_pte) : "r"(arg) : "memory"))
+BENCH_LOOP(pv_set_pte, OPAQUE(arg); PV_CS2("pvops_bench_set_pte_0", SET_PTE, &scratch_pte, arg))
 /* (pte_t){} rather than __pte(), itself a pv op (mmu.make_pte) under PARAVIRT_XXL */
-BENCH_LOOP(linux_set_pte, set_pte((pte_t *)&scratch_pte, (pte_t){ .pte = arg }))
+BENCH_LOOP(linux_set_pte, OPAQUE(arg); set_pte((pte_t *)&scratch_pte, (pte_t){ .pte = arg }))
 
 BENCH_LOOP(raw_sched_clock, KEEP(rdtsc_ordered()))
 BENCH_LOOP(pv_sched_clock, KEEP(PV_C0("pvops_bench_sched_clock_0", SCHED_CLOCK)))
