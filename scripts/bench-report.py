@@ -43,7 +43,9 @@ def load(folder):
     for name in sorted(os.listdir(folder)):
         if name.endswith(".json"):
             with open(os.path.join(folder, name)) as f:
-                rigs[name[:-5]] = json.load(f)
+                doc = json.load(f)
+            if "ops" in doc:  # a benchmark's table, nothing else
+                rigs[name[:-5]] = doc
     return rigs
 
 
