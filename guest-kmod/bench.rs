@@ -3,86 +3,128 @@
 //! The in-guest benchmark: every op the module can run safely in ring 0, every path that
 //! exists for it, in TSC cycles per op.
 //!
-//! Paths, all measured in one run on the same call sites:
+//! One harness measures every path: linux_peer.c's `BENCH_LOOP`, one C loop shape for the raw
+//! instruction, the pvops call site and Linux's own path, so identical bytes cost the same.
+//! The pvops sites there are emitted from C exactly as `pv_site!` emits them and call through
+//! [`BENCH_PV_OPS`], a copy of the installed table; this file patches them with the pvops
+//! engine ([`Patcher`], the same stop_machine writer as the module's own sites) into each state
+//! measured:
 //!
 //! - `raw`: the bare instruction, inline (the physical limit);
-//! - `inline`: the pvops sites patched inline (when the backend has a replacement that fits);
-//! - `direct`: the same sites patched to direct calls (re-patched with the inline
-//!   replacements withheld);
-//! - `indirect`: the same sites unpatched (indirect calls through `PV_OPS`);
-//! - `linux`: Linux's own paravirt path for the operation (linux_peer.c), patched by the
-//!   kernel for the running hypervisor; `linux_indirect`: an indirect call through Linux's own
-//!   `pv_ops` slot, with the kernel's retpoline settings.
+//! - `inline`: the sites patched for the backend, where the engine inlined every site of the row;
+//! - `direct`: the sites patched with the inline replacements withheld (direct calls);
+//! - `indirect`: the sites unpatched (indirect calls through the table);
+//! - `linux`: Linux's own path (a pv_ops site the kernel patched, or native code where Linux
+//!   has no pv op: the row says which); `linux_indirect`: an indirect call through Linux's own
+//!   `pv_ops` slot.
 //!
-//! Each path is a loop of `REPS` operations timed with serialised TSC reads (`lfence; rdtsc`),
-//! interrupts off; after a warm-up, `SAMPLES` samples give the median and the 10th/90th
-//! percentiles. The loop's own cost (an empty loop, measured the same way, per harness) is
-//! subtracted. Integers only: results are TSC cycles per 100 operations.
+//! Each path: `REPS` operations per loop (`REPS_SLOW` for a path whose operation costs more than
+//! `SLOW` cycles, a VM exit: the nested rigs would otherwise take minutes), interrupts off, a
+//! warm-up loop, `SAMPLES` loops; the
+//! run's value is the median minus the empty loop's median (the same macro with no body, measured
+//! in the same run), never clamped. Every path is measured `RUNS` times in one boot (state by
+//! state: run `i` of the patched paths, then of the direct, then of the indirect); the JSON keeps
+//! every run's value. The resolution is the empty loop's spread (10th to 90th
+//! percentile). Integers only: TSC cycles per 100 operations.
 
-use core::ffi::c_int;
+use core::cell::UnsafeCell;
+use core::ffi::{c_int, CStr};
 use core::fmt::Write;
 
 use kernel::prelude::*;
-use pvops::arch::{raw_cpuid, rdtsc_ordered};
-use pvops::ops::{cpu, irq, mmu, timer, Op};
-use pvops::{Backend, Patcher, PV_OPS};
+use pvops::arch::raw_cpuid;
+use pvops::ops::{Op, PvOps};
+use pvops::patch::Action;
+use pvops::site::SiteRecord;
+use pvops::{Backend, Patcher, SiteTable};
 
 use crate::platform::KernelPlatform;
 use crate::shim;
 use crate::shim::pvops_linux_loop as Loop;
-use crate::text::{module_sites, transition, ReadOnlyText};
+use crate::text::{transition, ReadOnlyText};
 
 /// Operations per timed loop.
 const REPS: u32 = 200;
-/// Timed loops per path (after one warm-up).
+/// Operations per timed loop for a slow path.
+const REPS_SLOW: u32 = 20;
+/// TSC cycles per operation above which a path is slow (probe loops of `REPS_SLOW` decide).
+const SLOW: u64 = 10_000;
+/// The same in nanoseconds of the kernel's clock: in a nested guest the TSC alone may not show
+/// what a path costs in time.
+const SLOW_NS: u64 = 4_000;
+/// Timed loops per path and run (after one warm-up loop).
 const SAMPLES: usize = 21;
+/// Runs of the whole table.
+const RUNS: usize = 5;
 
-/// Median and spread of one path, in TSC cycles per 100 operations.
-#[derive(Clone, Copy)]
-struct Stats {
-    /// The median sample.
-    median: u64,
-    /// The 10th percentile.
-    p10: u64,
-    /// The 90th percentile.
-    p90: u64,
+/// The table the benchmark's C call sites call through (linux_peer.c names it
+/// `pvops_bench_pv_ops`): C cannot name the mangled `PV_OPS`, so `run` copies the installed
+/// table here before any of those sites runs.
+#[repr(transparent)]
+pub(crate) struct BenchTable(UnsafeCell<PvOps>);
+
+// SAFETY: written only by `run`, under the bench mutex, while no benchmark site runs; the C sites
+// read pointer-sized slots.
+unsafe impl Sync for BenchTable {}
+
+/// See [`BenchTable`].
+#[export_name = "pvops_bench_pv_ops"]
+pub(crate) static BENCH_PV_OPS: BenchTable = BenchTable(UnsafeCell::new(PvOps::UNFILLED));
+
+/// Checks, at compile time, every constant linux_peer.c's sites record (shim.h,
+/// `enum pvops_linux_abi`) against the ops table; [`abi_matches`] asks C for its view too.
+macro_rules! abi {
+    ($($c:ident => $op:ident),* $(,)?) => {
+        kernel::macros::paste! {
+            const _: () = {
+                assert!(shim::pvops_linux_abi_PVOPS_ABI_SLOT_SIZE as usize == core::mem::size_of::<usize>());
+                assert!(shim::pvops_linux_abi_PVOPS_ABI_INDIRECT_CALL_LEN == pvops::ops::INDIRECT_CALL_LEN as u32);
+                assert!(shim::pvops_linux_abi_PVOPS_ABI_CLOB_CALLEE_SAVE
+                    == pvops::ops::Convention::CalleeSave.clobbers().bits() as u32);
+                assert!(shim::pvops_linux_abi_PVOPS_ABI_CLOB_C == pvops::ops::Convention::C.clobbers().bits() as u32);
+                $(
+                    assert!(shim::[<pvops_linux_abi_PVOPS_OP_ $c>] == Op::$op as u32);
+                    assert!(shim::[<pvops_linux_abi_PVOPS_LEN_ $c>] == Op::$op.site_len() as u32);
+                    assert!(shim::[<pvops_linux_abi_PVOPS_CLOB_ $c>] == Op::$op.convention().clobbers().bits() as u32);
+                    assert!(Op::$op.slot() == Op::$op as usize * core::mem::size_of::<usize>());
+                )*
+            };
+
+            /// Whether the C object was compiled with the constants checked above.
+            fn abi_matches() -> bool {
+                // SAFETY: returns its argument.
+                let c = |k| unsafe { shim::pvops_linux_abi(k) };
+                true $(&& c(shim::[<pvops_linux_abi_PVOPS_OP_ $c>]) == Op::$op as u32
+                    && c(shim::[<pvops_linux_abi_PVOPS_LEN_ $c>]) == u32::from(Op::$op.site_len()))*
+            }
+        }
+    };
 }
 
-/// Time `reps` runs of `f` (inlined into the loop).
-#[inline(always)]
-fn timed<F: FnMut()>(reps: u32, mut f: F) -> u64 {
-    let t0 = rdtsc_ordered();
-    for _ in 0..reps {
-        f();
-    }
-    rdtsc_ordered().wrapping_sub(t0)
+abi! {
+    CPUID => Cpuid, READ_CR0 => ReadCr0, READ_CR4 => ReadCr4, READ_MSR => ReadMsr,
+    READ_MSR_SAFE => ReadMsrSafe, LOAD_IDT => LoadIdt, STORE_TR => StoreTr, IO_DELAY => IoDelay,
+    HYPERCALL => Hypercall, SAVE_FL => SaveFl, RESTORE_FL => RestoreFl, IRQ_DISABLE => IrqDisable,
+    IRQ_ENABLE => IrqEnable, READ_CR2 => ReadCr2, WRITE_CR2 => WriteCr2, READ_CR3 => ReadCr3,
+    WRITE_CR3 => WriteCr3, FLUSH_TLB_USER => FlushTlbUser, FLUSH_TLB_ONE_USER => FlushTlbOneUser,
+    SET_PTE => SetPte, ALLOC_PT => AllocPt, LAZY_MODE_ENTER => LazyModeEnter,
+    LAZY_MODE_LEAVE => LazyModeLeave, SCHED_CLOCK => SchedClock, STEAL_CLOCK => StealClock,
+    TSC_KHZ => TscKhz,
 }
 
-/// A path: runs its loop `reps` times and returns the cycles it took.
-type Path = fn(u32) -> u64;
-
-/// Sample a path with interrupts off; subtract `baseline` (cycles per loop of REPS).
-fn measure(path: &dyn Fn(u32) -> u64, baseline: u64) -> Stats {
-    let mut s = [0u64; SAMPLES];
-    // SAFETY: the kernel's local_irq_save; restored below.
-    let flags = unsafe { shim::pvops_shim_irq_save() };
-    path(REPS); // warm-up
-    for v in s.iter_mut() {
-        *v = path(REPS).saturating_sub(baseline) * 100 / u64::from(REPS);
-    }
-    // SAFETY: restores the flags saved above.
-    unsafe { shim::pvops_shim_irq_restore(flags) };
-    insertion_sort(&mut s);
-    Stats {
-        median: s[SAMPLES / 2],
-        p10: s[SAMPLES / 10],
-        p90: s[SAMPLES * 9 / 10],
-    }
+/// The benchmark's call sites: the records linux_peer.c put in `.pvops_bench_sites`.
+fn bench_sites() -> SiteTable {
+    let (mut start, mut end) = (0, 0);
+    // SAFETY: writes the two bounds.
+    unsafe { shim::pvops_linux_bench_sites(&mut start, &mut end) };
+    // SAFETY: linux_peer.c brackets the section's records (subsection 1) with these two labels
+    // (subsections 0 and 2), 4-aligned, and only PV_SITE writes records there.
+    unsafe { SiteTable::from_bounds(start as *const SiteRecord, end as *const SiteRecord) }
 }
 
-/// Sorts a sample set (core's sort pulls in panic paths objtool cannot follow).
-fn insertion_sort(s: &mut [u64; SAMPLES]) {
-    for i in 1..SAMPLES {
+/// Sorts a few values (core's sort pulls in panic paths objtool cannot follow).
+fn insertion_sort(s: &mut [i64]) {
+    for i in 1..s.len() {
         let mut j = i;
         while j > 0 && s[j - 1] > s[j] {
             s.swap(j - 1, j);
@@ -91,201 +133,84 @@ fn insertion_sort(s: &mut [u64; SAMPLES]) {
     }
 }
 
-/// Raw cycles of the loop itself (median), so it can be subtracted.
-fn baseline(path: &dyn Fn(u32) -> u64) -> u64 {
-    let st = measure(path, 0);
-    st.median * u64::from(REPS) / 100
+/// `SAMPLES` loops of `path` after a warm-up, interrupts off, sorted: TSC cycles per loop.
+fn samples(path: &dyn Fn(u32) -> u64, reps: u32) -> [i64; SAMPLES] {
+    let mut s = [0i64; SAMPLES];
+    // SAFETY: the kernel's local_irq_save; restored below.
+    let flags = unsafe { shim::pvops_shim_irq_save() };
+    path(reps); // warm-up
+    for v in s.iter_mut() {
+        *v = path(reps) as i64;
+    }
+    // SAFETY: restores the flags saved above.
+    unsafe { shim::pvops_shim_irq_restore(flags) };
+    insertion_sort(&mut s);
+    s
 }
 
-/// Linux's own path for an op: loop `id` of linux_peer.c.
-fn linux(id: Loop) -> impl Fn(u32) -> u64 {
-    // SAFETY: runs one of linux_peer.c's loops; interrupts are off (measure).
-    move |reps| unsafe { shim::pvops_linux_loop(id, reps) }
+/// Cycles per loop of `reps` as cycles per 100 operations.
+fn per100(cycles: i64, reps: u32) -> i64 {
+    cycles * 100 / i64::from(reps)
 }
 
-/// What the MMU rows write as their "page-table entry" and flush from the TLB.
-static mut SCRATCH: u64 = 0;
-/// The IDT register as SIDT found it, which the load_idt rows load again.
-static mut IDT_NOW: pvops::ops::DescriptorPointer =
-    pvops::ops::DescriptorPointer { limit: 0, base: 0 };
-
-/// The scratch variable's address.
-fn scratch() -> *mut u64 {
-    core::ptr::addr_of_mut!(SCRATCH)
-}
-
-/// The IDT register as `run` read it.
-fn idt_now() -> &'static pvops::ops::DescriptorPointer {
-    // SAFETY: written once by `run` (SIDT) before any path reads it, under the bench mutex.
-    unsafe { &*core::ptr::addr_of!(IDT_NOW) }
-}
-
-/// Keeps a result alive the way linux_peer.c's `KEEP` does: an empty asm statement that takes
-/// it in a register (no store to memory), so both harnesses pay the same for it.
-trait Sink {
-    /// Consume `self` in a register.
-    fn sink(self);
-}
-
-impl Sink for u64 {
-    #[inline(always)]
-    fn sink(self) {
-        // SAFETY: an empty asm statement.
-        unsafe {
-            core::arch::asm!("/* {0} */", in(reg) self, options(nomem, nostack, preserves_flags))
-        };
+/// How many operations a loop of this path runs: the fastest of three probe loops of
+/// `REPS_SLOW`, interrupts off (the first run of fresh code costs more under TCG: translation).
+fn reps_for(row: u32, path: Loop) -> u32 {
+    // SAFETY: the kernel's local_irq_save; restored below.
+    let flags = unsafe { shim::pvops_shim_irq_save() };
+    // SAFETY: reads the kernel's monotonic clock.
+    let t0 = unsafe { shim::pvops_shim_ktime_ns() };
+    // SAFETY: runs one of linux_peer.c's loops, interrupts off.
+    let c = (0..3)
+        .map(|_| unsafe { shim::pvops_linux_run(row, path, REPS_SLOW) })
+        .min()
+        .unwrap_or(0);
+    // SAFETY: as above.
+    let ns = unsafe { shim::pvops_shim_ktime_ns() }.wrapping_sub(t0) / u64::from(3 * REPS_SLOW);
+    // SAFETY: restores the flags saved above.
+    unsafe { shim::pvops_shim_irq_restore(flags) };
+    if c / u64::from(REPS_SLOW) > SLOW || ns > SLOW_NS {
+        REPS_SLOW
+    } else {
+        REPS
     }
 }
 
-impl Sink for i64 {
-    #[inline(always)]
-    fn sink(self) {
-        (self as u64).sink()
-    }
+/// One run's value of a path: median loop minus the empty loop's median (of the same `reps`),
+/// per 100 ops.
+fn measure(row: u32, path: Loop, reps: u32, base: i64) -> i64 {
+    // SAFETY: runs one of linux_peer.c's loops; `samples` turned interrupts off.
+    let s = samples(&|n| unsafe { shim::pvops_linux_run(row, path, n) }, reps);
+    per100(s[SAMPLES / 2] - base, reps)
 }
 
-impl Sink for u32 {
-    #[inline(always)]
-    fn sink(self) {
-        u64::from(self).sink()
-    }
-}
-
-impl Sink for () {
-    #[inline(always)]
-    fn sink(self) {}
-}
-
-/// A path: a loop around `$body`, timed.
-macro_rules! path {
-    ($body:expr) => {{
-        fn p(reps: u32) -> u64 {
-            timed(reps, || Sink::sink($body))
-        }
-        p as Path
-    }};
-}
-
-/// A path whose body is unsafe.
-macro_rules! path_unsafe {
-    ($body:expr) => {
-        path!({
-            // SAFETY: every body in `rows` keeps the invariant stated there.
-            unsafe { $body }
-        })
-    };
-}
-
-/// The raw instruction(s) as a path.
-macro_rules! raw {
-    ($($asm:tt)*) => { path_unsafe!(core::arch::asm!($($asm)*)) };
-}
-
-/// One benchmarked op: its raw form, its pvops wrapper, and Linux's peer (a loop of
-/// linux_peer.c, `enum pvops_linux_loop` in shim.h).
-struct Row {
-    /// The op (whether the backend inlines it decides the `inline` path).
-    op: Op,
-    /// Its name in the JSON.
-    label: &'static str,
-    /// The bare instruction(s), where they exist and are safe to run.
-    raw: Option<Path>,
-    /// Through the pvops call sites.
-    pvops: Path,
-    /// Linux's own path, where it has one.
-    linux: Option<Loop>,
-}
-
-/// The backend's harmless hypercall (number, first argument), set by `run` before measuring.
-static HYPERCALL: [core::sync::atomic::AtomicU64; 2] = [
-    core::sync::atomic::AtomicU64::new(0),
-    core::sync::atomic::AtomicU64::new(0),
+/// The paths, in JSON order.
+const PATHS: [&str; 6] = [
+    "raw",
+    "inline",
+    "direct",
+    "indirect",
+    "linux",
+    "linux_indirect",
 ];
-/// Whether the KVM hypercall instruction is `vmmcall`.
-static VMMCALL: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+const RAW: usize = 0;
+const INLINE: usize = 1;
+const DIRECT: usize = 2;
+const INDIRECT: usize = 3;
+const LINUX: usize = 4;
+const LINUX_IND: usize = 5;
 
-/// The hypercall `run` set: number and first argument.
-fn hc() -> (u64, u64) {
-    use core::sync::atomic::Ordering::Relaxed;
-    (HYPERCALL[0].load(Relaxed), HYPERCALL[1].load(Relaxed))
-}
-
-/// Every op the benchmark runs. Invariant of every body: ring 0, interrupts off (`measure`),
-/// and each op run so that it changes nothing: registers are written with the value they
-/// hold, the TLB entry flushed is the scratch variable's, the "page-table entry" written is
-/// the scratch variable, the IDT is reloaded with what SIDT returned.
-///
-/// Left out: halt and safe_halt (they wait for an interrupt), wbinvd (flushes every cache of
-/// the machine), write_msr/write_cr0/write_cr4 (a wrong value is fatal and the gain is nil),
-/// set_next_event (the timer belongs to the kernel), wall_clock (the RTC ports are the
-/// kernel's), load_gdt (as load_idt). The hypercall is the backend's harmless one
-/// (`Backend::null_hypercall`); its raw and Linux paths exist on KVM only (elsewhere the
-/// instruction would fault).
-fn rows() -> [Row; 25] {
-    #[rustfmt::skip]
-    let rows = [
-        Row { op: Op::SaveFl, label: "irq.save_fl", linux: Some(Loop::PVOPS_LINUX_SAVE_FL),
-              raw: Some(raw!("pushfq", "pop {}", out(reg) _)), pvops: path!(irq::save_fl()) },
-        Row { op: Op::RestoreFl, label: "irq.restore_fl", linux: Some(Loop::PVOPS_LINUX_RESTORE_FL),
-              raw: Some(raw!("pushfq", "popfq")), pvops: path_unsafe!(irq::restore_fl(irq::save_fl())) },
-        Row { op: Op::IrqDisable, label: "irq.irq_disable", linux: Some(Loop::PVOPS_LINUX_IRQ_DISABLE),
-              raw: Some(raw!("cli")), pvops: path_unsafe!(irq::irq_disable()) },
-        Row { op: Op::IrqEnable, label: "irq.irq_enable+irq_disable", linux: Some(Loop::PVOPS_LINUX_IRQ_ENABLE_DISABLE),
-              raw: Some(raw!("sti", "cli")),
-              pvops: path_unsafe!({ irq::irq_enable(); irq::irq_disable() }) },
-        Row { op: Op::ReadCr0, label: "cpu.read_cr0", linux: Some(Loop::PVOPS_LINUX_READ_CR0),
-              raw: Some(raw!("mov {}, cr0", out(reg) _)), pvops: path_unsafe!(cpu::read_cr0()) },
-        Row { op: Op::ReadCr2, label: "mmu.read_cr2", linux: Some(Loop::PVOPS_LINUX_READ_CR2),
-              raw: Some(raw!("mov {}, cr2", out(reg) _)), pvops: path_unsafe!(mmu::read_cr2()) },
-        Row { op: Op::WriteCr2, label: "mmu.write_cr2", linux: Some(Loop::PVOPS_LINUX_WRITE_CR2),
-              raw: Some(raw!("mov {0}, cr2", "mov cr2, {0}", out(reg) _)),
-              pvops: path_unsafe!(mmu::write_cr2(mmu::read_cr2())) },
-        Row { op: Op::ReadCr3, label: "mmu.read_cr3", linux: Some(Loop::PVOPS_LINUX_READ_CR3),
-              raw: Some(raw!("mov {}, cr3", out(reg) _)), pvops: path_unsafe!(mmu::read_cr3()) },
-        Row { op: Op::ReadCr4, label: "cpu.read_cr4", linux: Some(Loop::PVOPS_LINUX_READ_CR4),
-              raw: Some(raw!("mov {}, cr4", out(reg) _)), pvops: path_unsafe!(cpu::read_cr4()) },
-        Row { op: Op::Cpuid, label: "cpu.cpuid", linux: Some(Loop::PVOPS_LINUX_CPUID),
-              raw: Some(path!(raw_cpuid(0, 0).eax)), pvops: path!(cpu::cpuid(0, 0).eax) },
-        Row { op: Op::ReadMsr, label: "cpu.read_msr", linux: Some(Loop::PVOPS_LINUX_READ_MSR),
-              raw: Some(raw!("rdmsr", in("ecx") 0xc000_0080u32, out("eax") _, out("edx") _)),
-              pvops: path_unsafe!(cpu::read_msr(0xc000_0080)) },
-        Row { op: Op::ReadMsrSafe, label: "cpu.read_msr_safe", linux: None, raw: None,
-              pvops: path_unsafe!(cpu::read_msr_safe(0xc000_0080).unwrap_or(0)) },
-        Row { op: Op::FlushTlbOneUser, label: "mmu.flush_tlb_one_user", linux: Some(Loop::PVOPS_LINUX_FLUSH_TLB_ONE_USER),
-              raw: Some(raw!("invlpg [{}]", in(reg) scratch())),
-              pvops: path_unsafe!(mmu::flush_tlb_one_user(scratch() as u64)) },
-        Row { op: Op::StoreTr, label: "cpu.store_tr", linux: Some(Loop::PVOPS_LINUX_STORE_TR),
-              raw: Some(raw!("str {}", out(reg) _)), pvops: path!(cpu::store_tr()) },
-        Row { op: Op::LoadIdt, label: "cpu.load_idt", linux: Some(Loop::PVOPS_LINUX_LOAD_IDT),
-              raw: Some(raw!("lidt [{}]", in(reg) idt_now())),
-              pvops: path_unsafe!(cpu::load_idt(idt_now())) },
-        Row { op: Op::IoDelay, label: "cpu.io_delay", linux: Some(Loop::PVOPS_LINUX_IO_DELAY),
-              raw: Some(raw!("out 0x80, al", out("al") _)), pvops: path_unsafe!(cpu::io_delay()) },
-        Row { op: Op::SetPte, label: "mmu.set_pte", linux: Some(Loop::PVOPS_LINUX_SET_PTE),
-              raw: Some(path_unsafe!(scratch().write_volatile(1))),
-              pvops: path_unsafe!(mmu::set_pte(scratch(), 1)) },
-        Row { op: Op::SchedClock, label: "timer.sched_clock", linux: Some(Loop::PVOPS_LINUX_SCHED_CLOCK),
-              raw: Some(path!(rdtsc_ordered())), pvops: path!(timer::sched_clock()) },
-        Row { op: Op::TscKhz, label: "timer.tsc_khz", linux: Some(Loop::PVOPS_LINUX_TSC_KHZ), raw: None,
-              pvops: path!(timer::tsc_khz()) },
-        Row { op: Op::StealClock, label: "timer.steal_clock", linux: None, raw: None,
-              pvops: path!(timer::steal_clock(0)) },
-        Row { op: Op::WriteCr3, label: "mmu.write_cr3", linux: Some(Loop::PVOPS_LINUX_WRITE_CR3),
-              raw: Some(raw!("mov {0}, cr3", "mov cr3, {0}", out(reg) _)),
-              pvops: path_unsafe!(mmu::write_cr3(mmu::read_cr3())) },
-        Row { op: Op::FlushTlbUser, label: "mmu.flush_tlb_user", linux: None,
-              raw: Some(raw!("mov {0}, cr3", "mov cr3, {0}", out(reg) _)),
-              pvops: path_unsafe!(mmu::flush_tlb_user()) },
-        Row { op: Op::LazyModeEnter, label: "mmu.lazy_mode_enter+leave", linux: None, raw: None,
-              pvops: path_unsafe!({ mmu::lazy_mode_enter(); mmu::lazy_mode_leave() }) },
-        Row { op: Op::Hypercall, label: "cpu.hypercall", linux: Some(Loop::PVOPS_LINUX_KVM_HYPERCALL),
-              raw: Some(path_unsafe!(pvops_backends::kvm::raw_hypercall1(
-                  VMMCALL.load(core::sync::atomic::Ordering::Relaxed), hc().0, hc().1))),
-              pvops: path_unsafe!(cpu::hypercall(hc().0, hc().1, 0, 0, 0)) },
-        Row { op: Op::AllocPt, label: "mmu.alloc_pt", linux: None, raw: None,
-              pvops: path_unsafe!(mmu::alloc_pt(1, 1)) },
-    ];
-    rows
+/// One row's results and facts.
+struct RowRes {
+    /// Per path, each run's value (`None`: the path does not exist for the row).
+    v: [Option<[i64; RUNS]>; 6],
+    /// Per path, the operations per loop (decided in the first run).
+    reps: [u32; 6],
+    /// What the engine makes of the row's sites when patching for the backend.
+    actions: [Option<Action>; 2],
+    /// The row's sites hold the native backend's bytes once patched, which is what Linux's site
+    /// holds on every kernel the benchmark runs in (not Xen PV): a control row.
+    native_bytes: bool,
 }
 
 /// Module load costs, measured at init (TSC cycles).
@@ -314,12 +239,12 @@ pub(crate) struct State {
 }
 
 /// Where [`State`] is published for the benchmark.
-struct Slot(core::cell::UnsafeCell<Option<State>>);
+struct Slot(UnsafeCell<Option<State>>);
 // SAFETY: written by init before the debugfs file exists and by exit after it is gone; read by
 // pvops_bench_run, which shim.c serialises with a mutex and debugfs keeps within the file's life.
 unsafe impl Sync for Slot {}
 /// The module's state while the debugfs file exists.
-static STATE: Slot = Slot(core::cell::UnsafeCell::new(None));
+static STATE: Slot = Slot(UnsafeCell::new(None));
 
 /// Publish (or, with `None`, withdraw) the module's state.
 ///
@@ -342,13 +267,40 @@ impl Write for Json {
     }
 }
 
-/// One path's statistics as a JSON member, `,"name":{...}`.
-fn stats_json(j: &mut Json, name: &str, s: Stats) -> core::fmt::Result {
-    write!(
-        j,
-        ",\"{name}\":{{\"median\":{},\"p10\":{},\"p90\":{}}}",
-        s.median, s.p10, s.p90
-    )
+impl Json {
+    /// A C string as a JSON string (NULL: `null`).
+    fn c_str(&mut self, p: *const kernel::ffi::c_char) -> core::fmt::Result {
+        if p.is_null() {
+            return self.write_str("null");
+        }
+        // SAFETY: linux_peer.c's strings are NUL-terminated literals.
+        let s = unsafe { CStr::from_ptr(p.cast()) };
+        self.write_str("\"")?;
+        for &b in s.to_bytes() {
+            match b {
+                b'"' | b'\\' => write!(self, "\\{}", b as char)?,
+                0x20..=0x7e => write!(self, "{}", b as char)?,
+                _ => write!(self, "\\u{:04x}", b)?,
+            }
+        }
+        self.write_str("\"")
+    }
+
+    /// A list of integers.
+    fn list(&mut self, v: &[i64]) -> core::fmt::Result {
+        self.write_str("[")?;
+        for (i, x) in v.iter().enumerate() {
+            write!(self, "{}{x}", if i > 0 { "," } else { "" })?;
+        }
+        self.write_str("]")
+    }
+}
+
+/// The median, lowest and highest of the runs.
+fn spread(v: &[i64; RUNS]) -> (i64, i64, i64) {
+    let mut s = *v;
+    insertion_sort(&mut s);
+    (s[RUNS / 2], s[0], s[RUNS - 1])
 }
 
 /// Run the benchmark and hand the JSON to the shim. Called from the debugfs write.
@@ -364,7 +316,16 @@ pub(crate) extern "C" fn pvops_bench_run() -> c_int {
     }
 }
 
-/// Measure every row on every path, then put the sites back as loaded and publish the JSON.
+/// A patch or revert of the benchmark's sites, or EIO.
+fn step(p: &Patcher<'_>, revert: bool) -> Result {
+    transition(p, revert).map(|_| ()).map_err(|e| {
+        pr_warn!("benchmark: patching its sites failed: {}\n", e);
+        EIO
+    })
+}
+
+/// Measure every row on every path `RUNS` times, leave the sites unpatched (as loaded) and
+/// publish the JSON.
 fn run(state: &State) -> Result {
     if pvops_backends::Platform::xen_pv(&KernelPlatform) {
         // The raw paths are ring-0 instructions and the MMU rows write scratch memory as if it
@@ -372,102 +333,199 @@ fn run(state: &State) -> Result {
         pr_warn!("benchmark: not available in a Xen PV domain (its raw paths need ring 0)\n");
         return Err(Error::from_errno(-95)); // EOPNOTSUPP
     }
-    let normal = Patcher::new(module_sites(), PV_OPS.addr(), &state.ops).map_err(|_| EINVAL)?;
+    if !abi_matches() {
+        pr_warn!("benchmark: linux_peer.c was built with other site constants\n");
+        return Err(EINVAL);
+    }
+    // SAFETY: no benchmark site runs (the bench mutex; every site is unpatched or about to be
+    // patched for these same functions); the table honours the ops' contracts as PV_OPS does.
+    unsafe { BENCH_PV_OPS.0.get().write_volatile(state.ops.table()) };
+    let table = BENCH_PV_OPS.0.get() as usize;
+    let normal = Patcher::new(bench_sites(), table, &state.ops).map_err(|_| EINVAL)?;
     // the inline replacements withheld: every site a direct call
     let calls = state.ops.calls_only();
-    let direct_only = Patcher::new(module_sites(), PV_OPS.addr(), &calls).map_err(|_| EINVAL)?;
-    let mut rows = rows();
+    let direct_only = Patcher::new(bench_sites(), table, &calls).map_err(|_| EINVAL)?;
+    normal.verify(&ReadOnlyText, false).map_err(|_| EIO)?;
+    let native = pvops_backends::native::NATIVE.ops();
+
     let kvm = state.backend.id() == <pvops_backends::kvm::Kvm as pvops_backends::Driver>::ID;
-    match state.backend.null_hypercall() {
-        Some(h) => {
-            HYPERCALL[0].store(h.args[0], core::sync::atomic::Ordering::Relaxed);
-            HYPERCALL[1].store(h.args[1], core::sync::atomic::Ordering::Relaxed);
-            // SAFETY: tells linux_peer.c which hypercall to loop on (KVM only).
-            unsafe { shim::pvops_linux_set_hypercall(h.args[0], h.args[1]) };
-        }
-        None => {
-            // native: the slot answers -ENOSYS without a hypervisor; only the pvops path runs
-        }
-    }
+    let (nr, a0) = state
+        .backend
+        .null_hypercall()
+        .map_or((0, 0), |h| (h.args[0], h.args[1]));
     // the vendor alone: one CPUID, not the whole hypervisor scan
-    VMMCALL.store(
-        pvops::detect::CpuVendor::of(&raw_cpuid(0, 0)).uses_vmmcall(),
-        core::sync::atomic::Ordering::Relaxed,
-    );
-    if !kvm {
-        for row in rows.iter_mut().filter(|r| r.op == Op::Hypercall) {
-            row.raw = None;
-            row.linux = None;
-        }
-    }
-    let mut res: KVec<[Option<Stats>; 6]> = KVec::with_capacity(rows.len(), GFP_KERNEL)?;
-    for _ in 0..rows.len() {
-        res.push([None; 6], GFP_KERNEL)?;
-    }
-    const RAW: usize = 0;
-    const INLINE: usize = 1;
-    const DIRECT: usize = 2;
-    const INDIRECT: usize = 3;
-    const LINUX: usize = 4;
-    const LINUX_IND: usize = 5;
+    let vmmcall = pvops::detect::CpuVendor::of(&raw_cpuid(0, 0)).uses_vmmcall();
+    // SAFETY: records what the loops use; stores the IDT register (SIDT) for load_idt.
+    unsafe { shim::pvops_linux_setup(nr, a0, c_int::from(kvm), c_int::from(vmmcall)) };
 
-    // SAFETY: SIDT only stores; no path runs yet.
-    unsafe { core::arch::asm!("sidt [{}]", in(reg) core::ptr::addr_of_mut!(IDT_NOW)) };
-    // the same loop as every path (a register sink per iteration), doing nothing else
-    let rust_base = baseline(&path!(0u64));
-    let c_base = baseline(&linux(Loop::PVOPS_LINUX_EMPTY));
+    // SAFETY: a count.
+    let nrows = unsafe { shim::pvops_linux_rows() };
+    let mut res: KVec<RowRes> = KVec::with_capacity(nrows as usize, GFP_KERNEL)?;
+    for row in 0..nrows {
+        let mut r = RowRes {
+            v: [None; 6],
+            reps: [0; 6],
+            actions: [None; 2],
+            native_bytes: true,
+        };
+        for (n, a) in r.actions.iter_mut().enumerate() {
+            // SAFETY: a lookup.
+            let addr = unsafe { shim::pvops_linux_row_site(row, n as u32) } as usize;
+            if addr == 0 {
+                continue;
+            }
+            let site = normal.sites().find(|s| s.addr == addr).ok_or(EINVAL)?;
+            *a = Some(normal.patched(&site).0);
+            r.native_bytes &= state.ops.inline(site.op).is_some()
+                && state.ops.inline(site.op) == native.inline(site.op);
+        }
+        res.push(r, GFP_KERNEL)?;
+    }
+    let inlined = |r: &RowRes| {
+        r.actions.iter().flatten().all(|a| *a == Action::Inline) && r.actions[0].is_some()
+    };
+    // SAFETY: a lookup.
+    let has = |row: u32, l: Loop| unsafe { shim::pvops_linux_has(row, l) } != 0;
 
-    // 1. as loaded: sites patched for the backend
-    normal.verify(&ReadOnlyText, true).map_err(|_| EIO)?;
-    for (row, r) in rows.iter().zip(res.iter_mut()) {
-        if let Some(raw) = row.raw {
-            r[RAW] = Some(measure(&raw, rust_base));
-        }
-        if state.ops.inline(row.op).is_some() {
-            r[INLINE] = Some(measure(&row.pvops, rust_base));
-        }
-        if let Some(id) = row.linux {
-            r[LINUX] = Some(measure(&linux(id), c_base));
-        }
-        if row.op == Op::SaveFl {
-            r[LINUX_IND] = Some(measure(&linux(Loop::PVOPS_LINUX_SAVE_FL_INDIRECT), c_base));
+    let mut empty = [0i64; RUNS];
+    let mut resolution = [0i64; RUNS];
+    // The empty loop (the same macro, no body), measured before every run of every state: the
+    // base subtracted from that run's values (and, in the first state, the resolution).
+    let empty_loop = || {
+        // SAFETY: linux_peer.c's empty loop.
+        let e = samples(&|n| unsafe { shim::pvops_linux_empty(n) }, REPS);
+        // SAFETY: as above.
+        let slow = samples(&|n| unsafe { shim::pvops_linux_empty(n) }, REPS_SLOW);
+        (e, slow[SAMPLES / 2])
+    };
+    let put =
+        |run: usize, bases: (i64, i64), row: u32, path: usize, l: Loop, res: &mut KVec<RowRes>| {
+            let r = &mut res[row as usize];
+            if r.reps[path] == 0 {
+                r.reps[path] = reps_for(row, l);
+            }
+            let reps = r.reps[path];
+            let v = measure(row, l, reps, if reps == REPS { bases.0 } else { bases.1 });
+            r.v[path].get_or_insert([0; RUNS])[run] = v;
+        };
+    // State by state (a patch or revert is a stop_machine: four in all, not four per run), each
+    // state's paths RUNS times.
+    // 1. patched for the backend: raw, inline (rows the engine inlined), Linux's paths
+    step(&normal, false)?;
+    for run in 0..RUNS {
+        let (e, slow) = empty_loop();
+        empty[run] = e[SAMPLES / 2];
+        resolution[run] = per100(e[SAMPLES * 9 / 10] - e[SAMPLES / 10], REPS).max(1);
+        let b = (e[SAMPLES / 2], slow);
+        for row in 0..nrows {
+            if has(row, Loop::PVOPS_LINUX_LOOP_RAW) {
+                put(run, b, row, RAW, Loop::PVOPS_LINUX_LOOP_RAW, &mut res);
+            }
+            if inlined(&res[row as usize]) {
+                put(run, b, row, INLINE, Loop::PVOPS_LINUX_LOOP_PVOPS, &mut res);
+            }
+            if has(row, Loop::PVOPS_LINUX_LOOP_LINUX) {
+                put(run, b, row, LINUX, Loop::PVOPS_LINUX_LOOP_LINUX, &mut res);
+            }
+            if has(row, Loop::PVOPS_LINUX_LOOP_LINUX_INDIRECT) {
+                put(
+                    run,
+                    b,
+                    row,
+                    LINUX_IND,
+                    Loop::PVOPS_LINUX_LOOP_LINUX_INDIRECT,
+                    &mut res,
+                );
+            }
         }
     }
-    // 2. unpatched
-    transition(&normal, true).map_err(|_| EIO)?;
-    for (row, r) in rows.iter().zip(res.iter_mut()) {
-        r[INDIRECT] = Some(measure(&row.pvops, rust_base));
-    }
-    // 3. direct calls everywhere
-    let direct = transition(&direct_only, false);
-    if direct.is_ok() {
-        for (row, r) in rows.iter().zip(res.iter_mut()) {
-            r[DIRECT] = Some(measure(&row.pvops, rust_base));
+    step(&normal, true)?;
+    // 2. direct calls everywhere
+    step(&direct_only, false)?;
+    for run in 0..RUNS {
+        let (e, slow) = empty_loop();
+        for row in 0..nrows {
+            put(
+                run,
+                (e[SAMPLES / 2], slow),
+                row,
+                DIRECT,
+                Loop::PVOPS_LINUX_LOOP_PVOPS,
+                &mut res,
+            );
         }
-        transition(&direct_only, true).map_err(|_| EIO)?;
     }
-    // 4. back to how the module was loaded
-    transition(&normal, false).map_err(|_| EIO)?;
-    direct.map_err(|_| EIO)?;
+    step(&direct_only, true)?;
+    // 3. unpatched: indirect calls through the table
+    for run in 0..RUNS {
+        let (e, slow) = empty_loop();
+        for row in 0..nrows {
+            put(
+                run,
+                (e[SAMPLES / 2], slow),
+                row,
+                INDIRECT,
+                Loop::PVOPS_LINUX_LOOP_PVOPS,
+                &mut res,
+            );
+        }
+    }
+    let res_max = resolution.iter().copied().max().unwrap_or(1);
 
     let mut j = Json(KVec::new());
     let l = state.load;
     let sel = state.backend.id();
     (|| -> core::fmt::Result {
-        write!(j, "{{\"backend\":\"{sel}\",\"tsc_khz\":{},\"reps\":{REPS},\"samples\":{SAMPLES},", state.tsc_khz)?;
-        write!(j, "\"unit\":\"TSC cycles per 100 ops\",\"loop_baseline\":{{\"rust\":{rust_base},\"linux\":{c_base}}},")?;
+        write!(j, "{{\"backend\":\"{sel}\",\"tsc_khz\":{},\"reps\":{REPS},\"reps_slow\":{REPS_SLOW},\"slow_cycles\":{SLOW},\"samples\":{SAMPLES},\"runs\":{RUNS},", state.tsc_khz)?;
+        write!(j, "\"unit\":\"TSC cycles per 100 ops\",\"resolution\":{res_max},\"empty_loop\":{{\"runs\":")?;
+        j.list(&empty)?;
+        j.write_str(",\"spread\":")?;
+        j.list(&resolution)?;
+        write!(j, "}},\"bench_sites\":{},", normal.sites().count())?;
         write!(
             j,
             "\"load\":{{\"detect\":{},\"select\":{},\"patch\":{},\"sites\":{},\"patch_per_site\":{}}},",
             l.detect, l.select, l.patch, l.sites, l.patch / (l.sites.max(1) as u64)
         )?;
         j.write_str("\"ops\":[")?;
-        for (i, (row, r)) in rows.iter().zip(res.iter()).enumerate() {
-            write!(j, "{}{{\"op\":\"{}\"", if i > 0 { "," } else { "" }, row.label)?;
-            let names = ["raw", "inline", "direct", "indirect", "linux", "linux_indirect"];
-            for (name, s) in names.iter().zip(r.iter()) {
-                if let Some(s) = s {
-                    stats_json(&mut j, name, *s)?;
+        for (row, r) in res.iter().enumerate() {
+            let row = row as u32;
+            j.write_str(if row > 0 { ",{\"op\":" } else { "{\"op\":" })?;
+            // SAFETY: lookups of linux_peer.c's row table.
+            let (name, kind, note, control) = unsafe {
+                (
+                    shim::pvops_linux_row_name(row),
+                    shim::pvops_linux_row_kind(row),
+                    shim::pvops_linux_row_note(row),
+                    shim::pvops_linux_row_control(row) != 0,
+                )
+            };
+            j.c_str(name)?;
+            let kind = match kind {
+                shim::pvops_linux_kind_PVOPS_LINUX_KIND_PV => "pv",
+                shim::pvops_linux_kind_PVOPS_LINUX_KIND_NATIVE => "native",
+                shim::pvops_linux_kind_PVOPS_LINUX_KIND_NONE => "none",
+                _ => "?",
+            };
+            write!(j, ",\"linux_kind\":\"{kind}\",\"linux_note\":")?;
+            j.c_str(note)?;
+            let control = control && inlined(r) && r.native_bytes && r.v[LINUX].is_some();
+            write!(j, ",\"control\":{control},\"sites\":[")?;
+            for (n, a) in r.actions.iter().flatten().enumerate() {
+                let a = match a {
+                    Action::Inline => "inline",
+                    Action::DirectCall => "direct",
+                    Action::Indirect => "indirect",
+                };
+                write!(j, "{}\"{a}\"", if n > 0 { "," } else { "" })?;
+            }
+            j.write_str("]")?;
+            for ((name, v), reps) in PATHS.iter().zip(r.v.iter()).zip(r.reps.iter()) {
+                if let Some(v) = v {
+                    let (m, lo, hi) = spread(v);
+                    write!(j, ",\"{name}\":{{\"median\":{m},\"min\":{lo},\"max\":{hi},\"reps\":{reps},\"runs\":")?;
+                    j.list(v)?;
+                    j.write_str("}")?;
                 }
             }
             j.write_str("}")?;

@@ -20,33 +20,92 @@ void pvops_shim_set_report(const char *backend, const char *hypervisor, const ch
 int pvops_shim_sysfs_create(void);
 void pvops_shim_sysfs_remove(void);
 
-/* linux_peer.c: Linux's own paravirt path, one loop per operation (ids shared with bench.rs). */
-enum pvops_linux_loop {
-	PVOPS_LINUX_EMPTY,
-	PVOPS_LINUX_SAVE_FL,
-	PVOPS_LINUX_RESTORE_FL,
-	PVOPS_LINUX_IRQ_DISABLE,
-	PVOPS_LINUX_IRQ_ENABLE_DISABLE,
-	PVOPS_LINUX_READ_CR0,
-	PVOPS_LINUX_READ_CR2,
-	PVOPS_LINUX_WRITE_CR2,
-	PVOPS_LINUX_READ_CR3,
-	PVOPS_LINUX_READ_CR4,
-	PVOPS_LINUX_CPUID,
-	PVOPS_LINUX_READ_MSR,
-	PVOPS_LINUX_FLUSH_TLB_ONE_USER,
-	PVOPS_LINUX_STORE_TR,
-	PVOPS_LINUX_LOAD_IDT,
-	PVOPS_LINUX_IO_DELAY,
-	PVOPS_LINUX_SET_PTE,
-	PVOPS_LINUX_SCHED_CLOCK,
-	PVOPS_LINUX_TSC_KHZ,
-	PVOPS_LINUX_WRITE_CR3,
-	PVOPS_LINUX_SAVE_FL_INDIRECT,
-	PVOPS_LINUX_KVM_HYPERCALL,
+/*
+ * linux_peer.c: the benchmark's one harness. Every path of every row (the raw instruction,
+ * the pvops call site, Linux's own paravirt path) is a loop of the same C macro, so identical
+ * bytes cost the same. The pvops sites are emitted from C exactly as pvops::pv_site! emits
+ * them, calling through pvops_bench_pv_ops (bench.rs) and recorded in the section
+ * .pvops_bench_sites (pvops_linux_bench_sites).
+ */
+enum pvops_linux_loop { /* which loop of a row */
+	PVOPS_LINUX_LOOP_RAW,
+	PVOPS_LINUX_LOOP_PVOPS,
+	PVOPS_LINUX_LOOP_LINUX,
+	PVOPS_LINUX_LOOP_LINUX_INDIRECT,
 };
-void pvops_linux_set_hypercall(u64 nr, u64 a0);
-u64 pvops_linux_loop(enum pvops_linux_loop which, u32 reps);
+
+/* What Linux has for a row's operation. */
+enum pvops_linux_kind {
+	/* a pv op: the path is Linux's call site, patched by the kernel for this hypervisor */
+	PVOPS_LINUX_KIND_PV,
+	/* no pv op: Linux runs the native code inline (compared only as a control) */
+	PVOPS_LINUX_KIND_NATIVE,
+	/* no pv op and nothing comparable: no Linux path, the row's note says why */
+	PVOPS_LINUX_KIND_NONE,
+};
+
+/*
+ * What the C sites record, per op: the op number (PVOPS_OP_*), the site length (PVOPS_LEN_*)
+ * and the clobber bits (PVOPS_CLOB_*). Copied from pvops/src/ops/mod.rs and checked against it
+ * at compile time (bench.rs, `abi!`): a drift breaks the build. Slots are op * SLOT_SIZE.
+ */
+#define PVOPS_ABI_OP(name, op, len, clob) \
+	PVOPS_OP_##name = (op), PVOPS_LEN_##name = (len), PVOPS_CLOB_##name = (clob)
+enum pvops_linux_abi {
+	PVOPS_ABI_SLOT_SIZE = 8,
+	PVOPS_ABI_INDIRECT_CALL_LEN = 6,
+	PVOPS_ABI_CLOB_CALLEE_SAVE = 0x201, /* RAX | FLAGS */
+	PVOPS_ABI_CLOB_C = 0x3ff, /* every caller-saved register and the flags */
+	PVOPS_ABI_OP(CPUID, 0, 6, 0x3ff),
+	PVOPS_ABI_OP(READ_CR0, 1, 6, 0x201),
+	PVOPS_ABI_OP(READ_CR4, 3, 6, 0x201),
+	PVOPS_ABI_OP(READ_MSR, 5, 6, 0x3ff),
+	PVOPS_ABI_OP(READ_MSR_SAFE, 7, 6, 0x3ff),
+	PVOPS_ABI_OP(LOAD_IDT, 10, 6, 0x201),
+	PVOPS_ABI_OP(STORE_TR, 12, 6, 0x201),
+	PVOPS_ABI_OP(IO_DELAY, 13, 6, 0x201),
+	PVOPS_ABI_OP(HYPERCALL, 14, 6, 0x3ff),
+	PVOPS_ABI_OP(SAVE_FL, 15, 6, 0x201),
+	PVOPS_ABI_OP(RESTORE_FL, 16, 6, 0x201),
+	PVOPS_ABI_OP(IRQ_DISABLE, 17, 6, 0x201),
+	PVOPS_ABI_OP(IRQ_ENABLE, 18, 6, 0x201),
+	PVOPS_ABI_OP(READ_CR2, 21, 6, 0x201),
+	PVOPS_ABI_OP(WRITE_CR2, 22, 6, 0x201),
+	PVOPS_ABI_OP(READ_CR3, 23, 6, 0x201),
+	PVOPS_ABI_OP(WRITE_CR3, 24, 6, 0x201),
+	PVOPS_ABI_OP(FLUSH_TLB_USER, 25, 6, 0x201),
+	PVOPS_ABI_OP(FLUSH_TLB_ONE_USER, 27, 6, 0x201),
+	PVOPS_ABI_OP(SET_PTE, 28, 6, 0x201),
+	PVOPS_ABI_OP(ALLOC_PT, 31, 6, 0x3ff),
+	PVOPS_ABI_OP(LAZY_MODE_ENTER, 33, 6, 0x3ff),
+	PVOPS_ABI_OP(LAZY_MODE_LEAVE, 34, 6, 0x3ff),
+	PVOPS_ABI_OP(SCHED_CLOCK, 35, 6, 0x3ff),
+	PVOPS_ABI_OP(STEAL_CLOCK, 36, 6, 0x3ff),
+	PVOPS_ABI_OP(TSC_KHZ, 37, 6, 0x3ff),
+};
+/* C's own view of one constant (bench.rs checks it at run time too). */
+u32 pvops_linux_abi(enum pvops_linux_abi which);
+
+/* The rows: how many, each one's name, what Linux has for it and why (or NULL), whether it is
+ * a control (identical bytes on the pvops and Linux paths: they must measure the same). */
+u32 pvops_linux_rows(void);
+const char *pvops_linux_row_name(u32 row);
+enum pvops_linux_kind pvops_linux_row_kind(u32 row);
+const char *pvops_linux_row_note(u32 row);
+int pvops_linux_row_control(u32 row);
+/* The row's pvops call sites (their first byte), `n` < 2; 0 when the row has fewer. */
+unsigned long pvops_linux_row_site(u32 row, u32 n);
+/* Whether the row has the path (the hypercall rows only on KVM, see pvops_linux_setup). */
+int pvops_linux_has(u32 row, enum pvops_linux_loop path);
+/* One timed loop of `reps` iterations: TSC cycles, interrupts already off. The empty loop
+ * (the same macro, no body) is pvops_linux_empty. */
+u64 pvops_linux_run(u32 row, enum pvops_linux_loop path, u32 reps);
+u64 pvops_linux_empty(u32 reps);
+/* Before measuring: the backend's harmless hypercall (nr, a0), whether the KVM instruction
+ * paths exist (kvm) and which instruction the CPU uses (vmmcall). */
+void pvops_linux_setup(u64 nr, u64 a0, int kvm, int vmmcall);
+/* The bounds of the benchmark's call-site records. */
+void pvops_linux_bench_sites(unsigned long *start, unsigned long *end);
 
 /* Interrupts off/on around a measurement, the kernel's way. */
 unsigned long pvops_shim_irq_save(void);

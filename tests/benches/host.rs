@@ -2,7 +2,9 @@
 //! the pvops wrappers (this binary's own call sites, patched for the native backend, then
 //! unpatched) and as raw instructions, in one run.
 //!
-//! `scripts/bench` converts criterion's estimates into `target/pvops-bench/host.json`.
+//! `scripts/bench` converts criterion's estimates into `target/pvops-bench/host.json`, with two
+//! facts this binary writes to `$PVOPS_BENCH_HOST_INFO`: the TSC rate measured against
+//! CLOCK_MONOTONIC, and what the patch engine made of each op's sites (inline or direct).
 
 #![allow(missing_docs)] // criterion_group! generates undocumented items
 
@@ -42,6 +44,57 @@ fn raw_hypercall(vmmcall: bool) -> i64 {
         }
     };
     r
+}
+
+/// The TSC rate in kHz, measured: TSC ticks across 100 ms of CLOCK_MONOTONIC (`Instant`), the
+/// median of five; and how it was measured.
+fn measured_tsc_khz() -> (u64, String) {
+    let mut v: Vec<u64> = (0..5)
+        .map(|_| {
+            let t0 = std::time::Instant::now();
+            let c0 = pvops::arch::rdtsc_ordered();
+            while t0.elapsed() < std::time::Duration::from_millis(100) {}
+            let c1 = pvops::arch::rdtsc_ordered();
+            let ns = t0.elapsed().as_nanos();
+            (u128::from(c1.wrapping_sub(c0)) * 1_000_000 / ns) as u64
+        })
+        .collect();
+    v.sort_unstable();
+    let how = format!(
+        "median of 5 x 100 ms, lowest {} kHz, highest {} kHz",
+        v[0], v[4]
+    );
+    (v[2], how)
+}
+
+/// Write the measured TSC rate and each op's patch action (from the engine's plan) where
+/// scripts/bench asked for them.
+fn write_info(p: &Patcher<'_>) {
+    let Ok(path) = std::env::var("PVOPS_BENCH_HOST_INFO") else {
+        return;
+    };
+    let (khz, how) = measured_tsc_khz();
+    let mut actions = std::collections::BTreeMap::<&str, &str>::new();
+    for site in p.sites() {
+        let a = match p.patched(&site).0 {
+            pvops::patch::Action::Inline => "inline",
+            pvops::patch::Action::DirectCall => "direct",
+            pvops::patch::Action::Indirect => "indirect",
+        };
+        let e = actions.entry(site.op.name()).or_insert(a);
+        if *e != a {
+            *e = "mixed";
+        }
+    }
+    let actions: Vec<String> = actions
+        .iter()
+        .map(|(op, a)| format!("\"{op}\":\"{a}\""))
+        .collect();
+    let doc = format!(
+        "{{\"tsc_khz\":{khz},\"calibration\":\"{how}\",\"actions\":{{{}}}}}\n",
+        actions.join(",")
+    );
+    std::fs::write(&path, doc).expect("write PVOPS_BENCH_HOST_INFO");
 }
 
 fn paths(c: &mut Criterion, state: &str) {
@@ -94,6 +147,7 @@ fn host(c: &mut Criterion) {
     let p = Patcher::new(SiteTable::of_executable(), PV_OPS.addr(), &ops).unwrap();
     let mut text = MprotectText::default();
     p.apply(&mut text).expect("patch");
+    write_info(&p);
     paths(c, "patched");
     p.revert(&mut text).expect("revert");
 }
