@@ -73,7 +73,8 @@ def backend_names(ko):
 
 
 def kunit_counts(ktap_file):
-    tools = sorted(glob.glob("/var/cache/pvops/src/linux-*/tools/testing/kunit/kunit.py"))
+    cache = os.environ.get("PVOPS_CACHE", "/var/cache/pvops")
+    tools = sorted(glob.glob(f"{cache}/src/linux-*/tools/testing/kunit/kunit.py"))
     if not tools:
         return None
     r = subprocess.run([sys.executable, tools[-1], "parse", ktap_file], capture_output=True, text=True)
