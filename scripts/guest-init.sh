@@ -10,6 +10,7 @@
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev 2>/dev/null
+echo "RIG-BOOT uptime=$(cut -d' ' -f1 /proc/uptime)" # when /init started: the boot's length
 
 arg() { tr ' ' '\n' < /proc/cmdline | sed -n "s/^$1=//p" | tail -1; }
 expect=$(arg rig_expect)
@@ -74,6 +75,48 @@ fault_scan() {
 	check no-fault "$(dmesg | grep -E "$FAULTS" | head -1)" -- not in_dmesg "$FAULTS"
 	tainted=$(cat /proc/sys/kernel/tainted)
 	check no-taint "tainted=$tainted (O and E allowed)" -- [ $((tainted & ~TAINT_BY_DESIGN)) = 0 ]
+}
+# A workload on every CPU through what the kernel's pv ops serve (built in, pvops is the
+# kernel's pv layer for the members it serves): process creation (fork/exec) and pipes, page
+# faults and freed memory (page-table writes, TLB flushes), CPUID (/proc/cpuinfo), timers
+# (sleeps), and signals sent across CPUs. Sized to take a few seconds under TCG.
+WL_ROUNDS=40
+workload() {
+	mkdir -p /tmp && rm -f /tmp/wl.*
+	ncpu=$(nproc) t0=$(cut -d' ' -f1 /proc/uptime)
+	c=0
+	while [ $c -lt "$ncpu" ]; do
+		taskset -c $c sh -c "
+			n=0
+			while [ \$n -lt $WL_ROUNDS ]; do
+				echo \$n | cat | wc -c > /dev/null
+				dd if=/dev/zero of=/tmp/wl.buf.$c bs=4k count=256 2>/dev/null
+				rm /tmp/wl.buf.$c
+				grep -c ^processor /proc/cpuinfo > /dev/null
+				usleep 2000
+				n=\$((n + 1))
+			done
+			echo \$n > /tmp/wl.done.$c" &
+		c=$((c + 1))
+	done
+	# signals: a shell on the last CPU counts the USR1s this one sends it
+	taskset -c $((ncpu - 1)) sh -c 'n=0; trap "n=\$((n + 1))" USR1; echo ready > /tmp/wl.ready
+		while [ ! -e /tmp/wl.stop ]; do usleep 1000; done; echo $n > /tmp/wl.sig' &
+	sigpid=$!
+	while [ ! -e /tmp/wl.ready ]; do usleep 1000; done
+	i=0
+	while [ $i -lt 50 ]; do kill -USR1 $sigpid; usleep 2000; i=$((i + 1)); done
+	c=0
+	while [ $c -lt "$ncpu" ]; do while [ ! -e /tmp/wl.done.$c ]; do usleep 5000; done; c=$((c + 1)); done
+	touch /tmp/wl.stop; wait
+	t1=$(cut -d' ' -f1 /proc/uptime)
+	wl_detail="$ncpu CPUs x $(cat /tmp/wl.done.* 2>/dev/null | tr '\n' ' ')rounds, $(cat /tmp/wl.sig 2>/dev/null) of 50 signals counted, from ${t0}s to ${t1}s of uptime"
+	echo "RIG-WORKLOAD ncpu=$ncpu t0=$t0 t1=$t1"
+}
+workload_ok() { # every CPU's rounds done, signals received
+	c=0
+	while [ $c -lt "$ncpu" ]; do [ "$(cat /tmp/wl.done.$c 2>/dev/null)" = $WL_ROUNDS ] || return 1; c=$((c + 1)); done
+	[ "$(cat /tmp/wl.sig 2>/dev/null)" -gt 0 ] 2>/dev/null
 }
 finish() { # RESULT-LINE: the KTAP document, the result for scripts/rig, power off
 	ktap
@@ -164,6 +207,8 @@ if grep -q 'rig_mode=builtin' /proc/cmdline; then
 	insmod /pvops_probe.ko 2>&1
 	probe=$(dmesg | grep 'pvops_probe: ' | tail -2)
 	check module-sites "$probe" -- module_sites_ok "$probe" "$kp"
+	workload
+	check workload "$wl_detail" -- workload_ok
 	fault_scan
 	finish "RIG-RESULT backend=$backend sites=$p/$t kernel-sites=$kp/$kt builtin"
 fi
