@@ -440,34 +440,21 @@ fn run(state: &State) -> Result {
         }
     }
     step(&normal, true)?;
-    // 2. direct calls everywhere
-    step(&direct_only, false)?;
-    for run in 0..RUNS {
-        let (e, slow) = empty_loop();
-        for row in 0..nrows {
-            put(
-                run,
-                (e[SAMPLES / 2], slow),
-                row,
-                DIRECT,
-                Loop::PVOPS_LINUX_LOOP_PVOPS,
-                &mut res,
-            );
-        }
-    }
-    step(&direct_only, true)?;
+    // 2. direct calls everywhere (re-patched with the inline replacements withheld), then
     // 3. unpatched: indirect calls through the table
-    for run in 0..RUNS {
-        let (e, slow) = empty_loop();
-        for row in 0..nrows {
-            put(
-                run,
-                (e[SAMPLES / 2], slow),
-                row,
-                INDIRECT,
-                Loop::PVOPS_LINUX_LOOP_PVOPS,
-                &mut res,
-            );
+    for (path, patcher) in [(DIRECT, Some(&direct_only)), (INDIRECT, None)] {
+        if let Some(p) = patcher {
+            step(p, false)?;
+        }
+        for run in 0..RUNS {
+            let (e, slow) = empty_loop();
+            for row in 0..nrows {
+                let b = (e[SAMPLES / 2], slow);
+                put(run, b, row, path, Loop::PVOPS_LINUX_LOOP_PVOPS, &mut res);
+            }
+        }
+        if let Some(p) = patcher {
+            step(p, true)?;
         }
     }
     let res_max = resolution.iter().copied().max().unwrap_or(1);
