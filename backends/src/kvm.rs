@@ -20,7 +20,7 @@
 use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering};
 
 use pvops::detect::{Detection, HypervisorKind, Interface};
-use pvops::ops::{BackendOps, Impl};
+use pvops::ops::{BackendOps, Group, Impl, Op};
 use pvops::{arch, Backend, BackendId, NullHypercall};
 
 use crate::pvclock::{self, Clock, PvclockVcpuTimeInfo, PvclockWallClock};
@@ -406,5 +406,12 @@ impl Backend for Kvm {
         } else {
             "kvmclock: the kernel's record, read back"
         }
+    }
+
+    fn serves_kernel(&self, op: Op) -> bool {
+        // The CPU, IRQ and MMU ops are the native backend's (a KVM guest's kernel runs in ring
+        // 0): the bare instructions, the kernel's own native code. Not the time ops, the
+        // hypercall, nor io_delay, which this backend replaces.
+        op.group() != Group::Timer && op != Op::Hypercall && op != Op::IoDelay
     }
 }

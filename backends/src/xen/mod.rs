@@ -451,11 +451,12 @@ impl Backend for Xen {
     }
 
     fn serves_kernel(&self, op: pvops::Op) -> bool {
-        // PV: the ops that work on the kernel's vcpu_info the way Linux's xen-asm.S does (the
-        // upcall mask with the pending check, CR2); CR3 and CR4 forward to the kernel's own
-        // accessors, which are pv sites themselves. HVM: not checked yet.
-        is_pv()
-            && matches!(
+        use pvops::ops::Group;
+        if is_pv() {
+            // the ops that work on the kernel's vcpu_info the way Linux's xen-asm.S does (the
+            // upcall mask with the pending check, CR2); CR3 and CR4 forward to the kernel's own
+            // accessors, which are pv sites themselves
+            matches!(
                 op,
                 pvops::Op::SaveFl
                     | pvops::Op::IrqDisable
@@ -463,5 +464,10 @@ impl Backend for Xen {
                     | pvops::Op::ReadCr2
                     | pvops::Op::WriteCr2
             )
+        } else {
+            // HVM: the CPU, IRQ and MMU ops are the native backend's (ring 0, real flags and
+            // page tables); not the time ops nor the hypercall, which are Xen's
+            op.group() != Group::Timer && op != pvops::Op::Hypercall
+        }
     }
 }
