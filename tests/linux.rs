@@ -19,31 +19,41 @@ fn every_served_member_is_inline_on_native() {
     }
     // Linux's own native replacements, byte for byte (paravirt.h: "pushf; pop %rax", "cli",
     // "sti", "mov %cr2,%rax", "mov %cr3,%rax", "mov %rdi,%cr3"), padded with one NOP
-    let p = |op, conv| plan(SITE, op, conv, &OPS).unwrap().1;
-    assert_eq!(
-        p(Op::SaveFl, LinuxConv::CalleeSave),
-        [0x9c, 0x58, 0x0f, 0x1f, 0x40, 0x00]
-    );
-    assert_eq!(
-        p(Op::IrqDisable, LinuxConv::CalleeSave),
-        [0xfa, 0x0f, 0x1f, 0x44, 0x00, 0x00]
-    );
-    assert_eq!(
-        p(Op::IrqEnable, LinuxConv::CalleeSave),
-        [0xfb, 0x0f, 0x1f, 0x44, 0x00, 0x00]
-    );
-    assert_eq!(
-        p(Op::ReadCr2, LinuxConv::CalleeSave),
-        [0x0f, 0x20, 0xd0, 0x0f, 0x1f, 0x00]
-    );
-    assert_eq!(
-        p(Op::ReadCr3, LinuxConv::C),
-        [0x0f, 0x20, 0xd8, 0x0f, 0x1f, 0x00]
-    );
-    assert_eq!(
-        p(Op::WriteCr3, LinuxConv::C),
-        [0x0f, 0x22, 0xdf, 0x0f, 0x1f, 0x00]
-    );
+    let linux: [(Op, LinuxConv, [u8; 6]); 6] = [
+        (
+            Op::SaveFl,
+            LinuxConv::CalleeSave,
+            [0x9c, 0x58, 0x0f, 0x1f, 0x40, 0x00],
+        ),
+        (
+            Op::IrqDisable,
+            LinuxConv::CalleeSave,
+            [0xfa, 0x0f, 0x1f, 0x44, 0x00, 0x00],
+        ),
+        (
+            Op::IrqEnable,
+            LinuxConv::CalleeSave,
+            [0xfb, 0x0f, 0x1f, 0x44, 0x00, 0x00],
+        ),
+        (
+            Op::ReadCr2,
+            LinuxConv::CalleeSave,
+            [0x0f, 0x20, 0xd0, 0x0f, 0x1f, 0x00],
+        ),
+        (
+            Op::ReadCr3,
+            LinuxConv::C,
+            [0x0f, 0x20, 0xd8, 0x0f, 0x1f, 0x00],
+        ),
+        (
+            Op::WriteCr3,
+            LinuxConv::C,
+            [0x0f, 0x22, 0xdf, 0x0f, 0x1f, 0x00],
+        ),
+    ];
+    for (op, conv, want) in linux {
+        assert_eq!(plan(SITE, op, conv, &OPS).unwrap().1, want, "{op:?}");
+    }
 }
 
 #[test]
