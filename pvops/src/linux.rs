@@ -13,7 +13,7 @@
 //! Nothing here touches memory: records and site bytes come in as slices and a [`ReadText`].
 
 use crate::ops::{BackendOps, Clobbers, Convention, Op};
-use crate::patch::{fill_nops, ReadText};
+use crate::patch::{plan_site, Action, ReadText};
 
 /// Size of Linux 6.12's `struct alt_instr` (packed): `s32 instr_offset; s32 repl_offset;
 /// u32 ft_flags; u8 instrlen; u8 replacementlen`.
@@ -326,20 +326,12 @@ pub fn plan(
     conv: LinuxConv,
     ops: &BackendOps,
 ) -> Option<(KernelAction, [u8; PV_SITE_LEN as usize])> {
-    let mut b = [0u8; PV_SITE_LEN as usize];
-    if let Some(inline) = ops.inline(op) {
-        if inline.bytes.len() <= b.len() && conv.clobbers().contains(inline.clobbers) {
-            b[..inline.bytes.len()].copy_from_slice(inline.bytes);
-            fill_nops(&mut b[inline.bytes.len()..]);
-            return Some((KernelAction::Inline, b));
-        }
-    }
-    let target = ops.target(op) as isize;
-    let rel = i32::try_from(target.wrapping_sub((addr + 5) as isize)).ok()?;
-    b[0] = 0xe8;
-    b[1..5].copy_from_slice(&rel.to_le_bytes());
-    fill_nops(&mut b[5..]);
-    Some((KernelAction::Direct, b))
+    let (action, bytes) = plan_site(addr, PV_SITE_LEN, conv.clobbers(), op, ops)?;
+    let action = match action {
+        Action::Inline => KernelAction::Inline,
+        _ => KernelAction::Direct,
+    };
+    Some((action, bytes.as_slice().try_into().ok()?))
 }
 
 // pvops may serve a Linux callee-save member only with a callee-save op of its own.

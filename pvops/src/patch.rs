@@ -24,7 +24,7 @@
 
 use core::fmt;
 
-use crate::ops::{BackendOps, INDIRECT_CALL_LEN, MAX_SITE_LEN};
+use crate::ops::{BackendOps, Clobbers, Op, INDIRECT_CALL_LEN, MAX_SITE_LEN};
 use crate::site::{BadRecord, Site, SiteTable};
 
 /// The recommended multi-byte NOPs (Intel SDM vol. 2B, "NOP"), indexed by length.
@@ -177,6 +177,35 @@ impl fmt::Display for PatchError {
     }
 }
 
+/// What the engine writes at a site of `len` bytes at `addr` that calls `op` and tolerates
+/// `clobbers` being changed: the backend's inline bytes where they fit and change nothing else,
+/// padded with NOPs; else a direct `call rel32` to the slot's function where it reaches, padded;
+/// `None`: neither (the site stays the indirect call). The one rule for every site, pvops's own
+/// ([`Patcher`]) and the kernel's ([`crate::linux::plan`]).
+pub fn plan_site(
+    addr: usize,
+    len: u8,
+    clobbers: Clobbers,
+    op: Op,
+    ops: &BackendOps,
+) -> Option<(Action, SiteBytes)> {
+    let mut b = SiteBytes::new(len);
+    let s = b.as_mut_slice();
+    if let Some(inline) = ops.inline(op) {
+        if inline.bytes.len() <= s.len() && clobbers.contains(inline.clobbers) {
+            s[..inline.bytes.len()].copy_from_slice(inline.bytes);
+            fill_nops(&mut s[inline.bytes.len()..]);
+            return Some((Action::Inline, b));
+        }
+    }
+    let target = ops.target(op) as isize;
+    let rel = i32::try_from(target.wrapping_sub((addr + 5) as isize)).ok()?;
+    s[0] = 0xe8;
+    s[1..5].copy_from_slice(&rel.to_le_bytes());
+    fill_nops(&mut s[5..]);
+    Some((Action::DirectCall, b))
+}
+
 /// Reading the text the sites live in (all that verifying needs).
 pub trait ReadText {
     /// Copy `out.len()` bytes at `addr` into `out`.
@@ -307,27 +336,8 @@ impl<'a> Patcher<'a> {
     }
 
     fn decide(&self, site: &Site) -> (Action, SiteBytes) {
-        let len = site.len as usize;
-        if let Some(inline) = self.ops.inline(site.op) {
-            if inline.bytes.len() <= len && site.clobbers.contains(inline.clobbers) {
-                let mut b = SiteBytes::new(site.len);
-                let s = b.as_mut_slice();
-                s[..inline.bytes.len()].copy_from_slice(inline.bytes);
-                fill_nops(&mut s[inline.bytes.len()..]);
-                return (Action::Inline, b);
-            }
-        }
-        let target = self.ops.target(site.op) as isize;
-        let next = (site.addr + 5) as isize;
-        if let Ok(rel) = i32::try_from(target.wrapping_sub(next)) {
-            let mut b = SiteBytes::new(site.len);
-            let s = b.as_mut_slice();
-            s[0] = 0xe8;
-            s[1..5].copy_from_slice(&rel.to_le_bytes());
-            fill_nops(&mut s[5..]);
-            return (Action::DirectCall, b);
-        }
-        (Action::Indirect, self.original(site))
+        plan_site(site.addr, site.len, site.clobbers, site.op, self.ops)
+            .unwrap_or_else(|| (Action::Indirect, self.original(site)))
     }
 
     fn expected(&self, site: &Site, state: State) -> SiteBytes {
