@@ -317,13 +317,16 @@ pub mod conventions {
     }
 
     /// What one instruction changes: clobber bits, plus the other general registers by name.
-    fn writes(f: &mut InstructionInfoFactory, i: &Instruction) -> (Clobbers, Vec<Register>) {
+    pub fn writes(f: &mut InstructionInfoFactory, i: &Instruction) -> (Clobbers, Vec<Register>) {
         let mut c = Clobbers::empty();
         let mut other = Vec::new();
         for u in f.info(i).used_registers() {
-            if matches!(
+            if !matches!(
                 u.access(),
-                OpAccess::Read | OpAccess::CondRead | OpAccess::NoMemAccess
+                OpAccess::Write
+                    | OpAccess::ReadWrite
+                    | OpAccess::CondWrite
+                    | OpAccess::ReadCondWrite
             ) {
                 continue;
             }

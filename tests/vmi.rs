@@ -7,7 +7,7 @@
 
 use std::hint::black_box;
 
-use iced_x86::{FlowControl, InstructionInfoFactory, Mnemonic, OpAccess, Register, RflagsBits};
+use iced_x86::{FlowControl, InstructionInfoFactory, Mnemonic, OpAccess, Register};
 use pvops::ops::{cpu, irq, mmu, timer, Clobbers, Op};
 use pvops::patch::Action;
 use pvops::{Backend, Patcher, Presence, Request, SiteTable, PV_OPS};
@@ -81,18 +81,6 @@ fn the_rom_is_a_valid_option_rom_and_vmi_rom() {
     );
 }
 
-/// The 64-bit register an iced register belongs to, as a clobber bit.
-fn clobber_bit(r: Register) -> Option<Clobbers> {
-    match r.full_register() {
-        Register::RSP => None, // balanced push/pop, checked below
-        Register::RBX => None, // saved and restored, checked below
-        r @ (Register::RBP | Register::R12 | Register::R13 | Register::R14 | Register::R15) => {
-            panic!("a ROM body writes {r:?}, which no mask can declare")
-        }
-        r => pvops_host_tests::conventions::clobber_bit(r),
-    }
-}
-
 #[test]
 fn bodies_decode_as_documented_and_keep_their_masks() {
     let rom = Rom::parse(ROM).unwrap();
@@ -152,32 +140,11 @@ fn bodies_decode_as_documented_and_keep_their_masks() {
                 Mnemonic::Pop | Mnemonic::Popfq => stack -= 1,
                 _ => {}
             }
-            let info = factory.info(i);
-            for u in info.used_registers() {
-                if matches!(
-                    u.access(),
-                    OpAccess::Write
-                        | OpAccess::ReadWrite
-                        | OpAccess::CondWrite
-                        | OpAccess::ReadCondWrite
-                ) {
-                    if let Some(b) = clobber_bit(u.register()) {
-                        written |= b;
-                    }
-                }
-            }
-            // (arithmetic flags: IF is what the interrupt calls are for; flags the SDM leaves undefined, as after MOV to CR, count as unchanged, as the
-            // native backend's masks have them)
-            let arith = RflagsBits::OF
-                | RflagsBits::SF
-                | RflagsBits::ZF
-                | RflagsBits::AF
-                | RflagsBits::PF
-                | RflagsBits::CF;
-            if (i.rflags_written() | i.rflags_cleared() | i.rflags_set()) & arith != 0
-                || i.mnemonic() == Mnemonic::Popfq
-            {
-                written |= Clobbers::FLAGS;
+            let (w, other) = pvops_host_tests::conventions::writes(&mut factory, i);
+            written |= w;
+            // RBX is saved and restored (checked below); no mask can declare the others
+            if let Some(r) = other.iter().find(|r| **r != Register::RBX) {
+                panic!("a ROM body writes {r:?}, which no mask can declare");
             }
         }
         assert_eq!(stack, 0, "call {}: balanced stack", r.call);
