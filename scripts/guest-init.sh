@@ -67,9 +67,10 @@ ktap() { # the KTAP document of every check recorded
 	done < $results
 }
 # Faults a kernel engineer looks for, in dmesg: warnings, bugs, oopses, #GP, unchecked MSR
-# accesses, RCU stalls, lockups, segfaults. And taint: any flag but O and E, which loading this
-# out-of-tree (unsigned) module sets by design.
-FAULTS='WARNING:|BUG:|Oops|general protection|unchecked MSR access|rcu: INFO|rcu_.*detected stall|self-detected stall|soft lockup|hard LOCKUP|segfault|Kernel panic'
+# accesses, RCU stalls, lockups, segfaults, panics (scripts/faults.ere, the pattern the host's
+# scan of the serial log uses too; scripts/rig puts it at /faults.ere). And taint: any flag but
+# O and E, which loading this out-of-tree (unsigned) module sets by design.
+FAULTS=$(cat /faults.ere)
 TAINT_BY_DESIGN=$(( (1 << 12) | (1 << 13) )) # TAINT_OOT_MODULE (O), TAINT_UNSIGNED_MODULE (E)
 fault_scan() {
 	check no-fault "$(dmesg | grep -E "$FAULTS" | head -1)" -- not in_dmesg "$FAULTS"
