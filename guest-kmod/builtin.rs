@@ -7,8 +7,13 @@
 //! running and kernel text still writable, pvops detects, selects and starts its backend, takes
 //! a census of the kernel's pv call sites ([`pvops::linux`]), and, for the members it serves,
 //! writes each site itself (the backend's inline bytes or a direct call into pvops), flags the
-//! site's entries `ALT_FLAG_PVOPS` so that `apply_alternatives()` leaves them alone, and points
-//! those `pv_ops` members at pvops's functions (so modules loaded later call pvops).
+//! site's entries `ALT_FLAG_PVOPS` so that `apply_alternatives()` leaves them alone. Linux's
+//! `apply_alternatives()` then computes what it would have written at each of those sites into
+//! pvops's copy ([`pvops_kernel_linux_bytes`]): Linux's own bytes, which pvops writes back when
+//! root hands the kernel's sites back to Linux at run time ([`pvops_kernel_hand`],
+//! `/sys/kernel/pvops/kernel_holder`). Right after, [`pvops_kernel_late`] points the `pv_ops`
+//! members pvops serves at pvops's functions (so modules loaded later call pvops), keeping
+//! Linux's for the hand-back.
 //!
 //! What is not available that early is deferred to the initcall (`PvopsGuest::init`, which
 //! takes the started backend with [`take_early`]): the other CPUs (not up yet: a backend's
@@ -22,6 +27,7 @@
 //! so far; the rest is left to Linux, with the reason.
 
 use core::cell::UnsafeCell;
+use core::ffi::{c_int, c_void};
 use core::fmt;
 
 use kernel::prelude::*;
@@ -57,6 +63,33 @@ struct Member {
     inline: u32,
     /// Sites turned into direct calls into pvops.
     direct: u32,
+    /// What Linux's `pv_ops` held for it before pvops filled it in (served members).
+    linux_fn: usize,
+}
+
+/// A kernel site pvops wrote.
+#[derive(Clone, Copy)]
+struct Written {
+    /// Its address.
+    addr: usize,
+    /// Its member (index into the census's members).
+    member: u8,
+    /// What pvops wrote (its plan).
+    pvops: [u8; linux::PV_SITE_LEN as usize],
+    /// What Linux's own pv layer holds there: the original bytes until `apply_alternatives()`
+    /// computes its own into this copy.
+    linux: [u8; linux::PV_SITE_LEN as usize],
+    /// Whether `apply_alternatives()` did ([`pvops_kernel_linux_bytes`] was asked for it).
+    linux_done: bool,
+}
+
+/// Who holds the kernel's sites pvops patched.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Holder {
+    /// pvops's bytes and functions (after boot).
+    Pvops,
+    /// Linux's own (handed back at run time).
+    Linux,
 }
 
 /// What happened at boot.
@@ -79,8 +112,18 @@ struct Census {
     refused: Option<&'static str>,
     /// The first odd site, for the message.
     first_odd: Option<OddSite>,
-    /// Every site pvops wrote: its address and member index (for the read-back).
-    written: KVec<(usize, u8)>,
+    /// Every site pvops wrote (for the read-back and the hand-back).
+    written: KVec<Written>,
+    /// Where `pvops_kernel_linux_bytes` looks first (Linux walks the table in pvops's order).
+    cursor: usize,
+    /// Whether `pvops_kernel_late` filled `pv_ops`.
+    late: bool,
+    /// Who holds the sites now.
+    holder: Holder,
+    /// Hand-backs to Linux and take-backs by pvops done at run time.
+    hand_backs: u32,
+    /// See `hand_backs`.
+    take_backs: u32,
 }
 
 impl Census {
@@ -99,9 +142,10 @@ impl Census {
 /// A static rather than a local: the member array is a few KiB, too much for the boot stack.
 struct Slot(UnsafeCell<Census>);
 
-// SAFETY: written only by pvops_kernel_early, which runs once on the boot CPU before any other
-// CPU or thread exists; after it only the initcall (one thread, once) reads it and takes the
-// backend out of it.
+// SAFETY: written by pvops_kernel_early, pvops_kernel_linux_bytes and pvops_kernel_late, which
+// run on the boot CPU before any other CPU or thread exists; then by the initcall (one thread,
+// once, before the sysfs files exist); then only by pvops_kernel_hand, which the shim calls
+// with its holder_lock held (one at a time).
 unsafe impl Sync for Slot {}
 
 /// A member not filled in yet.
@@ -112,6 +156,7 @@ const NO_SUCH_MEMBER: Member = Member {
     sites: 0,
     inline: 0,
     direct: 0,
+    linux_fn: 0,
 };
 
 static CENSUS: Slot = Slot(UnsafeCell::new(Census {
@@ -125,14 +170,19 @@ static CENSUS: Slot = Slot(UnsafeCell::new(Census {
     refused: None,
     first_odd: None,
     written: KVec::new(),
+    cursor: 0,
+    late: false,
+    holder: Holder::Pvops,
+    hand_backs: 0,
+    take_backs: 0,
 }));
 
 /// The census.
 ///
 /// # Safety
 ///
-/// As for [`Slot`]: the boot CPU alone in [`pvops_kernel_early`], the initcall afterwards; no
-/// two references are live at once.
+/// As for [`Slot`]: the boot CPU alone at boot, the initcall afterwards, then one
+/// [`pvops_kernel_hand`] at a time; no two references are live at once.
 unsafe fn census() -> &'static mut Census {
     // SAFETY: the caller's contract.
     unsafe { &mut *CENSUS.0.get() }
@@ -182,6 +232,7 @@ pub(crate) unsafe extern "C" fn pvops_kernel_early(start: *mut u8, end: *mut u8)
             sites: 0,
             inline: 0,
             direct: 0,
+            linux_fn: 0,
         };
         c.n += 1;
     }
@@ -269,6 +320,8 @@ pub(crate) unsafe extern "C" fn pvops_kernel_early(start: *mut u8, end: *mut u8)
             let Some((action, bytes)) = linux::plan(s.addr, op, conv, &ops) else {
                 continue;
             };
+            let mut original = [0u8; linux::PV_SITE_LEN as usize];
+            ReadOnlyText.read(s.addr, &mut original);
             // SAFETY: the boot CPU alone runs; the site holds `call *pv_ops+slot(%rip)`
             // (pv_sites checked it just now); kernel text is writable until mark_rodata_ro.
             unsafe { shim::pvops_shim_poke_early(s.addr, bytes.as_ptr(), bytes.len() as u32) };
@@ -287,15 +340,16 @@ pub(crate) unsafe extern "C" fn pvops_kernel_early(start: *mut u8, end: *mut u8)
                 KernelAction::Direct => c.members[m].direct += 1,
             }
             // cannot fail: reserved above
-            let _ = c.written.push((s.addr, m as u8), GFP_KERNEL);
-        }
-        // pv_ops for the members pvops serves: what modules loaded later are patched with
-        for m in c.members() {
-            if let Served::Yes { op, .. } = m.served {
-                // SAFETY: writes one pointer of pv_ops, a function of the member's type and
-                // convention (linux::served checked each); only the boot CPU runs.
-                unsafe { shim::pvops_shim_set_pv_op(m.offset, ops.target(op) as _) };
-            }
+            let _ = c.written.push(
+                Written {
+                    addr: s.addr,
+                    member: m as u8,
+                    pvops: bytes,
+                    linux: original,
+                    linux_done: false,
+                },
+                GFP_KERNEL,
+            );
         }
     }
     let (t, i, d) = c.totals();
@@ -320,6 +374,57 @@ pub(crate) unsafe extern "C" fn pvops_kernel_early(start: *mut u8, end: *mut u8)
             t - i - d
         ),
     }
+}
+
+/// Called by `apply_alternatives()` for each entry of a site pvops flagged: pvops's copy of the
+/// site's bytes, which Linux patches instead of the site (the bytes Linux's own layer would
+/// hold there). NULL for a site pvops did not write (Linux then skips the entry).
+///
+/// # Safety
+///
+/// Called by the kernel patch's `apply_alternatives()` on the boot CPU alone, between
+/// [`pvops_kernel_early`] and [`pvops_kernel_late`]; Linux writes at most
+/// [`linux::PV_SITE_LEN`] bytes through the pointer.
+#[no_mangle]
+pub(crate) unsafe extern "C" fn pvops_kernel_linux_bytes(instr: *mut u8) -> *mut u8 {
+    // SAFETY: the boot CPU alone runs (see `Slot`).
+    let c = unsafe { census() };
+    let addr = instr as usize;
+    let n = c.written.len();
+    // Linux walks .altinstructions in the order pass 2 wrote it: the site is at the cursor or
+    // just after it; anything else is looked up from the start.
+    let at = Iterator::chain((c.cursor..n).take(2), 0..n).find(|&i| c.written[i].addr == addr);
+    match at {
+        Some(i) => {
+            c.cursor = i;
+            c.written[i].linux_done = true;
+            c.written[i].linux.as_mut_ptr()
+        }
+        None => core::ptr::null_mut(),
+    }
+}
+
+/// Called by `alternative_instructions()` right after `apply_alternatives()`, on the boot CPU
+/// alone: the `pv_ops` members pvops serves point at pvops's functions from now on (what
+/// modules loaded later are patched with); Linux's are kept for the hand-back.
+#[no_mangle]
+pub(crate) extern "C" fn pvops_kernel_late() {
+    // SAFETY: the boot CPU alone runs (see `Slot`).
+    let c = unsafe { census() };
+    let Some(ops) = c.ops.filter(|_| c.refused.is_none()) else {
+        return;
+    };
+    let n = c.n;
+    for m in c.members[..n].iter_mut() {
+        if let Served::Yes { op, .. } = m.served {
+            // SAFETY: reads one pointer of pv_ops.
+            m.linux_fn = unsafe { shim::pvops_shim_pv_op(m.offset) } as usize;
+            // SAFETY: writes one pointer of pv_ops, a function of the member's type and
+            // convention (linux::served checked each); only the boot CPU runs.
+            unsafe { shim::pvops_shim_set_pv_op(m.offset, ops.target(op) as _) };
+        }
+    }
+    c.late = true;
 }
 
 /// The census as text: the totals, then one line per member with sites.
@@ -359,7 +464,8 @@ impl fmt::Display for Report<'_> {
 }
 
 /// After boot (the initcall): read every site pvops wrote back and compare it with the plan,
-/// check the `pv_ops` members, and publish the census in `/sys/kernel/pvops/kernel`. Returns
+/// check that Linux computed its own bytes for each (the hand-back's), and publish the census
+/// in `/sys/kernel/pvops/kernel` and the holder in `/sys/kernel/pvops/kernel_holder`. Returns
 /// the number of sites that do not hold what was planned.
 pub(crate) fn readback() -> u32 {
     // SAFETY: the initcall, after boot; the only reference while it runs.
@@ -367,28 +473,14 @@ pub(crate) fn readback() -> u32 {
     if !c.taken {
         return 0;
     }
-    let mut bad = 0u32;
-    if let Some(ops) = c.ops {
-        for &(addr, m) in c.written.iter() {
-            let Served::Yes { op, conv } = c.members[m as usize].served else {
-                continue;
-            };
-            let want = linux::plan(addr, op, conv, &ops).map(|p| p.1);
-            let mut found = [0u8; linux::PV_SITE_LEN as usize];
-            ReadOnlyText.read(addr, &mut found);
-            if want != Some(found) {
-                if bad == 0 {
-                    pr_err!(
-                        "kernel: site {:#x} ({}) holds {:02x?}, planned {:02x?}\n",
-                        addr,
-                        c.members[m as usize].name,
-                        found,
-                        want
-                    );
-                }
-                bad += 1;
-            }
-        }
+    // (init text is still there: the initcall runs before it is freed)
+    let bad = mismatches(c, c.written.iter(), Holder::Pvops);
+    if let Some(w) = c.written.iter().find(|w| !w.linux_done) {
+        pr_err!(
+            "kernel: Linux computed no bytes of its own for site {:#x} ({}): no hand-back\n",
+            w.addr,
+            c.members[w.member as usize].name
+        );
     }
     let (t, i, d) = c.totals();
     if c.refused.is_none() {
@@ -414,5 +506,269 @@ pub(crate) fn readback() -> u32 {
         // SAFETY: a NUL-terminated string; the shim copies it.
         unsafe { shim::pvops_shim_set_kernel_report(text.as_char_ptr()) };
     }
+    publish_holder(c);
     bad
+}
+
+/// How many sites pvops wrote do not hold `holder`'s bytes (the first one is reported), and
+/// whether every `pv_ops` member pvops serves holds `holder`'s function (a wrong one counts).
+fn mismatches<'a>(c: &'a Census, sites: impl Iterator<Item = &'a Written>, holder: Holder) -> u32 {
+    let mut bad = 0u32;
+    for w in sites {
+        let want = match holder {
+            Holder::Pvops => w.pvops,
+            Holder::Linux => w.linux,
+        };
+        let mut found = [0u8; linux::PV_SITE_LEN as usize];
+        ReadOnlyText.read(w.addr, &mut found);
+        if found != want {
+            if bad == 0 {
+                pr_err!(
+                    "kernel: site {:#x} ({}) holds {:02x?}, {} {:02x?}\n",
+                    w.addr,
+                    c.members[w.member as usize].name,
+                    found,
+                    holder.name(),
+                    want
+                );
+            }
+            bad += 1;
+        }
+    }
+    if let (true, Some(ops)) = (c.late, c.ops) {
+        for m in c.members() {
+            let Served::Yes { op, .. } = m.served else {
+                continue;
+            };
+            let want = match holder {
+                Holder::Pvops => ops.target(op),
+                Holder::Linux => m.linux_fn,
+            };
+            // SAFETY: reads one pointer of pv_ops.
+            let found = unsafe { shim::pvops_shim_pv_op(m.offset) } as usize;
+            if found != want {
+                pr_err!(
+                    "kernel: pv_ops.{} holds {:#x}, {} {:#x}\n",
+                    m.name,
+                    found,
+                    holder.name(),
+                    want
+                );
+                bad += 1;
+            }
+        }
+    }
+    bad
+}
+
+impl Holder {
+    fn name(self) -> &'static str {
+        match self {
+            Holder::Pvops => "pvops",
+            Holder::Linux => "linux",
+        }
+    }
+}
+
+/// The sites pvops wrote that outlive boot: not those in the kernel's init text, which is
+/// freed (and poisoned) once boot is over.
+fn lasting(c: &Census) -> impl Iterator<Item = &Written> + '_ {
+    c.written.iter().filter(|w| {
+        // SAFETY: compares an address with the kernel's init-text bounds.
+        unsafe { shim::pvops_shim_is_init_text(w.addr) == 0 }
+    })
+}
+
+/// `/sys/kernel/pvops/kernel_holder`: who holds the sites, and the round trips so far.
+fn publish_holder(c: &Census) {
+    let text = match hand_refusal(c) {
+        Some(why) => CString::try_from_fmt(format_args!("linux (pvops patched none: {why})")),
+        None => {
+            let (n, differ) = lasting(c).fold((0, 0), |(n, d), w| {
+                (n + 1, d + u32::from(w.pvops != w.linux))
+            });
+            CString::try_from_fmt(format_args!(
+                "{} sites={n} differ={differ} init={} hand-backs={} take-backs={}",
+                c.holder.name(),
+                c.written.len() - n,
+                c.hand_backs,
+                c.take_backs
+            ))
+        }
+    };
+    if let Ok(text) = text {
+        // SAFETY: a NUL-terminated string; the shim copies it.
+        unsafe { shim::pvops_shim_set_kernel_holder(text.as_char_ptr()) };
+    }
+}
+
+/// Why the kernel's sites cannot change hands, if so.
+fn hand_refusal(c: &Census) -> Option<&'static str> {
+    if !c.taken {
+        return Some("pvops_kernel_early did not run");
+    }
+    if let Some(why) = c.refused {
+        return Some(why);
+    }
+    if c.written.is_empty() || !c.late {
+        return Some("this backend serves none of the kernel's sites");
+    }
+    if c.written.iter().any(|w| !w.linux_done) {
+        return Some("Linux computed no bytes of its own for some site");
+    }
+    None
+}
+
+/// A hand-back or take-back, run under stop_machine by the CPU that leads.
+struct Hand<'a> {
+    /// The census (the sites, both layouts, the members).
+    c: &'a Census,
+    /// Who takes the sites.
+    to: Holder,
+    /// The first page of the sites' text, and its writable alias.
+    page: usize,
+    /// See `page`.
+    alias: *mut u8,
+    /// The site that did not hold what it should before anything was written.
+    refused: Option<(usize, [u8; linux::PV_SITE_LEN as usize])>,
+    /// Whether the callback ran.
+    ran: bool,
+}
+
+/// stop_machine callback: every site checked, then every site and `pv_ops` member written.
+///
+/// # Safety
+///
+/// `data` points at a live [`Hand`]; the other CPUs wait in the shim's stop_machine callback.
+unsafe extern "C" fn run_hand(data: *mut c_void) -> c_int {
+    // SAFETY: pvops_kernel_hand passes its own `Hand`, alive until stop_machine returns.
+    let h = unsafe { &mut *data.cast::<Hand<'_>>() };
+    h.ran = true;
+    let to_linux = h.to == Holder::Linux;
+    let from = |w: &Written| if to_linux { w.pvops } else { w.linux };
+    let to = |w: &Written| if to_linux { w.linux } else { w.pvops };
+    // all or nothing: every site must hold what the other holder left there
+    for w in lasting(h.c) {
+        let mut found = [0u8; linux::PV_SITE_LEN as usize];
+        ReadOnlyText.read(w.addr, &mut found);
+        if found != from(w) {
+            h.refused = Some((w.addr, found));
+            return 0;
+        }
+    }
+    for w in lasting(h.c) {
+        let bytes = to(w);
+        // SAFETY: the alias maps every page from `page` to the last site writable; no other
+        // CPU runs kernel code (they wait in the shim's callback) and this one runs none of
+        // the sites while it writes.
+        unsafe {
+            core::ptr::copy_nonoverlapping(
+                bytes.as_ptr(),
+                h.alias.add(w.addr - h.page),
+                bytes.len(),
+            )
+        };
+    }
+    if let Some(ops) = h.c.ops {
+        for m in h.c.members() {
+            if let Served::Yes { op, .. } = m.served {
+                let f = match h.to {
+                    Holder::Linux => m.linux_fn,
+                    Holder::Pvops => ops.target(op),
+                };
+                // SAFETY: one pointer of pv_ops, Linux's own function for the member or
+                // pvops's of the member's type and convention; no other CPU runs.
+                unsafe { shim::pvops_shim_set_pv_op(m.offset, f as _) };
+            }
+        }
+    }
+    0
+}
+
+/// Root wrote `linux` (`to_linux`) or `pvops` to `/sys/kernel/pvops/kernel_holder`: every
+/// kernel site pvops patched, and the `pv_ops` members it serves, go to that holder under
+/// stop_machine, all or nothing, and are read back byte for byte. Modules loaded before keep
+/// the calls Linux's loader gave them (into pvops, whose functions stay). 0 or -errno.
+#[no_mangle]
+pub(crate) extern "C" fn pvops_kernel_hand(to_linux: c_int) -> c_int {
+    // SAFETY: the shim calls this with its holder_lock held, after the initcall.
+    let c = unsafe { census() };
+    let to = if to_linux != 0 {
+        Holder::Linux
+    } else {
+        Holder::Pvops
+    };
+    if let Some(why) = hand_refusal(c) {
+        pr_err!("kernel: nothing to hand over ({why})\n");
+        return -(kernel::bindings::EOPNOTSUPP as c_int);
+    }
+    // SAFETY: reads the kernel's preemption model.
+    if unsafe { shim::pvops_shim_preemptible() } != 0 {
+        pr_err!(
+            "kernel: not handed over: this kernel preempts kernel code, so a task may be \
+             stopped between two instructions of a site (the two layouts differ there)\n"
+        );
+        return -(kernel::bindings::EOPNOTSUPP as c_int);
+    }
+    if c.holder == to {
+        pr_info!("kernel: the sites are {}'s already\n", to.name());
+        return 0;
+    }
+    let start = lasting(c).map(|w| w.addr).min().unwrap_or(0);
+    let end = lasting(c).map(|w| w.addr).max().unwrap_or(0) + linux::PV_SITE_LEN as usize;
+    // SAFETY: [start, end) is kernel text holding the sites; the alias is dropped below.
+    let alias = unsafe { shim::pvops_shim_alias_text(start, end) };
+    if alias.is_null() {
+        pr_err!("kernel: not handed over: cannot map the kernel's text writable\n");
+        return ENOMEM.to_errno();
+    }
+    let mut h = Hand {
+        c,
+        to,
+        page: start & !0xfff,
+        alias: alias.cast(),
+        refused: None,
+        ran: false,
+    };
+    // SAFETY: `h` outlives the call; run_hand is the matching callback.
+    let rc =
+        unsafe { shim::pvops_shim_stop_machine(Some(run_hand), core::ptr::addr_of_mut!(h).cast()) };
+    // SAFETY: the alias came from pvops_shim_alias_text and is no longer used.
+    unsafe { shim::pvops_shim_unalias_text(alias) };
+    let (ran, refused) = (h.ran, h.refused);
+    if !ran {
+        pr_err!("kernel: not handed over: stop_machine failed ({rc})\n");
+        return EBUSY.to_errno();
+    }
+    if let Some((addr, found)) = refused {
+        pr_err!(
+            "kernel: not handed over: site {:#x} holds {:02x?}, not {}'s bytes (another \
+             patcher, or a probe, changed it); nothing written\n",
+            addr,
+            found,
+            c.holder.name()
+        );
+        return EBUSY.to_errno();
+    }
+    let bad = mismatches(c, lasting(c), to);
+    c.holder = to;
+    match to {
+        Holder::Linux => c.hand_backs += 1,
+        Holder::Pvops => c.take_backs += 1,
+    }
+    publish_holder(c);
+    if bad > 0 {
+        pr_err!(
+            "kernel: {} sites and pv_ops members do not read back as {}'s\n",
+            bad,
+            to.name()
+        );
+        return EIO.to_errno();
+    }
+    pr_info!(
+        "kernel: {} sites and pv_ops now {}'s, read back byte for byte\n",
+        lasting(c).count(),
+        to.name()
+    );
+    0
 }

@@ -17,6 +17,9 @@
 #include <linux/debugfs.h>
 #include <linux/mutex.h>
 #include <linux/fs.h>
+#include <linux/atomic.h>
+#include <linux/preempt.h>
+#include <linux/kallsyms.h>
 #include <asm/sync_core.h>
 #include <asm/tsc.h>
 #include <asm/msr.h>
@@ -92,10 +95,44 @@ void pvops_shim_unalias_text(void *alias)
 	vunmap(alias);
 }
 
-/* Run fn(data) on one CPU while every other online CPU spins with interrupts off. */
+/* One stop_machine: fn runs on the CPU that takes the lead, the others wait for it. */
+struct pvops_stop {
+	int (*fn)(void *);
+	void *data;
+	atomic_t leader;
+	atomic_t done;
+	int rc;
+};
+
+static int pvops_stop_cpu(void *arg)
+{
+	struct pvops_stop *s = arg;
+
+	if (atomic_cmpxchg(&s->leader, 0, 1) == 0) {
+		s->rc = s->fn(s->data);
+		atomic_set_release(&s->done, 1);
+	} else {
+		while (!atomic_read_acquire(&s->done))
+			cpu_relax();
+	}
+	/* every CPU serialises before it runs the text that changed (cross-modifying code) */
+	sync_core();
+	return 0;
+}
+
+/*
+ * Run fn(data) on one CPU while every other online CPU waits, interrupts off, in the same
+ * stop_machine callback (executing none of the text fn changes), then serialises. Returns
+ * stop_machine's error, else fn's result.
+ */
 int pvops_shim_stop_machine(int (*fn)(void *), void *data)
 {
-	return stop_machine(fn, data, NULL);
+	struct pvops_stop s = {
+		.fn = fn, .data = data, .leader = ATOMIC_INIT(0), .done = ATOMIC_INIT(0),
+	};
+	int err = stop_machine(pvops_stop_cpu, &s, cpu_online_mask);
+
+	return err ? err : s.rc;
 }
 
 /* Serialise this CPU after its text changed. */
@@ -146,11 +183,72 @@ static ssize_t kernel_report_read(struct file *f, struct kobject *k, struct bin_
 static struct bin_attribute bin_attr_kernel =
 	__BIN_ATTR(kernel, 0444, kernel_report_read, NULL, sizeof(report_kernel));
 static struct bin_attribute *pvops_bin_attrs[] = { &bin_attr_kernel, NULL };
+
+/*
+ * Built in: /sys/kernel/pvops/kernel_holder, who holds the kernel's pv sites: "pvops" or
+ * "linux", with the hand-backs and take-backs done so far. Root writes "linux" to hand every
+ * site (and pv_ops) back to what Linux's own pv layer would hold, "pvops" to take them back
+ * (pvops_kernel_hand(), builtin.rs). One write at a time.
+ */
+static DEFINE_MUTEX(holder_lock);
+/* builtin.rs: hand the kernel's sites to Linux (to_linux) or take them back; 0 or -errno */
+int pvops_kernel_hand(int to_linux);
+static char report_holder[128];
+
+static ssize_t kernel_holder_show(struct kobject *k, struct kobj_attribute *a, char *buf)
+{
+	ssize_t n;
+
+	mutex_lock(&holder_lock);
+	n = sysfs_emit(buf, "%s\n", report_holder);
+	mutex_unlock(&holder_lock);
+	return n;
+}
+
+static ssize_t kernel_holder_store(struct kobject *k, struct kobj_attribute *a, const char *buf,
+				   size_t count)
+{
+	int to_linux, err;
+
+	if (sysfs_streq(buf, "linux"))
+		to_linux = 1;
+	else if (sysfs_streq(buf, "pvops"))
+		to_linux = 0;
+	else
+		return -EINVAL;
+	mutex_lock(&holder_lock);
+	err = pvops_kernel_hand(to_linux);
+	mutex_unlock(&holder_lock);
+	return err ? err : count;
+}
+static struct kobj_attribute kernel_holder_attr = __ATTR_RW_MODE(kernel_holder, 0644);
+
+/* The holder line, set by Rust (under holder_lock when a write runs). */
+void pvops_shim_set_kernel_holder(const char *text)
+{
+	strscpy(report_holder, text, sizeof(report_holder));
+}
+
+/* Whether addr is in the kernel's init text (freed, and poisoned, once boot is over). */
+int pvops_shim_is_init_text(unsigned long addr)
+{
+	return is_kernel_inittext(addr);
+}
+
+/* Whether this kernel preempts kernel code (a task could then be stopped inside a site). */
+int pvops_shim_preemptible(void)
+{
+	return preempt_model_preemptible();
+}
 #endif
 
 static struct attribute *pvops_attrs[] = {
 	&backend_attr.attr, &hypervisor_attr.attr, &sites_attr.attr, &selftest_attr.attr,
-	&checks_attr.attr, NULL,
+	&checks_attr.attr,
+#ifndef MODULE
+	&kernel_holder_attr.attr,
+#endif
+	NULL,
 };
 static const struct attribute_group pvops_group = {
 	.attrs = pvops_attrs,
@@ -582,6 +680,14 @@ unsigned long pvops_shim_pv_ops(unsigned long *size)
 {
 	*size = sizeof(pv_ops);
 	return (unsigned long)&pv_ops;
+}
+
+/* What the pv_ops member at byte offset `offset` holds (0 past the end). */
+unsigned long pvops_shim_pv_op(unsigned int offset)
+{
+	if (offset + sizeof(void *) > sizeof(pv_ops))
+		return 0;
+	return READ_ONCE(*(unsigned long *)((char *)&pv_ops + offset));
 }
 
 /* Point the pv_ops member at byte offset `offset` at fn (what modules loaded later call). */

@@ -151,13 +151,17 @@ int pvops_shim_boot_subarch(u32 *subarch, u64 *data);
 
 /*
  * Built into the kernel only (not in the module): pvops as the kernel's paravirt layer
- * (guest-kmod/kernel.rs, kernel/pvops-early.patch).
+ * (guest-kmod/builtin.rs, kernel/pvops-early.patch).
  */
 int pvops_shim_kernel_param(void);
 const char *pvops_shim_pv_member(unsigned int i, unsigned int *offset);
 unsigned long pvops_shim_pv_ops(unsigned long *size);
+unsigned long pvops_shim_pv_op(unsigned int offset);
 void pvops_shim_set_pv_op(unsigned int offset, unsigned long fn);
 void pvops_shim_poke_early(unsigned long addr, const u8 *bytes, unsigned int len);
 void pvops_shim_set_kernel_report(const char *text);
+void pvops_shim_set_kernel_holder(const char *text);
+int pvops_shim_preemptible(void);
+int pvops_shim_is_init_text(unsigned long addr);
 
 #endif /* PVOPS_SHIM_H */

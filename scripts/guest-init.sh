@@ -119,6 +119,85 @@ workload_ok() { # every CPU's rounds done, signals received
 	while [ $c -lt "$ncpu" ]; do [ "$(cat /tmp/wl.done.$c 2>/dev/null)" = $WL_ROUNDS ] || return 1; c=$((c + 1)); done
 	[ "$(cat /tmp/wl.sig 2>/dev/null)" -gt 0 ] 2>/dev/null
 }
+# Hand-back at run time (built in): every kernel site pvops patched goes back to the bytes
+# Linux's own pv layer computed for it, with pv_ops, and comes back: HB_ROUNDS round trips
+# through /sys/kernel/pvops/kernel_holder (each one under stop_machine, read back byte for byte
+# by the kernel), while a load (processes, pipes, page faults) runs on every CPU.
+HB_ROUNDS=100
+handback() {
+	rm -f /tmp/hb.*
+	hb_before=$(cat /sys/kernel/pvops/kernel_holder 2>&1)
+	ncpu=$(nproc)
+	c=0
+	while [ $c -lt "$ncpu" ]; do
+		taskset -c $c sh -c "
+			n=0
+			while [ ! -e /tmp/hb.stop ]; do
+				echo \$n | cat | wc -c > /dev/null
+				dd if=/dev/zero of=/tmp/hb.buf.$c bs=4k count=64 2>/dev/null
+				rm -f /tmp/hb.buf.$c
+				n=\$((n + 1))
+				[ -e /tmp/hb.up.$c ] || : > /tmp/hb.up.$c
+			done
+			echo \$n > /tmp/hb.load.$c" &
+		c=$((c + 1))
+	done
+	c=0
+	while [ $c -lt "$ncpu" ]; do while [ ! -e /tmp/hb.up.$c ]; do usleep 1000; done; c=$((c + 1)); done
+	hb_trips=0 hb_err=""
+	while [ $hb_trips -lt $HB_ROUNDS ]; do
+		if ! echo linux 2>/tmp/hb.err > /sys/kernel/pvops/kernel_holder; then
+			hb_err="hand-back $((hb_trips + 1)) refused: $(cat /tmp/hb.err)"; break
+		fi
+		if ! echo pvops 2>/tmp/hb.err > /sys/kernel/pvops/kernel_holder; then
+			hb_err="take-back $((hb_trips + 1)) refused: $(cat /tmp/hb.err)"; break
+		fi
+		hb_trips=$((hb_trips + 1))
+	done
+	touch /tmp/hb.stop
+	wait
+	hb_after=$(cat /sys/kernel/pvops/kernel_holder 2>&1)
+	hb_loads=$(cat /tmp/hb.load.* 2>/dev/null | tr '\n' ' ')
+	hb_detail="$hb_trips round trips ($hb_err), load rounds per CPU: ${hb_loads}; holder before: '$hb_before', after: '$hb_after'; $(dmesg | grep 'pvops_guest: kernel: .* now \|pvops_guest: kernel: not\|pvops_guest: kernel: nothing' | tail -1)"
+}
+handback_ok() { # PATCHED: pvops patched kernel sites, so every round trip held and every CPU's
+	# load ran; else (none patched) the hand-back is refused and nothing changes
+	if [ -n "$1" ] && [ "$1" -gt 0 ]; then
+		[ "$hb_trips" = $HB_ROUNDS ] && [ -z "$hb_err" ] || return 1
+		# every site pvops wrote: those that outlive boot, and those in the freed init text
+		has -E "$hb_after" "^pvops sites=[0-9]+ differ=[0-9]+ init=[0-9]+ hand-backs=$HB_ROUNDS take-backs=$HB_ROUNDS\$" || return 1
+		hb_kv() { echo "$hb_after" | tr ' ' '\n' | sed -n "s/^$1=//p"; }
+		[ $(($(hb_kv sites) + $(hb_kv init))) = "$1" ] || return 1
+		[ "$(echo $hb_loads | wc -w)" = "$ncpu" ] && ! echo " $hb_loads" | grep -q ' 0'
+	else
+		[ "$hb_trips" = 0 ] && [ -n "$hb_err" ] && [ "$hb_after" = "$hb_before" ] \
+			&& has "$hb_after" '^linux (pvops patched none'
+	fi
+}
+# sched_clock (printk's timestamps: local_clock()) across CPUs: CLOCK_MSGS messages to
+# /dev/kmsg, from each CPU in turn, a second apart in all; in log order their timestamps must
+# not go back, and they must span what ktime (/proc/uptime) says passed.
+CLOCK_MSGS=20
+sched_clock_probe() {
+	ncpu=$(nproc) u0=$(cut -d' ' -f1 /proc/uptime)
+	i=0
+	while [ $i -lt $CLOCK_MSGS ]; do
+		taskset -c $((i % ncpu)) sh -c "echo pvops-clock-$i > /dev/kmsg"
+		usleep $((1000000 / CLOCK_MSGS))
+		i=$((i + 1))
+	done
+	u1=$(cut -d' ' -f1 /proc/uptime)
+	clock_ts=$(dmesg | sed -n 's/^\[ *\([0-9.]*\)\] pvops-clock-[0-9]*$/\1/p' | tr '\n' ' ')
+	clock_detail="$CLOCK_MSGS messages from $ncpu CPUs in turn, uptime ${u0}s to ${u1}s: $clock_ts"
+}
+sched_clock_ok() { # the timestamps: all there, never back, spanning ktime's interval within 20%
+	echo "$clock_ts" | awk -v n=$CLOCK_MSGS -v u0="$u0" -v u1="$u1" '{
+		if (NF != n) exit 1
+		for (i = 2; i <= NF; i++) if ($i < $(i - 1)) exit 1
+		d = $NF - $1; k = (u1 - u0) * (n - 1) / n
+		if (d < 0.8 * k - 0.02 || d > 1.2 * k + 0.02) exit 1
+	}'
+}
 finish() { # RESULT-LINE: the KTAP document, the result for scripts/rig, power off
 	ktap
 	echo "$1"
@@ -210,6 +289,10 @@ if grep -q 'rig_mode=builtin' /proc/cmdline; then
 	check module-sites "$probe" -- module_sites_ok "$probe" "$kp"
 	workload
 	check workload "$wl_detail" -- workload_ok
+	sched_clock_probe
+	check sched-clock "$clock_detail" -- sched_clock_ok
+	handback
+	check handback "$hb_detail" -- handback_ok "$kp"
 	fault_scan
 	finish "RIG-RESULT backend=$backend sites=$p/$t kernel-sites=$kp/$kt builtin"
 fi
