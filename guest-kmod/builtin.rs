@@ -29,11 +29,12 @@
 use core::cell::UnsafeCell;
 use core::ffi::{c_int, c_void};
 use core::fmt;
+use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use kernel::prelude::*;
 use kernel::str::CString;
 use pvops::linux::{self, KernelAction, OddSite, Served, ALT_FLAG_PVOPS};
-use pvops::{BackendOps, ReadText, Request, PV_OPS};
+use pvops::{BackendOps, Op, ReadText, Request, PV_OPS};
 
 use crate::text::ReadOnlyText;
 use crate::{choose, param, shim, Chosen};
@@ -44,9 +45,6 @@ const MAX_MEMBERS: usize = 128;
 const MAX_SLOTS: usize = 256;
 /// No member at this slot.
 const NO_MEMBER: u8 = u8::MAX;
-/// Why a member pvops serves is left to Linux under a backend ([`pvops::Backend::serves_kernel`]).
-const BACKEND_LEAVES_IT: &str =
-    "this backend's op does not serve the kernel (it forwards to the kernel's own, or is unchecked)";
 
 /// One `pv_ops` member and what happened to its sites.
 #[derive(Clone, Copy)]
@@ -124,6 +122,10 @@ struct Census {
     hand_backs: u32,
     /// See `hand_backs`.
     take_backs: u32,
+    /// Linux's `pv_sched_clock` function, when pvops took the static call (0: not taken).
+    linux_sched_clock: usize,
+    /// Why pvops did not take it, if the backend said.
+    sched_clock_why: Option<&'static str>,
 }
 
 impl Census {
@@ -175,6 +177,8 @@ static CENSUS: Slot = Slot(UnsafeCell::new(Census {
     holder: Holder::Pvops,
     hand_backs: 0,
     take_backs: 0,
+    linux_sched_clock: 0,
+    sched_clock_why: None,
 }));
 
 /// The census.
@@ -265,8 +269,8 @@ pub(crate) unsafe extern "C" fn pvops_kernel_early(start: *mut u8, end: *mut u8)
         let n = c.n;
         for m in c.members[..n].iter_mut() {
             if let Served::Yes { op, .. } = m.served {
-                if !ch.backend.serves_kernel(op) {
-                    m.served = Served::No(BACKEND_LEAVES_IT);
+                if let Err(why) = ch.backend.serves_kernel(op) {
+                    m.served = Served::No(why);
                 }
             }
         }
@@ -425,6 +429,45 @@ pub(crate) extern "C" fn pvops_kernel_late() {
         }
     }
     c.late = true;
+    match c.chosen.map(|ch| ch.backend.serves_kernel(Op::SchedClock)) {
+        Some(Ok(())) => {
+            SCHED_FN.store(ops.target(Op::SchedClock), Ordering::Relaxed);
+            // SAFETY: reads the static call's function.
+            c.linux_sched_clock = unsafe { shim::pvops_shim_sched_clock_fn() } as usize;
+            take_sched_clock();
+        }
+        Some(Err(why)) => c.sched_clock_why = Some(why),
+        None => {}
+    }
+}
+
+/// The backend's `sched_clock`, for [`kernel_sched_clock`] (set before that is installed).
+static SCHED_FN: AtomicUsize = AtomicUsize::new(0);
+/// What [`kernel_sched_clock`] adds to it, so that it continues Linux's clock.
+static SCHED_OFFSET: AtomicU64 = AtomicU64::new(0);
+
+/// The kernel's `sched_clock()` (`pv_sched_clock`) while pvops holds it: the backend's clock,
+/// moved to continue what Linux's read when pvops took it over.
+extern "C" fn kernel_sched_clock() -> u64 {
+    let f = SCHED_FN.load(Ordering::Relaxed);
+    // SAFETY: SCHED_FN holds the backend's sched_clock, an `extern "C" fn() -> u64` (the op's
+    // signature), stored before this function was installed and never cleared.
+    let f = unsafe { core::mem::transmute::<usize, extern "C" fn() -> u64>(f) };
+    f().wrapping_add(SCHED_OFFSET.load(Ordering::Relaxed))
+}
+
+/// Point `pv_sched_clock` at [`kernel_sched_clock`], anchored to Linux's clock now (the
+/// backend serves it only where both read the same clock, so they do not drift apart).
+fn take_sched_clock() {
+    // SAFETY: a reading of the kernel's sched_clock.
+    let linux_now = unsafe { shim::pvops_shim_sched_clock() };
+    let f = SCHED_FN.load(Ordering::Relaxed);
+    // SAFETY: as in kernel_sched_clock.
+    let f = unsafe { core::mem::transmute::<usize, extern "C" fn() -> u64>(f) };
+    SCHED_OFFSET.store(linux_now.wrapping_sub(f()), Ordering::Relaxed);
+    // SAFETY: a function of the static call's type (`u64 (*)(void)`), callable from any
+    // context the kernel's sched_clock is (the backend's op is: its contract says NMI too).
+    unsafe { shim::pvops_shim_set_sched_clock(kernel_sched_clock as usize as _) };
 }
 
 /// The census as text: the totals, then one line per member with sites.
@@ -442,6 +485,11 @@ impl fmt::Display for Report<'_> {
             c.odd,
             self.1
         )?;
+        match (c.linux_sched_clock, c.refused.or(c.sched_clock_why)) {
+            (0, Some(why)) => writeln!(f, "pv_sched_clock linux why=\"{why}\"")?,
+            (0, None) => writeln!(f, "pv_sched_clock linux")?,
+            _ => writeln!(f, "pv_sched_clock pvops")?,
+        }
         for m in c.members().iter().filter(|m| m.sites > 0) {
             let linux = m.sites - m.inline - m.direct;
             write!(
@@ -750,7 +798,25 @@ pub(crate) extern "C" fn pvops_kernel_hand(to_linux: c_int) -> c_int {
         );
         return EBUSY.to_errno();
     }
-    let bad = mismatches(c, lasting(c), to);
+    if c.linux_sched_clock != 0 {
+        match to {
+            // SAFETY: Linux's own function for the static call, as it was at boot.
+            Holder::Linux => unsafe { shim::pvops_shim_set_sched_clock(c.linux_sched_clock as _) },
+            Holder::Pvops => take_sched_clock(),
+        }
+    }
+    let mut bad = mismatches(c, lasting(c), to);
+    if c.linux_sched_clock != 0 {
+        let want = match to {
+            Holder::Linux => c.linux_sched_clock,
+            Holder::Pvops => kernel_sched_clock as usize,
+        };
+        // SAFETY: reads the static call's function.
+        if unsafe { shim::pvops_shim_sched_clock_fn() } as usize != want {
+            pr_err!("kernel: pv_sched_clock is not {}'s\n", to.name());
+            bad += 1;
+        }
+    }
     c.holder = to;
     match to {
         Holder::Linux => c.hand_backs += 1,

@@ -20,6 +20,8 @@
 #include <linux/atomic.h>
 #include <linux/preempt.h>
 #include <linux/kallsyms.h>
+#include <linux/static_call.h>
+#include <asm/paravirt.h>
 #include <asm/sync_core.h>
 #include <asm/tsc.h>
 #include <asm/msr.h>
@@ -227,6 +229,23 @@ static struct kobj_attribute kernel_holder_attr = __ATTR_RW_MODE(kernel_holder, 
 void pvops_shim_set_kernel_holder(const char *text)
 {
 	strscpy(report_holder, text, sizeof(report_holder));
+}
+
+/* pv_sched_clock, the static call behind the kernel's sched_clock(): its function, a reading
+ * through it, and a new function for it (static_call_update patches its call sites). */
+unsigned long pvops_shim_sched_clock_fn(void)
+{
+	return (unsigned long)static_call_query(pv_sched_clock);
+}
+
+u64 pvops_shim_sched_clock(void)
+{
+	return static_call(pv_sched_clock)();
+}
+
+void pvops_shim_set_sched_clock(unsigned long fn)
+{
+	static_call_update(pv_sched_clock, (u64 (*)(void))fn);
 }
 
 /* Whether addr is in the kernel's init text (freed, and poisoned, once boot is over). */

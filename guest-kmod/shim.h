@@ -163,5 +163,8 @@ void pvops_shim_set_kernel_report(const char *text);
 void pvops_shim_set_kernel_holder(const char *text);
 int pvops_shim_preemptible(void);
 int pvops_shim_is_init_text(unsigned long addr);
+unsigned long pvops_shim_sched_clock_fn(void);
+u64 pvops_shim_sched_clock(void);
+void pvops_shim_set_sched_clock(unsigned long fn);
 
 #endif /* PVOPS_SHIM_H */

@@ -101,25 +101,66 @@ fn which_backends_serve_the_kernel() {
     use pvops::Backend;
     // native: the bare instructions, every member pvops serves
     for (name, op, _) in served_members() {
-        assert!(pvops_backends::native::NATIVE.serves_kernel(op), "{name}");
+        assert_eq!(
+            pvops_backends::native::NATIVE.serves_kernel(op),
+            Ok(()),
+            "{name}"
+        );
     }
     // KVM, and Xen outside a PV domain (HVM, as on the host here): their CPU, IRQ and MMU ops
-    // are native's, so every member pvops serves, as native does; never the time ops nor the
-    // hypercall, which are theirs
+    // are native's, so every member pvops serves, as native does; never the hypercall nor the
+    // time ops but KVM's sched_clock (the kernel's own kvmclock record, when it has one), each
+    // with its reason
     for (name, op, _) in served_members() {
-        assert!(pvops_backends::kvm::KVM.serves_kernel(op), "kvm {name}");
-        assert!(pvops_backends::xen::Xen.serves_kernel(op), "xen hvm {name}");
+        assert_eq!(
+            pvops_backends::kvm::KVM.serves_kernel(op),
+            Ok(()),
+            "kvm {name}"
+        );
+        assert_eq!(
+            pvops_backends::xen::Xen.serves_kernel(op),
+            Ok(()),
+            "xen hvm {name}"
+        );
     }
     for op in [
-        pvops::Op::SchedClock,
         pvops::Op::StealClock,
         pvops::Op::Hypercall,
+        pvops::Op::SchedClock,
     ] {
-        assert!(!pvops_backends::kvm::KVM.serves_kernel(op), "kvm {op:?}");
+        if op != pvops::Op::SchedClock {
+            assert!(
+                pvops_backends::kvm::KVM.serves_kernel(op).is_err(),
+                "kvm {op:?}"
+            );
+        }
         assert!(
-            !pvops_backends::xen::Xen.serves_kernel(op),
+            matches!(pvops_backends::xen::Xen.serves_kernel(op), Err(w) if !w.is_empty()),
             "xen hvm {op:?}"
         );
     }
+    // not started here, so no record of its own: the kernel's clock and KVM's are one
+    assert!(!pvops_backends::kvm::owns_clock());
+    assert_eq!(
+        pvops_backends::kvm::KVM.serves_kernel(pvops::Op::SchedClock),
+        Ok(())
+    );
+    // VMI: what VMI was for, the ROM's routines at the kernel's own sites; not its time ops
+    for (name, op, _) in served_members() {
+        assert_eq!(
+            pvops_backends::vmi::VMI.serves_kernel(op),
+            Ok(()),
+            "vmi {name}"
+        );
+    }
+    assert!(pvops_backends::vmi::VMI
+        .serves_kernel(pvops::Op::SchedClock)
+        .is_err());
+    // the backends not checked against the kernel's own code say so
+    let why = pvops_backends::lguest::LGUEST.serves_kernel(pvops::Op::SaveFl);
+    assert!(
+        matches!(why, Err(w) if w.contains("not checked")),
+        "{why:?}"
+    );
     // (Xen PV's subset, the interrupt flag and CR2, is checked on the xen-pv built-in rig)
 }

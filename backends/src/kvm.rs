@@ -408,10 +408,24 @@ impl Backend for Kvm {
         }
     }
 
-    fn serves_kernel(&self, op: Op) -> bool {
+    fn serves_kernel(&self, op: Op) -> Result<(), &'static str> {
         // The CPU, IRQ and MMU ops are the native backend's (a KVM guest's kernel runs in ring
-        // 0): the bare instructions, the kernel's own native code. Not the time ops, the
-        // hypercall, nor io_delay, which this backend replaces.
-        op.group() != Group::Timer && op != Op::Hypercall && op != Op::IoDelay
+        // 0): the bare instructions, the kernel's own native code. Not the hypercall, nor
+        // io_delay, which this backend replaces. Of the time ops, sched_clock when it reads the
+        // kernel's own kvmclock record: the clock Linux's kvm_sched_clock_read reads, so the
+        // two differ by a constant and the kernel's clock can change hands and back without a
+        // step (with a record of its own, the kernel's clock is the TSC: they would drift).
+        match op {
+            Op::SchedClock if owns_clock() => Err(
+                "the backend's kvmclock record is its own, the kernel's clock the TSC: they \
+                 would drift apart",
+            ),
+            Op::SchedClock => Ok(()),
+            Op::Hypercall | Op::IoDelay => Err("this backend's own, not the kernel's native one"),
+            _ if op.group() == Group::Timer => {
+                Err("the kernel's own time code reads these records itself")
+            }
+            _ => Ok(()),
+        }
     }
 }

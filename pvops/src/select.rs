@@ -68,13 +68,14 @@ pub trait Backend: Sync {
     }
 
     /// Whether the backend's `op` may serve the kernel's own pv call sites when pvops is built
-    /// into the kernel ([`crate::linux`]): it must not call back into the kernel's paravirt
-    /// layer (an op that forwards to the kernel's own accessor would then call itself), and it
-    /// must have been checked against what the kernel's own implementation does. None by
-    /// default.
-    fn serves_kernel(&self, op: Op) -> bool {
+    /// into the kernel ([`crate::linux`]), and if not why (the built-in report shows it): it
+    /// must not call back into the kernel's paravirt layer (an op that forwards to the kernel's
+    /// own accessor would then call itself), must not share state with members the kernel
+    /// keeps, and must have been checked against what the kernel's own implementation does.
+    /// None by default.
+    fn serves_kernel(&self, op: Op) -> Result<(), &'static str> {
         let _ = op;
-        false
+        Err("this backend's ops are not checked against the kernel's own yet")
     }
 }
 

@@ -488,6 +488,18 @@ impl Backend for Vmi {
         ops.timer.tsc_khz = Impl::call(tsc_khz);
         ops
     }
+
+    fn serves_kernel(&self, op: Op) -> Result<(), &'static str> {
+        // What VMI was for: the kernel's own sites call (or inline) the ROM's routines, which
+        // start checked against each op's convention (check_routes) and which the self-test
+        // checks against the native operation; ops the ROM leaves NONE are native's. Not the
+        // time ops: the kernel's TSC clock stays its own.
+        match op.group() {
+            pvops::ops::Group::Timer => Err("the kernel's own TSC clock stays"),
+            _ if op == Op::Hypercall => Err("this backend's own"),
+            _ => Ok(()),
+        }
+    }
 }
 
 /// The ROM in use: physical address and API version (major, minor); `None` before start.

@@ -450,24 +450,34 @@ impl Backend for Xen {
         }
     }
 
-    fn serves_kernel(&self, op: pvops::Op) -> bool {
+    fn serves_kernel(&self, op: pvops::Op) -> Result<(), &'static str> {
         use pvops::ops::Group;
+        use pvops::Op;
         if is_pv() {
             // the ops that work on the kernel's vcpu_info the way Linux's xen-asm.S does (the
-            // upcall mask with the pending check, CR2); CR3 and CR4 forward to the kernel's own
-            // accessors, which are pv sites themselves
-            matches!(
-                op,
-                pvops::Op::SaveFl
-                    | pvops::Op::IrqDisable
-                    | pvops::Op::IrqEnable
-                    | pvops::Op::ReadCr2
-                    | pvops::Op::WriteCr2
-            )
+            // upcall mask with the pending check, CR2)
+            match op {
+                Op::SaveFl | Op::IrqDisable | Op::IrqEnable | Op::ReadCr2 | Op::WriteCr2 => Ok(()),
+                // state shared by several members is taken whole or left whole
+                Op::SetPte | Op::SetPmd | Op::SetPud | Op::LazyModeEnter | Op::LazyModeLeave => Err(
+                    "Xen PV's page-table writes share the kernel's lazy-MMU multicall batch: \
+                     left whole to the kernel",
+                ),
+                Op::ReadCr3 | Op::WriteCr3 | Op::ReadCr4 | Op::WriteCr4 => Err(
+                    "forwards to the kernel's own accessor, itself a pv site (it would call itself)",
+                ),
+                _ => Err("the kernel's own Xen PV code owns this state"),
+            }
         } else {
             // HVM: the CPU, IRQ and MMU ops are the native backend's (ring 0, real flags and
             // page tables); not the time ops nor the hypercall, which are Xen's
-            op.group() != Group::Timer && op != pvops::Op::Hypercall
+            if op.group() == Group::Timer {
+                Err("the kernel's own Xen time code reads its time areas itself")
+            } else if op == Op::Hypercall {
+                Err("this backend's own")
+            } else {
+                Ok(())
+            }
         }
     }
 }
