@@ -467,7 +467,7 @@ fn take_sched_clock() {
     SCHED_OFFSET.store(linux_now.wrapping_sub(f()), Ordering::Relaxed);
     // SAFETY: a function of the static call's type (`u64 (*)(void)`), callable from any
     // context the kernel's sched_clock is (the backend's op is: its contract says NMI too).
-    unsafe { shim::pvops_shim_set_sched_clock(kernel_sched_clock as usize as _) };
+    unsafe { shim::pvops_shim_set_sched_clock(kernel_sched_clock as *const () as usize as _) };
 }
 
 /// The census as text: the totals, then one line per member with sites.
@@ -809,7 +809,7 @@ pub(crate) extern "C" fn pvops_kernel_hand(to_linux: c_int) -> c_int {
     if c.linux_sched_clock != 0 {
         let want = match to {
             Holder::Linux => c.linux_sched_clock,
-            Holder::Pvops => kernel_sched_clock as usize,
+            Holder::Pvops => kernel_sched_clock as *const () as usize,
         };
         // SAFETY: reads the static call's function.
         if unsafe { shim::pvops_shim_sched_clock_fn() } as usize != want {

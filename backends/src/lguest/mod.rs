@@ -343,16 +343,31 @@ unsafe fn set_entry(nr: u64, entry: *mut u64, value: u64) {
     lazy_hcall(nr, entry as u64, value);
 }
 
+/// `mmu.set_pte`: store the page-table entry and tell the host (batched in lazy-MMU sections).
+///
+/// # Safety
+///
+/// The op's contract: the pointer is an entry of a live page table the caller may write.
 unsafe extern "C" fn set_pte(ptep: *mut u64, value: u64) {
     // SAFETY: the op's contract.
     unsafe { set_entry(LHCALL_SET_PTE, ptep, value) }
 }
 
+/// `mmu.set_pmd`: store the page-middle-directory entry and tell the host (batched in lazy-MMU sections).
+///
+/// # Safety
+///
+/// The op's contract: the pointer is an entry of a live page table the caller may write.
 unsafe extern "C" fn set_pmd(pmdp: *mut u64, value: u64) {
     // SAFETY: the op's contract.
     unsafe { set_entry(LHCALL_SET_PMD, pmdp, value) }
 }
 
+/// `mmu.set_pud`: store the page-upper-directory entry and tell the host (batched in lazy-MMU sections).
+///
+/// # Safety
+///
+/// The op's contract: the pointer is an entry of a live page table the caller may write.
 unsafe extern "C" fn set_pud(pudp: *mut u64, value: u64) {
     // SAFETY: the op's contract.
     unsafe { set_entry(LHCALL_SET_PGD, pudp, value) }
