@@ -79,6 +79,28 @@ struct Written {
     linux: [u8; linux::PV_SITE_LEN as usize],
     /// Whether `apply_alternatives()` did ([`pvops_kernel_linux_bytes`] was asked for it).
     linux_done: bool,
+    /// Whether it is in the kernel's init text, freed (and poisoned) once boot is over.
+    init: bool,
+}
+
+impl Written {
+    /// What `holder` has at this site.
+    fn bytes(&self, holder: Holder) -> [u8; linux::PV_SITE_LEN as usize] {
+        match holder {
+            Holder::Pvops => self.pvops,
+            Holder::Linux => self.linux,
+        }
+    }
+}
+
+impl Member {
+    /// What `holder` has in this member's `pv_ops` slot (`op`: pvops's op for it).
+    fn function(&self, holder: Holder, op: Op, ops: &BackendOps) -> usize {
+        match holder {
+            Holder::Pvops => ops.target(op),
+            Holder::Linux => self.linux_fn,
+        }
+    }
 }
 
 /// Who holds the kernel's sites pvops patched.
@@ -351,6 +373,8 @@ pub(crate) unsafe extern "C" fn pvops_kernel_early(start: *mut u8, end: *mut u8)
                     pvops: bytes,
                     linux: original,
                     linux_done: false,
+                    // SAFETY: compares an address with the kernel's init-text bounds.
+                    init: unsafe { shim::pvops_shim_is_init_text(s.addr) } != 0,
                 },
                 GFP_KERNEL,
             );
@@ -446,14 +470,19 @@ static SCHED_FN: AtomicUsize = AtomicUsize::new(0);
 /// What [`kernel_sched_clock`] adds to it, so that it continues Linux's clock.
 static SCHED_OFFSET: AtomicU64 = AtomicU64::new(0);
 
+/// The backend's `sched_clock`, read.
+fn backend_sched_clock() -> u64 {
+    let f = SCHED_FN.load(Ordering::Relaxed);
+    // SAFETY: SCHED_FN holds the backend's sched_clock, an `extern "C" fn() -> u64` (the op's
+    // signature), stored before anything calls this and never cleared.
+    let f = unsafe { core::mem::transmute::<usize, extern "C" fn() -> u64>(f) };
+    f()
+}
+
 /// The kernel's `sched_clock()` (`pv_sched_clock`) while pvops holds it: the backend's clock,
 /// moved to continue what Linux's read when pvops took it over.
 extern "C" fn kernel_sched_clock() -> u64 {
-    let f = SCHED_FN.load(Ordering::Relaxed);
-    // SAFETY: SCHED_FN holds the backend's sched_clock, an `extern "C" fn() -> u64` (the op's
-    // signature), stored before this function was installed and never cleared.
-    let f = unsafe { core::mem::transmute::<usize, extern "C" fn() -> u64>(f) };
-    f().wrapping_add(SCHED_OFFSET.load(Ordering::Relaxed))
+    backend_sched_clock().wrapping_add(SCHED_OFFSET.load(Ordering::Relaxed))
 }
 
 /// Point `pv_sched_clock` at [`kernel_sched_clock`], anchored to Linux's clock now (the
@@ -461,10 +490,10 @@ extern "C" fn kernel_sched_clock() -> u64 {
 fn take_sched_clock() {
     // SAFETY: a reading of the kernel's sched_clock.
     let linux_now = unsafe { shim::pvops_shim_sched_clock() };
-    let f = SCHED_FN.load(Ordering::Relaxed);
-    // SAFETY: as in kernel_sched_clock.
-    let f = unsafe { core::mem::transmute::<usize, extern "C" fn() -> u64>(f) };
-    SCHED_OFFSET.store(linux_now.wrapping_sub(f()), Ordering::Relaxed);
+    SCHED_OFFSET.store(
+        linux_now.wrapping_sub(backend_sched_clock()),
+        Ordering::Relaxed,
+    );
     // SAFETY: a function of the static call's type (`u64 (*)(void)`), callable from any
     // context the kernel's sched_clock is (the backend's op is: its contract says NMI too).
     unsafe { shim::pvops_shim_set_sched_clock(kernel_sched_clock as *const () as usize as _) };
@@ -563,10 +592,7 @@ pub(crate) fn readback() -> u32 {
 fn mismatches<'a>(c: &'a Census, sites: impl Iterator<Item = &'a Written>, holder: Holder) -> u32 {
     let mut bad = 0u32;
     for w in sites {
-        let want = match holder {
-            Holder::Pvops => w.pvops,
-            Holder::Linux => w.linux,
-        };
+        let want = w.bytes(holder);
         let mut found = [0u8; linux::PV_SITE_LEN as usize];
         ReadOnlyText.read(w.addr, &mut found);
         if found != want {
@@ -588,10 +614,7 @@ fn mismatches<'a>(c: &'a Census, sites: impl Iterator<Item = &'a Written>, holde
             let Served::Yes { op, .. } = m.served else {
                 continue;
             };
-            let want = match holder {
-                Holder::Pvops => ops.target(op),
-                Holder::Linux => m.linux_fn,
-            };
+            let want = m.function(holder, op, &ops);
             // SAFETY: reads one pointer of pv_ops.
             let found = unsafe { shim::pvops_shim_pv_op(m.offset) } as usize;
             if found != want {
@@ -616,15 +639,19 @@ impl Holder {
             Holder::Linux => "linux",
         }
     }
+
+    /// The holder the sites come from when they go to this one.
+    fn other(self) -> Holder {
+        match self {
+            Holder::Pvops => Holder::Linux,
+            Holder::Linux => Holder::Pvops,
+        }
+    }
 }
 
-/// The sites pvops wrote that outlive boot: not those in the kernel's init text, which is
-/// freed (and poisoned) once boot is over.
+/// The sites pvops wrote that outlive boot: not those in the kernel's init text.
 fn lasting(c: &Census) -> impl Iterator<Item = &Written> + '_ {
-    c.written.iter().filter(|w| {
-        // SAFETY: compares an address with the kernel's init-text bounds.
-        unsafe { shim::pvops_shim_is_init_text(w.addr) == 0 }
-    })
+    c.written.iter().filter(|w| !w.init)
 }
 
 /// `/sys/kernel/pvops/kernel_holder`: who holds the sites, and the round trips so far.
@@ -692,20 +719,17 @@ unsafe extern "C" fn run_hand(data: *mut c_void) -> c_int {
     // SAFETY: pvops_kernel_hand passes its own `Hand`, alive until stop_machine returns.
     let h = unsafe { &mut *data.cast::<Hand<'_>>() };
     h.ran = true;
-    let to_linux = h.to == Holder::Linux;
-    let from = |w: &Written| if to_linux { w.pvops } else { w.linux };
-    let to = |w: &Written| if to_linux { w.linux } else { w.pvops };
     // all or nothing: every site must hold what the other holder left there
     for w in lasting(h.c) {
         let mut found = [0u8; linux::PV_SITE_LEN as usize];
         ReadOnlyText.read(w.addr, &mut found);
-        if found != from(w) {
+        if found != w.bytes(h.to.other()) {
             h.refused = Some((w.addr, found));
             return 0;
         }
     }
     for w in lasting(h.c) {
-        let bytes = to(w);
+        let bytes = w.bytes(h.to);
         // SAFETY: the alias maps every page from `page` to the last site writable; no other
         // CPU runs kernel code (they wait in the shim's callback) and this one runs none of
         // the sites while it writes.
@@ -720,10 +744,7 @@ unsafe extern "C" fn run_hand(data: *mut c_void) -> c_int {
     if let Some(ops) = h.c.ops {
         for m in h.c.members() {
             if let Served::Yes { op, .. } = m.served {
-                let f = match h.to {
-                    Holder::Linux => m.linux_fn,
-                    Holder::Pvops => ops.target(op),
-                };
+                let f = m.function(h.to, op, &ops);
                 // SAFETY: one pointer of pv_ops, Linux's own function for the member or
                 // pvops's of the member's type and convention; no other CPU runs.
                 unsafe { shim::pvops_shim_set_pv_op(m.offset, f as _) };

@@ -99,63 +99,40 @@ fn members_left_to_linux_say_why() {
 #[test]
 fn which_backends_serve_the_kernel() {
     use pvops::Backend;
-    // native: the bare instructions, every member pvops serves
-    for (name, op, _) in served_members() {
-        assert_eq!(
-            pvops_backends::native::NATIVE.serves_kernel(op),
-            Ok(()),
-            "{name}"
-        );
+    use pvops_backends::{kvm::KVM, native::NATIVE, vmi::VMI, xen::Xen};
+    // Every member pvops serves, on native (the bare instructions), on KVM and on Xen outside a
+    // PV domain (HVM, as on the host here: their CPU, IRQ and MMU ops are native's), and on VMI
+    // (what VMI was for: the ROM's routines at the kernel's own sites)
+    let all: [(&str, &dyn Backend); 4] = [
+        ("native", &NATIVE),
+        ("kvm", &KVM),
+        ("xen hvm", &Xen),
+        ("vmi", &VMI),
+    ];
+    for (backend, b) in all {
+        for (name, op, _) in served_members() {
+            assert_eq!(b.serves_kernel(op), Ok(()), "{backend} {name}");
+        }
     }
-    // KVM, and Xen outside a PV domain (HVM, as on the host here): their CPU, IRQ and MMU ops
-    // are native's, so every member pvops serves, as native does; never the hypercall nor the
-    // time ops but KVM's sched_clock (the kernel's own kvmclock record, when it has one), each
-    // with its reason
-    for (name, op, _) in served_members() {
-        assert_eq!(
-            pvops_backends::kvm::KVM.serves_kernel(op),
-            Ok(()),
-            "kvm {name}"
-        );
-        assert_eq!(
-            pvops_backends::xen::Xen.serves_kernel(op),
-            Ok(()),
-            "xen hvm {name}"
-        );
+    // never the hypercall nor the time ops, each with its reason; but KVM's sched_clock
+    // (the kernel's own kvmclock record, when it has one), below
+    for op in [pvops::Op::StealClock, pvops::Op::Hypercall] {
+        assert!(KVM.serves_kernel(op).is_err(), "kvm {op:?}");
     }
     for op in [
         pvops::Op::StealClock,
         pvops::Op::Hypercall,
         pvops::Op::SchedClock,
     ] {
-        if op != pvops::Op::SchedClock {
-            assert!(
-                pvops_backends::kvm::KVM.serves_kernel(op).is_err(),
-                "kvm {op:?}"
-            );
-        }
         assert!(
-            matches!(pvops_backends::xen::Xen.serves_kernel(op), Err(w) if !w.is_empty()),
+            matches!(Xen.serves_kernel(op), Err(w) if !w.is_empty()),
             "xen hvm {op:?}"
         );
     }
+    assert!(VMI.serves_kernel(pvops::Op::SchedClock).is_err());
     // not started here, so no record of its own: the kernel's clock and KVM's are one
     assert!(!pvops_backends::kvm::owns_clock());
-    assert_eq!(
-        pvops_backends::kvm::KVM.serves_kernel(pvops::Op::SchedClock),
-        Ok(())
-    );
-    // VMI: what VMI was for, the ROM's routines at the kernel's own sites; not its time ops
-    for (name, op, _) in served_members() {
-        assert_eq!(
-            pvops_backends::vmi::VMI.serves_kernel(op),
-            Ok(()),
-            "vmi {name}"
-        );
-    }
-    assert!(pvops_backends::vmi::VMI
-        .serves_kernel(pvops::Op::SchedClock)
-        .is_err());
+    assert_eq!(KVM.serves_kernel(pvops::Op::SchedClock), Ok(()));
     // the backends not checked against the kernel's own code say so
     let why = pvops_backends::lguest::LGUEST.serves_kernel(pvops::Op::SaveFl);
     assert!(
