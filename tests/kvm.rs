@@ -1,7 +1,7 @@
 //! The KVM backend against a modelled KVM: CPUID leaves, MSRs and a host that fills the
 //! records the guest registers. One test function: the backend's state is global.
 
-use std::cell::RefCell;
+use std::cell::{RefCell, UnsafeCell};
 use std::collections::HashMap;
 
 use pvops::ops::CpuidResult;
@@ -25,7 +25,11 @@ struct ModelKvm {
     /// Whether the host fills records when the guest registers them (false: TCG, which drops
     /// the writes).
     host: bool,
-    steal: Vec<KvmStealTime>,
+    /// Each CPU's steal-time record, which the host (the test) writes while the backend reads.
+    steal: Vec<UnsafeCell<KvmStealTime>>,
+    /// How many CPUs are up (registered their steal record): a kernel with the backend built in
+    /// starts it with the boot CPU alone.
+    up: std::cell::Cell<u32>,
 }
 
 /// The record's scale: abi-kvm.md's worked example, 2 445 406 kHz (not 1 GHz, so that a
@@ -96,7 +100,8 @@ impl Platform for ModelKvm {
         (msr == MSR_KVM_STEAL_TIME).then(|| {
             self.steal
                 .get(cpu as usize)
-                .map(|s| s as *const _ as u64 | 1)
+                .filter(|_| cpu < self.up.get())
+                .map(|s| s.get() as u64 | 1)
         })?
     }
     fn nr_cpus(&self) -> u32 {
@@ -113,18 +118,23 @@ impl Platform for ModelKvm {
 }
 
 fn model(host: bool) -> ModelKvm {
-    let mut steal = vec![KvmStealTime::default(), KvmStealTime::default()];
     // CPU 0's record stays mid-update (odd version) for good: its value is torn, never read
-    steal[0].steal = 777;
-    steal[0].version = 3;
-    steal[1].steal = 12_345;
-    steal[1].version = 4;
+    let steal = [(777, 3), (12_345, 4)]
+        .map(|(steal, version)| {
+            UnsafeCell::new(KvmStealTime {
+                steal,
+                version,
+                ..Default::default()
+            })
+        })
+        .into();
     ModelKvm {
         cpuid: models::kvm(),
         msrs: RefCell::default(),
         writes: RefCell::default(),
         host,
         steal,
+        up: std::cell::Cell::new(2),
     }
 }
 
@@ -257,9 +267,42 @@ fn kvm_backend() {
         .all(|&(msr, v)| msr != MSR_KVM_SYSTEM_TIME_NEW || v != 0));
 
     // 2. Booted with no-kvmclock: the backend registers its own record and unregisters it.
+    //    Started with CPU 1 not up yet (built in, at boot): its steal time reads 0 until the
+    //    backend reads the records again with every CPU up (the initcall's refresh_cpus).
     let m = model(true);
+    m.up.set(1);
     let b = pvops_host_tests::start(pvops_host_tests::ids::KVM, &d, &m).expect("kvm starts");
     assert!(kvm::owns_clock());
+    let steal = b.ops().table().timer.steal_clock;
+    // SAFETY: as above.
+    assert_eq!(unsafe { steal(1) }, 0, "CPU 1's record is not known yet");
+    m.up.set(2);
+    pvops_backends::refresh_cpus(pvops_host_tests::ids::KVM, &m);
+    // SAFETY: as above.
+    assert_eq!(unsafe { steal(1) }, 12_345, "read again once CPU 1 is up");
+    // The host starts an update of CPU 1's record and is preempted in the middle of it (the
+    // version stays odd, a torn value in the field): the steal clock stays where it was, it
+    // never reads 0 (Linux would take that as a huge steal).
+    let rec = m.steal[1].get();
+    // SAFETY: the model's record; the backend only reads it, volatile, as a host's.
+    unsafe {
+        core::ptr::addr_of_mut!((*rec).version).write_volatile(5);
+        core::ptr::addr_of_mut!((*rec).steal).write_volatile(1);
+    }
+    // SAFETY: as above.
+    let mid_update = unsafe { steal(1) };
+    assert_eq!(
+        mid_update, 12_345,
+        "a record mid-update reads its last value"
+    );
+    // SAFETY: as above.
+    unsafe {
+        core::ptr::addr_of_mut!((*rec).steal).write_volatile(20_000);
+        core::ptr::addr_of_mut!((*rec).version).write_volatile(6);
+    }
+    // SAFETY: as above.
+    let settled = unsafe { steal(1) };
+    assert_eq!(settled, 20_000, "and the new value once it settles");
     // SAFETY: as above.
     assert_eq!(unsafe { (b.ops().table().timer.tsc_khz)() }, KHZ);
     pvops_backends::stop(pvops_host_tests::ids::KVM, &m);

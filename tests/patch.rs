@@ -25,6 +25,8 @@ fn sites_for_every_op(run_privileged: bool) {
     let _ = black_box(timer::steal_clock(0));
     let _ = black_box(timer::tsc_khz());
     let _ = black_box(cpu::store_tr);
+    let _ = black_box(value_ops(black_box(0x1234_5067)));
+    let _ = black_box(lock_ops());
     if black_box(run_privileged) {
         let mut pte = 0u64;
         let d = pvops::ops::DescriptorPointer::default();
@@ -89,6 +91,10 @@ fn expected_inline(op: Op) -> Option<&'static [&'static str]> {
         Op::FlushTlbOneUser => &["invlpg [rdi]"],
         Op::SetPte | Op::SetPmd | Op::SetPud => &["mov [rdi], rsi"],
         Op::AllocPt | Op::ReleasePt | Op::LazyModeEnter | Op::LazyModeLeave => &[],
+        op if op.is_page_table_value() => &["mov rax, rdi"],
+        Op::QueuedSpinUnlock => &["mov byte ptr [rdi], 0"],
+        Op::LockWait | Op::LockKick => &[],
+        Op::VcpuIsPreempted => &["xor eax, eax"],
         _ => return None,
     })
 }
@@ -98,6 +104,32 @@ fn snapshot(p: &Patcher) -> Vec<(usize, Vec<u8>)> {
     p.sites()
         .map(|s| (s.addr, peek(s.addr, s.len as usize)))
         .collect()
+}
+
+/// Every page-table value op (legal anywhere: pure), each level's pair applied to `v`.
+#[inline(never)]
+fn value_ops(v: u64) -> [u64; 5] {
+    [
+        mmu::make_pte(mmu::pte_val(v)),
+        mmu::make_pmd(mmu::pmd_val(v)),
+        mmu::make_pud(mmu::pud_val(v)),
+        mmu::make_p4d(mmu::p4d_val(v)),
+        mmu::make_pgd(mmu::pgd_val(v)),
+    ]
+}
+
+/// The lock ops on a lock of our own (native's are legal in ring 3: a store, nothing, nothing,
+/// false): the locked byte after the unlock, and whether CPU 0 was preempted.
+#[inline(never)]
+fn lock_ops() -> (u8, bool) {
+    let mut locked = 1u8;
+    // SAFETY: our own "lock", held; native's wait and kick do nothing.
+    unsafe {
+        pvops::ops::lock::queued_spin_unlock(&mut locked);
+        pvops::ops::lock::wait(&mut locked, 1);
+        pvops::ops::lock::kick(0);
+    }
+    (black_box(locked), pvops::ops::lock::vcpu_is_preempted(0))
 }
 
 /// The ops that are legal in ring 3, run through whatever the sites hold now.
@@ -115,6 +147,17 @@ fn run_user_ops(tsc_khz: u64) {
 
     assert_eq!(timer::tsc_khz(), tsc_khz);
     assert_eq!(timer::steal_clock(0), 0);
+    let entry = 0x8000_0001_2345_6067;
+    assert_eq!(
+        value_ops(entry),
+        [entry; 5],
+        "an entry is its value on hardware"
+    );
+    assert_eq!(
+        lock_ops(),
+        (0, false),
+        "unlocked, and nothing preempted on hardware"
+    );
     // the TSC was calibrated against this clock: the rigs' rule (2% + 200 µs)
     pvops_host_tests::clock::check_over("native sched_clock", 20, timer::sched_clock);
 

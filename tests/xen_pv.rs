@@ -109,6 +109,11 @@ const KEPT: &[Op] = &[
     Op::WriteMsrSafe,
     Op::LazyModeEnter,
     Op::LazyModeLeave,
+    // the lock ops: a store, nothing, nothing, false
+    Op::QueuedSpinUnlock,
+    Op::LockWait,
+    Op::LockKick,
+    Op::VcpuIsPreempted,
     // the time ops and the hypercall are the Xen backend's own (set by `Xen::ops`)
     Op::SchedClock,
     Op::StealClock,
@@ -261,6 +266,16 @@ fn pv_irq_ops_run_against_a_modelled_vcpu_info() {
     extern "C" fn no_pte(_: usize) -> usize {
         0
     }
+    /// The kernel's conversions over a modelled p2m: machine frame = pseudo-physical + 0x100.
+    extern "C" fn model_value(op: pvops::Op, value: u64) -> u64 {
+        use pvops::Op::*;
+        const MACHINE: u64 = 0x100 << 12;
+        if [PteVal, PmdVal, PudVal, P4dVal, PgdVal].contains(&op) {
+            value - MACHINE
+        } else {
+            value + MACHINE
+        }
+    }
     let k = XenPvKernel {
         irq_disable: disable_at,
         save_fl: save_fl_at,
@@ -272,6 +287,7 @@ fn pv_irq_ops_run_against_a_modelled_vcpu_info() {
         read_cr4: zero,
         virt_to_machine: no_ma,
         pte_of: no_pte,
+        value: model_value,
     };
     let rec = pv::start(k).expect("the crafted code locates the buffer");
     assert_eq!(
@@ -300,6 +316,18 @@ fn pv_irq_ops_run_against_a_modelled_vcpu_info() {
             rax
         };
         use pvops::Op::*;
+        // the value ops are the kernel's conversions, the frame translated both ways
+        let entry = 0x8000_0000_0012_3067u64;
+        for (val, make) in [
+            (PteVal, MakePte),
+            (PmdVal, MakePmd),
+            (PudVal, MakePud),
+            (P4dVal, MakeP4d),
+            (PgdVal, MakePgd),
+        ] {
+            assert_eq!(call(val, entry), entry - (0x100 << 12), "{}", val.name());
+            assert_eq!(call(make, entry - (0x100 << 12)), entry, "{}", make.name());
+        }
         set(pending, 0);
         set(mask, 0);
         assert_eq!(call(SaveFl, 0), 0x200, "unmasked: IF on");

@@ -24,7 +24,7 @@ use pvops::ops::{BackendOps, Group, Impl, Op};
 use pvops::{arch, Backend, BackendId, NullHypercall};
 
 use crate::pvclock::{self, Clock, PvclockVcpuTimeInfo, PvclockWallClock};
-use crate::time::read_versioned;
+use crate::time::{read_versioned, Monotonic};
 use crate::{native, Driver, Platform, MAX_CPUS};
 
 /// `KVM_FEATURE_CLOCKSOURCE`: kvmclock on the legacy MSRs.
@@ -118,7 +118,10 @@ struct State {
     clock: Clock,
     /// Wall time at system_time 0, in ns (read once at setup).
     wall_base: AtomicU64,
+    /// Each CPU's steal-time record (the kernel's), null where none was found.
     steal: [AtomicPtr<KvmStealTime>; MAX_CPUS],
+    /// Each CPU's steal time as last read: a steal clock never goes back.
+    steal_last: [Monotonic; MAX_CPUS],
     /// The MSR the backend registered its own record with (0: none).
     own_msr: AtomicU64,
     features: AtomicU64,
@@ -128,6 +131,7 @@ static STATE: State = State {
     clock: Clock::new(),
     wall_base: AtomicU64::new(0),
     steal: [const { AtomicPtr::new(core::ptr::null_mut()) }; MAX_CPUS],
+    steal_last: [const { Monotonic::new() }; MAX_CPUS],
     own_msr: AtomicU64::new(0),
     features: AtomicU64::new(0),
 };
@@ -178,23 +182,46 @@ extern "C" fn wall_clock() -> u64 {
     base + STATE.clock.now()
 }
 
-/// The steal time of `cpu` in ns (0 when KVM does not offer it or the CPU is not tracked).
+/// The steal time of `cpu` in ns (0 when KVM does not offer it or the CPU is not tracked),
+/// never less than the last reading: a record whose version stays odd (its vCPU preempted by
+/// the host in the middle of an update) reads as its last value, never as 0. Linux takes a
+/// steal clock that goes back as a huge steal, and would count every later tick as stolen.
 pub extern "C" fn steal_clock(cpu: u32) -> u64 {
-    let Some(slot) = STATE.steal.get(cpu as usize) else {
+    let (Some(slot), Some(last)) = (
+        STATE.steal.get(cpu as usize),
+        STATE.steal_last.get(cpu as usize),
+    ) else {
         return 0;
     };
     let rec = slot.load(Ordering::Acquire);
     if rec.is_null() {
         return 0;
     }
-    read_versioned(
+    let read = read_versioned(
         // SAFETY: the kernel's steal-time record of `cpu` lives as long as the CPU is possible;
         // volatile because the host updates it (likewise below).
         || unsafe { core::ptr::addr_of!((*rec).version).read_volatile() },
         // SAFETY: as above.
         || unsafe { core::ptr::addr_of!((*rec).steal).read_volatile() },
-    )
-    .unwrap_or(0)
+    );
+    last.clamp(read.unwrap_or(0))
+}
+
+/// Steal time: the kernel's record of every CPU that has one registered now (read back, never
+/// registered by the backend), where KVM offers steal time.
+fn read_steal_records(platform: &dyn Platform) {
+    if features() & KVM_FEATURE_STEAL_TIME == 0 {
+        return;
+    }
+    for cpu in 0..platform.nr_cpus().min(MAX_CPUS as u32) {
+        let rec = platform
+            .rdmsr_on_cpu(cpu, MSR_KVM_STEAL_TIME)
+            .filter(|v| v & 1 != 0)
+            .and_then(|v| platform.phys_to_virt(v & !0x3f));
+        if let Some(va) = rec {
+            STATE.steal[cpu as usize].store(va as *mut _, Ordering::Release);
+        }
+    }
 }
 
 /// Why the KVM backend could not start.
@@ -329,22 +356,17 @@ impl Driver for Kvm {
             }
         }
 
-        // Steal time: the kernel's record of every CPU (read back, never re-registered).
-        if features & KVM_FEATURE_STEAL_TIME != 0 {
-            for cpu in 0..platform.nr_cpus().min(MAX_CPUS as u32) {
-                let rec = platform
-                    .rdmsr_on_cpu(cpu, MSR_KVM_STEAL_TIME)
-                    .filter(|v| v & 1 != 0)
-                    .and_then(|v| platform.phys_to_virt(v & !0x3f));
-                if let Some(va) = rec {
-                    STATE.steal[cpu as usize].store(va as *mut _, Ordering::Release);
-                }
-            }
-        }
+        read_steal_records(platform);
 
         KVM.vmmcall
             .store(detection.vendor.uses_vmmcall(), Ordering::Relaxed);
         Ok(&KVM)
+    }
+
+    /// The kernel's steal-time record of every CPU online now (the boot CPU's alone, when the
+    /// backend starts at boot).
+    fn refresh_cpus(platform: &dyn Platform) {
+        read_steal_records(platform);
     }
 
     /// Undo what `start` registered (the backend's own clock record, if any) and forget the rest.
@@ -361,6 +383,9 @@ impl Driver for Kvm {
         STATE.clock.stop();
         for s in &STATE.steal {
             s.store(core::ptr::null_mut(), Ordering::Relaxed);
+        }
+        for l in &STATE.steal_last {
+            l.reset(0);
         }
         released
     }
@@ -421,6 +446,9 @@ impl Backend for Kvm {
                  would drift apart",
             ),
             Op::SchedClock => Ok(()),
+            // the kernel's own steal-time records, the ones Linux's kvm_steal_clock reads
+            // (read again for every CPU at the initcall: refresh_cpus)
+            Op::StealClock => Ok(()),
             Op::Hypercall | Op::IoDelay => Err("this backend's own, not the kernel's native one"),
             _ if op.group() == Group::Timer => {
                 Err("the kernel's own time code reads these records itself")

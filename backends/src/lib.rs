@@ -94,6 +94,11 @@ pub trait Driver: pvops::Backend + Sized + 'static {
         platform: &dyn Platform,
     ) -> Result<&'static Self, Self::Error>;
 
+    /// Read again what the backend keeps per CPU (a record the kernel registers on each CPU as
+    /// it comes up), for every CPU online now. Built in, the backend starts at boot with only
+    /// the boot CPU up; the initcall calls this once the others are. Nothing by default.
+    fn refresh_cpus(_platform: &dyn Platform) {}
+
     /// Release what [`Driver::start`] set up, once the backend's ops are no longer installed;
     /// says what was released.
     fn stop(platform: &dyn Platform) -> &'static str;

@@ -9,7 +9,8 @@
 use core::sync::atomic::{AtomicU64, Ordering};
 
 use pvops::ops::{
-    BackendOps, CalleeSave, CpuImpls, CpuidResult, Impl, Inline, IrqImpls, MmuImpls, TimerImpls,
+    BackendOps, CalleeSave, CpuImpls, CpuidResult, Impl, Inline, IrqImpls, LockImpls, MmuImpls,
+    TimerImpls,
 };
 use pvops::{arch, Backend, BackendId, Detection};
 
@@ -122,6 +123,13 @@ native_ops! {
     set_pmd(pmdp: *mut u64, value: u64), [0x48, 0x89, 0x37], clobbers Clobbers::empty();
     /// `mov [rdi], rsi`
     set_pud(pudp: *mut u64, value: u64), [0x48, 0x89, 0x37], clobbers Clobbers::empty();
+    /// `mov rax, rdi`: on hardware an entry is its value (every `*_val` and `make_*`)
+    identity(value: u64) -> u64, [0x48, 0x89, 0xf8], clobbers Clobbers::RAX;
+    /// `mov byte ptr [rdi], 0`: a queued spinlock is released by clearing its locked byte
+    queued_spin_unlock(lock: *mut u8), [0xc6, 0x07, 0x00], clobbers Clobbers::empty();
+    /// `xor eax, eax`: bare hardware preempts no vCPU
+    vcpu_is_preempted(cpu: u64) -> u64, [0x31, 0xc0],
+        clobbers Clobbers::RAX.union(Clobbers::FLAGS);
 }
 
 /// A callee-save op that does nothing (for a backend that turns a native op into nothing).
@@ -278,6 +286,8 @@ extern "C" fn hypercall(_nr: u64, _a0: u64, _a1: u64, _a2: u64, _a3: u64) -> i64
 /// Page-table notifications and lazy mode: nothing to do on hardware.
 extern "C" fn nothing_pt(_pfn: u64, _level: u32) {}
 extern "C" fn nothing() {}
+extern "C" fn nothing_wait(_ptr: *mut u8, _val: u8) {}
+extern "C" fn nothing_kick(_cpu: u32) {}
 
 /// The TSC rate sched_clock and the timer scale by.
 static TSC: TscScale = TscScale::new();
@@ -556,6 +566,23 @@ pub const OPS: BackendOps = BackendOps {
         release_pt: Impl::inline(nothing_pt, Inline::NOTHING),
         lazy_mode_enter: Impl::inline(nothing, Inline::NOTHING),
         lazy_mode_leave: Impl::inline(nothing, Inline::NOTHING),
+        pte_val: imp::identity,
+        make_pte: imp::identity,
+        pmd_val: imp::identity,
+        make_pmd: imp::identity,
+        pud_val: imp::identity,
+        make_pud: imp::identity,
+        p4d_val: imp::identity,
+        make_p4d: imp::identity,
+        pgd_val: imp::identity,
+        make_pgd: imp::identity,
+    },
+    lock: LockImpls {
+        queued_spin_unlock: imp::queued_spin_unlock,
+        // a waiter never halts on hardware: it spins on, and there is nothing to wake
+        wait: Impl::inline(nothing_wait, Inline::NOTHING),
+        kick: Impl::inline(nothing_kick, Inline::NOTHING),
+        vcpu_is_preempted: imp::vcpu_is_preempted,
     },
     timer: TimerImpls {
         sched_clock: Impl::call(sched_clock),
@@ -582,9 +609,15 @@ impl Backend for Native {
         OPS
     }
 
-    fn serves_kernel(&self, _op: pvops::Op) -> Result<(), &'static str> {
-        // every op is the bare instruction, the kernel's own native code
-        Ok(())
+    fn serves_kernel(&self, op: pvops::Op) -> Result<(), &'static str> {
+        // every op is the bare instruction, the kernel's own native code; but bare hardware
+        // steals nothing, so where the kernel has a steal clock it is its hypervisor's
+        match op {
+            pvops::Op::StealClock => Err(
+                "bare hardware steals nothing: a steal clock the kernel has is its hypervisor's",
+            ),
+            _ => Ok(()),
+        }
     }
 }
 

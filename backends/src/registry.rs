@@ -93,6 +93,13 @@ macro_rules! registry {
             }
         }
 
+        /// Backend `id` reads again what it keeps per CPU ([`Driver::refresh_cpus`]).
+        pub fn refresh_cpus(id: BackendId, platform: &dyn Platform) {
+            $(if id == <$ty as Driver>::ID {
+                <$ty as Driver>::refresh_cpus(platform);
+            })*
+        }
+
         /// Release what backend `id`'s start set up (after its ops were uninstalled); says
         /// what was released.
         pub fn stop(id: BackendId, platform: &dyn Platform) -> &'static str {

@@ -225,10 +225,45 @@ const SERVED: &[(&str, Op, LinuxConv)] = &[
     ("mmu.set_pte", Op::SetPte, LinuxConv::C),
     ("mmu.set_pmd", Op::SetPmd, LinuxConv::C),
     ("mmu.set_pud", Op::SetPud, LinuxConv::C),
+    // void (*)(void). Linux's own are no-ops outside Xen PV (paravirt_nop: it tracks no lazy
+    // mode then); a backend that batches page-table writes (lguest's ring) needs both ends.
+    // `lazy_mode.flush` stays Linux's: a batch is still sent when its section ends.
+    ("mmu.lazy_mode.enter", Op::LazyModeEnter, LinuxConv::C),
+    ("mmu.lazy_mode.leave", Op::LazyModeLeave, LinuxConv::C),
+    // PV_CALLEE_SAVE, one u64 in and out (pteval_t and the pte_t/pmd_t/... wrappers of one)
+    ("mmu.pte_val", Op::PteVal, LinuxConv::CalleeSave),
+    ("mmu.make_pte", Op::MakePte, LinuxConv::CalleeSave),
+    ("mmu.pmd_val", Op::PmdVal, LinuxConv::CalleeSave),
+    ("mmu.make_pmd", Op::MakePmd, LinuxConv::CalleeSave),
+    ("mmu.pud_val", Op::PudVal, LinuxConv::CalleeSave),
+    ("mmu.make_pud", Op::MakePud, LinuxConv::CalleeSave),
+    ("mmu.p4d_val", Op::P4dVal, LinuxConv::CalleeSave),
+    ("mmu.make_p4d", Op::MakeP4d, LinuxConv::CalleeSave),
+    ("mmu.pgd_val", Op::PgdVal, LinuxConv::CalleeSave),
+    ("mmu.make_pgd", Op::MakePgd, LinuxConv::CalleeSave),
+    // around the kernel's qspinlock slow path, which stays Linux's; only where Linux's own
+    // choice is native too (see `lock_choice`)
+    (
+        "lock.queued_spin_unlock",
+        Op::QueuedSpinUnlock,
+        LinuxConv::CalleeSave,
+    ),
+    ("lock.wait", Op::LockWait, LinuxConv::C),
+    ("lock.kick", Op::LockKick, LinuxConv::C),
+    (
+        "lock.vcpu_is_preempted",
+        Op::VcpuIsPreempted,
+        LinuxConv::CalleeSave,
+    ),
 ];
 
 /// Members left to Linux on purpose, with the reason (the rest: "no pvops op").
 const LEFT: &[(&str, &str)] = &[
+    (
+        "lock.queued_spin_lock_slowpath",
+        "the kernel's own qspinlock slow path (pvops's lock group is what a backend changes \
+         around it)",
+    ),
     (
         "cpu.io_delay",
         "Linux's delay follows io_delay= (0x80, 0xed, udelay, none)",
@@ -280,15 +315,34 @@ const LEFT: &[(&str, &str)] = &[
     ("mmu.release_pte", "signature differs (pfn)"),
     ("mmu.release_pmd", "signature differs (pfn)"),
     ("mmu.release_pud", "signature differs (pfn)"),
-    (
-        "mmu.lazy_mode.enter",
-        "Linux tracks the lazy mode per CPU itself",
-    ),
-    (
-        "mmu.lazy_mode.leave",
-        "Linux tracks the lazy mode per CPU itself",
-    ),
 ];
+
+/// What Linux chose for its lock group at boot, before `apply_alternatives()` (its hypervisor
+/// code may install paravirt spinlocks, and a reader of the vCPUs' preempted flags).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LinuxLocks {
+    /// `pv_is_native_spin_unlock()`: the native qspinlock protocol (no halting waiters).
+    pub native_unlock: bool,
+    /// `pv_is_native_vcpu_is_preempted()`: no vCPU is ever reported preempted.
+    pub native_vcpu_is_preempted: bool,
+}
+
+/// Whether pvops may serve lock member `op` with its backend's (native) lock ops, given what
+/// Linux chose. The unlock, `wait` and `kick` are one protocol with the kernel's slow path,
+/// which stays Linux's: taken only where that is the native one, else left whole to Linux.
+/// Other groups' ops are not its business (`Ok`).
+pub fn lock_choice(op: Op, linux: LinuxLocks) -> Result<(), &'static str> {
+    match op {
+        Op::QueuedSpinUnlock | Op::LockWait | Op::LockKick if !linux.native_unlock => Err(
+            "Linux runs paravirt spinlocks here (its hypervisor code chose them): the lock \
+             group is left whole to it",
+        ),
+        Op::VcpuIsPreempted if !linux.native_vcpu_is_preempted => {
+            Err("Linux reads the vCPUs' preempted flags itself (its hypervisor code chose to)")
+        }
+        _ => Ok(()),
+    }
+}
 
 /// Whether pvops serves the Linux member `name` (`group.member`, as in `paravirt_types.h`).
 pub fn served(name: &str) -> Served {
@@ -495,7 +549,49 @@ mod tests {
         assert!(matches!(served("cpu.cpuid"), Served::No(w) if w.contains("signature")));
         assert!(matches!(served("cpu.write_msr"), Served::No(_)));
         assert!(matches!(served("cpu.write_cr4"), Served::No(w) if w.contains("pins")));
-        assert_eq!(served("lock.kick"), Served::No("no pvops op"));
+        assert_eq!(served("lock.nonesuch"), Served::No("no pvops op"));
+        assert!(matches!(
+            served("lock.queued_spin_lock_slowpath"),
+            Served::No(w) if w.contains("slow path")
+        ));
+    }
+
+    #[test]
+    fn the_lock_group_follows_linux_s_choice() {
+        let native = LinuxLocks {
+            native_unlock: true,
+            native_vcpu_is_preempted: true,
+        };
+        for op in [
+            Op::QueuedSpinUnlock,
+            Op::LockWait,
+            Op::LockKick,
+            Op::VcpuIsPreempted,
+            Op::SaveFl,
+        ] {
+            assert_eq!(lock_choice(op, native), Ok(()), "{op:?}");
+        }
+        // KVM with PV_UNHALT: paravirt spinlocks, and the steal-time preempted flags
+        let pv = LinuxLocks {
+            native_unlock: false,
+            native_vcpu_is_preempted: false,
+        };
+        for op in [
+            Op::QueuedSpinUnlock,
+            Op::LockWait,
+            Op::LockKick,
+            Op::VcpuIsPreempted,
+        ] {
+            assert!(lock_choice(op, pv).is_err(), "{op:?}");
+        }
+        assert_eq!(lock_choice(Op::SetPte, pv), Ok(()));
+        // KVM with steal time but nopvspin: native spinlocks, KVM's preempted flags
+        let mixed = LinuxLocks {
+            native_unlock: true,
+            native_vcpu_is_preempted: false,
+        };
+        assert_eq!(lock_choice(Op::QueuedSpinUnlock, mixed), Ok(()));
+        assert!(lock_choice(Op::VcpuIsPreempted, mixed).is_err());
     }
 
     /// Six consecutive entries of a real Linux 6.12.118 `.altinstructions` (this project's

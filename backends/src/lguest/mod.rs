@@ -27,9 +27,12 @@
 //!   `LHCALL_SEND_INTERRUPTS`. The guest kernel runs natively in ring 0 under hardware
 //!   virtualisation and interrupts reach it through the (in-kernel) interrupt controller, which
 //!   only the hardware flag gates: so the ops keep the hardware IF in step with the virtual one
-//!   (cli/sti alongside each store), and `save_fl` reports IF on only when both are on (the
-//!   kernel's own code may have cleared the hardware flag without telling us; reporting "on"
-//!   then would let a `restore_fl` re-enable interrupts inside its critical section).
+//!   (cli/sti alongside each store), and `save_fl` reports the hardware flag, the one that
+//!   gates delivery. The kernel's own code changes it without telling the backend (`iret`,
+//!   `popf`, the entry code): after an interrupt whose handler ended with interrupts disabled,
+//!   `iret` turns the hardware flag back on while the virtual one stays off, and reporting
+//!   "off" then would make the next `local_irq_save`/`restore` pair leave interrupts disabled
+//!   in code that runs with them enabled.
 //! - **MMU group**: the guest's page tables are the hardware's (nested paging), so each op does
 //!   the native operation and tells the host what changed: `LHCALL_NEW_PGTABLE` for CR3 loads
 //!   (synchronous), `LHCALL_FLUSH_TLB` for flushes and `LHCALL_SET_PTE` / `SET_PMD` / `SET_PGD`
@@ -48,7 +51,7 @@ pub mod abi;
 use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 
 use pvops::detect::Detection;
-use pvops::ops::{BackendOps, Impl};
+use pvops::ops::{BackendOps, Group, Impl, Op};
 use pvops::{arch, Backend, BackendId, NullHypercall};
 
 use crate::describe::Describe;
@@ -240,15 +243,16 @@ fn hw_irq_restore(flags: u64) {
     }
 }
 
+/// `irq.save_fl`: the hardware flag in ring 0 (the one that gates delivery, and the one the
+/// kernel's `iret` and `popf` restore without telling the backend), the virtual one elsewhere.
 extern "C" fn save_fl() -> u64 {
-    let virt = u64::from(data().irq_enabled.load(Ordering::Relaxed) & X86_EFLAGS_IF);
     if !privileged() {
-        return virt;
+        return u64::from(data().irq_enabled.load(Ordering::Relaxed) & X86_EFLAGS_IF);
     }
     let hw: u64;
     // SAFETY: reads RFLAGS.
     unsafe { core::arch::asm!("pushfq", "pop {}", out(reg) hw, options(nomem)) };
-    virt & hw
+    hw & u64::from(X86_EFLAGS_IF)
 }
 
 extern "C" fn irq_disable() {
@@ -640,5 +644,23 @@ impl Backend for Lguest {
 
     fn describe(&self) -> &'static str {
         DESCRIBE.get()
+    }
+
+    fn serves_kernel(&self, op: Op) -> Result<(), &'static str> {
+        // The CPU ops are the native backend's. The IRQ ops keep both flags and report the
+        // hardware one, which the kernel's own iret/popf restore (see the module's docs). The
+        // MMU ops are the native operation plus a notification, queued in the ring inside the
+        // kernel's lazy-MMU sections (uniprocessor: one ring, one lazy flag) and sent when the
+        // section ends, as 4.x batched them. The time ops are not the kernel's: its clock is
+        // the TSC (tsc_early_khz), this one the host's realtime re-anchored at every exit, and
+        // the port has no steal time.
+        match op {
+            Op::Hypercall => Err("this backend's own, not a kernel member"),
+            _ if op.group() == Group::Timer => Err(
+                "the kernel's clock is the TSC; lguest's follows the host's realtime, \
+                 re-anchored at every exit: they would drift apart",
+            ),
+            _ => Ok(()),
+        }
     }
 }

@@ -127,6 +127,20 @@ fn route(op: Op) -> Route {
         Op::ReadMsrSafe | Op::WriteMsrSafe | Op::Halt | Op::SetNextEvent | Op::Hypercall => {
             Route::Native
         }
+        // VMI has no call for them: a VMI guest's page-table entries hold its own physical
+        // frames (the hypervisor shadows or nests them), so an entry is its value
+        Op::PteVal
+        | Op::MakePte
+        | Op::PmdVal
+        | Op::MakePmd
+        | Op::PudVal
+        | Op::MakePud
+        | Op::P4dVal
+        | Op::MakeP4d
+        | Op::PgdVal
+        | Op::MakePgd => Route::Native,
+        // nor for the lock ops: a VMI guest's locks are bare hardware's
+        Op::QueuedSpinUnlock | Op::LockWait | Op::LockKick | Op::VcpuIsPreempted => Route::Native,
     }
 }
 

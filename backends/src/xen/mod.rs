@@ -466,6 +466,10 @@ impl Backend for Xen {
                 Op::ReadCr3 | Op::WriteCr3 | Op::ReadCr4 | Op::WriteCr4 => Err(
                     "forwards to the kernel's own accessor, itself a pv site (it would call itself)",
                 ),
+                op if op.is_page_table_value() => Err(
+                    "the frame conversion needs the kernel's own p2m: forwards to the kernel's \
+                     conversion, itself a pv site (it would call itself)",
+                ),
                 _ => Err("the kernel's own Xen PV code owns this state"),
             }
         } else {

@@ -71,6 +71,10 @@ pub struct XenPvKernel {
     pub virt_to_machine: unsafe extern "C" fn(usize) -> u64,
     /// The kernel's page-table entry that maps a direct-map address at 4 KiB (0: none).
     pub pte_of: unsafe extern "C" fn(usize) -> usize,
+    /// The kernel's page-table value conversion `op` (one of the ten value ops) of `value`:
+    /// its `pte_val`, `make_pte`, …, which turn machine frames into pseudo-physical ones and
+    /// back through the kernel's own p2m.
+    pub value: unsafe extern "C" fn(op: pvops::Op, value: u64) -> u64,
 }
 
 /// Set once by [`start`] before the table is installed; read by the ops afterwards.
@@ -389,6 +393,42 @@ extern "C" fn cr4() -> u64 {
 
 extern "C" fn ignore(_value: u64) {}
 
+/// The value ops: the kernel's own conversions (the frame translation needs its p2m).
+macro_rules! value_ops {
+    ($($(#[$doc:meta])* $thunk:ident => $f:ident, $op:ident;)*) => {
+        $(
+            extern "C" fn $f(value: u64) -> u64 {
+                // SAFETY: the kernel's conversion, pure, callable in any context.
+                unsafe { (kernel().value)(pvops::Op::$op, value) }
+            }
+            pvops::callee_save_thunk!($(#[$doc])* pub fn $thunk(value: u64) -> u64 => $f);
+        )*
+    };
+}
+
+value_ops! {
+    /// `pte_val`: the kernel's (machine frame → pseudo-physical).
+    pte_val => kernel_pte_val, PteVal;
+    /// `make_pte`: the kernel's (pseudo-physical frame → machine).
+    make_pte => kernel_make_pte, MakePte;
+    /// `pmd_val`: the kernel's.
+    pmd_val => kernel_pmd_val, PmdVal;
+    /// `make_pmd`: the kernel's.
+    make_pmd => kernel_make_pmd, MakePmd;
+    /// `pud_val`: the kernel's.
+    pud_val => kernel_pud_val, PudVal;
+    /// `make_pud`: the kernel's.
+    make_pud => kernel_make_pud, MakePud;
+    /// `p4d_val`: the kernel's.
+    p4d_val => kernel_p4d_val, P4dVal;
+    /// `make_p4d`: the kernel's.
+    make_p4d => kernel_make_p4d, MakeP4d;
+    /// `pgd_val`: the kernel's.
+    pgd_val => kernel_pgd_val, PgdVal;
+    /// `make_pgd`: the kernel's.
+    make_pgd => kernel_make_pgd, MakePgd;
+}
+
 pvops::callee_save_thunk!(
     /// `read_cr0`: the kernel's CR0.
     pub fn read_cr0() -> u64 => cr0
@@ -686,5 +726,18 @@ pub fn ops() -> BackendOps {
     mmu.set_pud = Impl::call(set_pud);
     mmu.alloc_pt = Impl::call(alloc_pt);
     mmu.release_pt = Impl::call(release_pt);
+    mmu.pte_val = Impl::call(pte_val);
+    mmu.make_pte = Impl::call(make_pte);
+    mmu.pmd_val = Impl::call(pmd_val);
+    mmu.make_pmd = Impl::call(make_pmd);
+    mmu.pud_val = Impl::call(pud_val);
+    mmu.make_pud = Impl::call(make_pud);
+    mmu.p4d_val = Impl::call(p4d_val);
+    mmu.make_p4d = Impl::call(make_p4d);
+    mmu.pgd_val = Impl::call(pgd_val);
+    mmu.make_pgd = Impl::call(make_pgd);
+    // the lock ops stay native's (unprivileged), called: this table inlines nothing
+    ops.lock.queued_spin_unlock = Impl::call(native::OPS.lock.queued_spin_unlock.func);
+    ops.lock.vcpu_is_preempted = Impl::call(native::OPS.lock.vcpu_is_preempted.func);
     ops
 }

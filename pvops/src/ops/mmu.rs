@@ -159,3 +159,69 @@ pub unsafe fn lazy_mode_leave() {
     // SAFETY: forwarded contract; C operands.
     unsafe { pv_site!(Op::LazyModeLeave; clobber_abi("C")) };
 }
+
+macro_rules! value_op {
+    ($(#[$doc:meta])* $name:ident, $op:expr) => {
+        $(#[$doc])*
+        #[inline(always)]
+        pub fn $name(value: u64) -> u64 {
+            let v;
+            // SAFETY: a value op has no precondition and touches no state; the table holds a
+            // function of the op's convention (`Table::install`'s contract); callee-save
+            // operands.
+            unsafe { pv_site!($op; in("rdi") value, lateout("rax") v) };
+            v
+        }
+    };
+}
+
+value_op!(
+    /// A level-1 entry as the kernel reads it (Xen PV: machine frames become pseudo-physical).
+    pte_val,
+    Op::PteVal
+);
+value_op!(
+    /// The level-1 entry to store for a value (the inverse of [`pte_val`]).
+    make_pte,
+    Op::MakePte
+);
+value_op!(
+    /// A level-2 entry as the kernel reads it.
+    pmd_val,
+    Op::PmdVal
+);
+value_op!(
+    /// The level-2 entry to store for a value.
+    make_pmd,
+    Op::MakePmd
+);
+value_op!(
+    /// A level-3 entry as the kernel reads it.
+    pud_val,
+    Op::PudVal
+);
+value_op!(
+    /// The level-3 entry to store for a value.
+    make_pud,
+    Op::MakePud
+);
+value_op!(
+    /// A level-4 entry as the kernel reads it.
+    p4d_val,
+    Op::P4dVal
+);
+value_op!(
+    /// The level-4 entry to store for a value.
+    make_p4d,
+    Op::MakeP4d
+);
+value_op!(
+    /// A top-level entry as the kernel reads it.
+    pgd_val,
+    Op::PgdVal
+);
+value_op!(
+    /// The top-level entry to store for a value.
+    make_pgd,
+    Op::MakePgd
+);

@@ -3,16 +3,18 @@
 //! Every op is described once, in the `define_ops!` invocation below: its table slot, its
 //! [`Op`] identifier, its C signature, its calling [`Convention`] and the length of its call
 //! sites. The call-site wrappers (what kernel code calls) live in one file per group:
-//! [`cpu`], [`irq`], [`mmu`], [`timer`].
+//! [`cpu`], [`irq`], [`mmu`], [`lock`], [`timer`].
 //!
 //! # Differences from Linux 6.12's `pv_ops`
 //!
 //! - **Timer group.** Linux keeps `sched_clock` and `steal_clock` as static calls outside
 //!   `pv_ops` (and hides them from modules). Here they are ordinary ops, with `tsc_khz`,
 //!   `wall_clock` and `set_next_event`, so one backend owns all of a guest's time.
-//! - **No `lock` group.** Spinlock slow paths belong to the kernel's locking code; a module
-//!   cannot take over the kernel's locks. `kick`/`wait` hypercalls are reachable through the
-//!   backends' own APIs instead.
+//! - **The lock group has no slow path.** The qspinlock slow path is the kernel's own locking
+//!   code (native or paravirtual); pvops's group is what a backend changes around it: the
+//!   unlock fast path, `wait` and `kick` for a halting waiter, and `vcpu_is_preempted`. A
+//!   module cannot take over the kernel's locks; built in, pvops serves the group only where
+//!   the kernel's own choice is the same protocol (`guest-kmod/builtin.rs`).
 //! - **Page-table notifications** are two ops, `alloc_pt`/`release_pt` with a level argument,
 //!   instead of Linux's eight `alloc_*`/`release_*`; plus the lazy-mode pair for batching.
 //! - **`cpu.hypercall`** is an op: each backend's hypercall, so that the instruction is chosen
@@ -26,6 +28,7 @@
 
 pub mod cpu;
 pub mod irq;
+pub mod lock;
 pub mod mmu;
 pub mod timer;
 
@@ -160,7 +163,7 @@ impl<S> Impl<S> {
     }
 }
 
-/// The four op groups.
+/// The five op groups.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Group {
     /// Privileged CPU instructions: CPUID, control registers, MSRs, descriptor tables.
@@ -169,6 +172,8 @@ pub enum Group {
     Irq,
     /// Page faults' CR2, page-table roots, TLB flushes and page-table writes.
     Mmu,
+    /// Around the kernel's spinlocks: the unlock fast path, a waiter's halt and kick.
+    Lock,
     /// Clocks and the one-shot timer.
     Timer,
 }
@@ -489,6 +494,43 @@ define_ops! {
         lazy_mode_enter => LazyModeEnter: fn(), C, site 6;
         /// `lazy_mode_leave()`: flush any batched updates; they are all visible on return.
         lazy_mode_leave => LazyModeLeave: fn(), C, site 6;
+        /// `pte_val(entry) -> value`: a level-1 entry as the kernel reads it (native: the entry
+        /// itself; Xen PV: its machine frame number turned into the kernel's pseudo-physical
+        /// one).
+        pte_val => PteVal: fn(entry: u64) -> u64, CalleeSave, site 6;
+        /// `make_pte(value) -> entry`: the inverse of `pte_val`, the entry to store.
+        make_pte => MakePte: fn(value: u64) -> u64, CalleeSave, site 6;
+        /// `pmd_val(entry) -> value`: as `pte_val`, level 2.
+        pmd_val => PmdVal: fn(entry: u64) -> u64, CalleeSave, site 6;
+        /// `make_pmd(value) -> entry`: as `make_pte`, level 2.
+        make_pmd => MakePmd: fn(value: u64) -> u64, CalleeSave, site 6;
+        /// `pud_val(entry) -> value`: as `pte_val`, level 3.
+        pud_val => PudVal: fn(entry: u64) -> u64, CalleeSave, site 6;
+        /// `make_pud(value) -> entry`: as `make_pte`, level 3.
+        make_pud => MakePud: fn(value: u64) -> u64, CalleeSave, site 6;
+        /// `p4d_val(entry) -> value`: as `pte_val`, level 4.
+        p4d_val => P4dVal: fn(entry: u64) -> u64, CalleeSave, site 6;
+        /// `make_p4d(value) -> entry`: as `make_pte`, level 4.
+        make_p4d => MakeP4d: fn(value: u64) -> u64, CalleeSave, site 6;
+        /// `pgd_val(entry) -> value`: as `pte_val`, the top level.
+        pgd_val => PgdVal: fn(entry: u64) -> u64, CalleeSave, site 6;
+        /// `make_pgd(value) -> entry`: as `make_pte`, the top level.
+        make_pgd => MakePgd: fn(value: u64) -> u64, CalleeSave, site 6;
+    }
+    /// Lock ops, around the kernel's queued spinlocks (their slow path is the kernel's).
+    /// Context: any, with preemption off.
+    lock: LockOps, LockImpls => Lock {
+        /// `queued_spin_unlock(lock)`: release a queued spinlock held by this CPU (native: store 0
+        /// in its locked byte; a paravirtual one also wakes a halted waiter).
+        queued_spin_unlock => QueuedSpinUnlock: fn(lock: *mut u8), CalleeSave, site 6;
+        /// `wait(ptr, val)`: a waiter that spun long enough halts until `*ptr != val` or a
+        /// `kick` (native: returns at once, the caller spins on).
+        wait => LockWait: fn(ptr: *mut u8, val: u8), C, site 6;
+        /// `kick(cpu)`: wake `cpu`, halted in `wait` (native: nothing).
+        kick => LockKick: fn(cpu: u32), C, site 6;
+        /// `vcpu_is_preempted(cpu) -> bool`: whether the host preempted `cpu`'s vCPU (native:
+        /// never), so a spinning waiter can stop spinning on a holder that is not running.
+        vcpu_is_preempted => VcpuIsPreempted: fn(cpu: u64) -> u64, CalleeSave, site 6;
     }
     /// Time ops. Context: any, including NMI for `sched_clock`.
     timer: TimerOps, TimerImpls => Timer {
@@ -503,6 +545,25 @@ define_ops! {
         /// `set_next_event(delta_ns) -> 0 | -errno`: program this CPU's one-shot timer to fire
         /// `delta_ns` from now. Only the clock-event device that owns the CPU's timer may call it.
         set_next_event => SetNextEvent: fn(delta_ns: u64) -> i32, C, site 6;
+    }
+}
+
+impl Op {
+    /// The page-table value ops: each level's `*_val` and `make_*` (one u64 in, one out).
+    pub const fn is_page_table_value(self) -> bool {
+        matches!(
+            self,
+            Op::PteVal
+                | Op::MakePte
+                | Op::PmdVal
+                | Op::MakePmd
+                | Op::PudVal
+                | Op::MakePud
+                | Op::P4dVal
+                | Op::MakeP4d
+                | Op::PgdVal
+                | Op::MakePgd
+        )
     }
 }
 
