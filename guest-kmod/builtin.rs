@@ -17,14 +17,16 @@
 //!
 //! What is not available that early is deferred to the initcall (`PvopsGuest::init`, which
 //! takes the started backend with [`take_early`]): the other CPUs (not up yet: a backend's
-//! per-CPU registrations are read for CPU 0 only), sysfs (`/sys/kernel/pvops/kernel` is written
-//! there), the self-test, the patching of pvops's own call sites (under `stop_machine`, as in
-//! the module), and the read-back of every kernel site pvops wrote ([`readback`]).
+//! per-CPU records are read for CPU 0 only, and again there, so `pv_steal_clock` is taken
+//! there), sysfs (`/sys/kernel/pvops/kernel` is written there), the self-test, the patching of
+//! pvops's own call sites (under `stop_machine`, as in the module), and the read-back of every
+//! kernel site pvops wrote ([`readback`]).
 //!
 //! Each backend says which of its ops may serve the kernel ([`pvops::Backend::serves_kernel`]):
 //! an op that forwards to the kernel's own accessor (Xen PV's CR3, for one) would call itself.
-//! Native serves every member pvops serves, Xen PV the interrupt flag and CR2, the others none
-//! so far; the rest is left to Linux, with the reason.
+//! Native, KVM, Xen HVM, VMI and lguest serve every member pvops serves, Xen PV the interrupt
+//! flag and CR2; of the clocks, KVM's where the kernel reads the same records. The rest is left
+//! to Linux, with the reason.
 
 use core::cell::UnsafeCell;
 use core::ffi::{c_int, c_void};
@@ -36,6 +38,7 @@ use kernel::str::CString;
 use pvops::linux::{self, KernelAction, OddSite, Served, ALT_FLAG_PVOPS};
 use pvops::{BackendOps, Op, ReadText, Request, PV_OPS};
 
+use crate::platform::KernelPlatform;
 use crate::text::ReadOnlyText;
 use crate::{choose, param, shim, Chosen};
 
@@ -144,10 +147,31 @@ struct Census {
     hand_backs: u32,
     /// See `hand_backs`.
     take_backs: u32,
-    /// Linux's `pv_sched_clock` function, when pvops took the static call (0: not taken).
-    linux_sched_clock: usize,
-    /// Why pvops did not take it, if the backend said.
-    sched_clock_why: Option<&'static str>,
+    /// The kernel's clocks (`pv_sched_clock`, `pv_steal_clock`), by [`KernelClock`].
+    clocks: [ClockHold; 2],
+}
+
+/// One of the kernel's clocks: what Linux had in it when pvops took it, or why pvops did not.
+#[derive(Clone, Copy)]
+struct ClockHold {
+    /// Linux's function, when pvops took the static call (0: not taken).
+    linux_fn: usize,
+    /// Why pvops did not take it, if known.
+    why: Option<&'static str>,
+}
+
+impl ClockHold {
+    /// Take clock `k` for pvops where `may` says so (its backend function is stored), keeping
+    /// Linux's function for the hand-back; else keep why not.
+    fn take(&mut self, k: KernelClock, may: Result<(), &'static str>) {
+        match may {
+            Ok(()) => {
+                self.linux_fn = k.current();
+                k.hand(Holder::Pvops, self.linux_fn);
+            }
+            Err(why) => self.why = Some(why),
+        }
+    }
 }
 
 impl Census {
@@ -199,8 +223,10 @@ static CENSUS: Slot = Slot(UnsafeCell::new(Census {
     holder: Holder::Pvops,
     hand_backs: 0,
     take_backs: 0,
-    linux_sched_clock: 0,
-    sched_clock_why: None,
+    clocks: [ClockHold {
+        linux_fn: 0,
+        why: None,
+    }; 2],
 }));
 
 /// The census.
@@ -214,10 +240,10 @@ unsafe fn census() -> &'static mut Census {
     unsafe { &mut *CENSUS.0.get() }
 }
 
-/// The backend started at boot, for the initcall (once).
+/// The backend started at boot, for the initcall.
 pub(crate) fn take_early() -> Option<Chosen> {
     // SAFETY: the initcall, after boot; the reference ends here.
-    unsafe { census() }.chosen.take()
+    unsafe { census() }.chosen
 }
 
 /// Called by `alternative_instructions()` before `apply_alternatives()` (the kernel patch).
@@ -287,11 +313,24 @@ pub(crate) unsafe extern "C" fn pvops_kernel_early(start: *mut u8, end: *mut u8)
         // backend's functions honour the ops' contracts.
         unsafe { PV_OPS.install(&ops.table()) };
         c.ops = Some(ops);
-        // the members pvops serves, as far as this backend's ops may serve the kernel
+        // the members pvops serves, as far as this backend's ops may serve the kernel, and the
+        // lock group as far as Linux's own choice is the same protocol (paravirt_set_cap() has
+        // made it: its hypervisor code ran before)
+        // SAFETY: reads pv_ops.
+        let locks = unsafe {
+            linux::LinuxLocks {
+                native_unlock: shim::pvops_shim_native_spin_unlock() != 0,
+                native_vcpu_is_preempted: shim::pvops_shim_native_vcpu_is_preempted() != 0,
+            }
+        };
         let n = c.n;
         for m in c.members[..n].iter_mut() {
             if let Served::Yes { op, .. } = m.served {
-                if let Err(why) = ch.backend.serves_kernel(op) {
+                let ok = ch
+                    .backend
+                    .serves_kernel(op)
+                    .and_then(|()| linux::lock_choice(op, locks));
+                if let Err(why) = ok {
                     m.served = Served::No(why);
                 }
             }
@@ -453,15 +492,76 @@ pub(crate) extern "C" fn pvops_kernel_late() {
         }
     }
     c.late = true;
-    match c.chosen.map(|ch| ch.backend.serves_kernel(Op::SchedClock)) {
-        Some(Ok(())) => {
+    if let Some(ch) = c.chosen {
+        let may = ch.backend.serves_kernel(Op::SchedClock).map(|()| {
             SCHED_FN.store(ops.target(Op::SchedClock), Ordering::Relaxed);
-            // SAFETY: reads the static call's function.
-            c.linux_sched_clock = unsafe { shim::pvops_shim_sched_clock_fn() } as usize;
-            take_sched_clock();
+        });
+        c.clocks[KernelClock::Sched as usize].take(KernelClock::Sched, may);
+    }
+}
+
+/// The kernel's clocks: static calls, not `pv_ops` members, which pvops takes where the
+/// backend serves them (`pv_sched_clock` at boot, [`pvops_kernel_late`]; `pv_steal_clock` at
+/// the initcall, [`may_take_steal_clock`]) and which change hands with the sites.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum KernelClock {
+    /// `pv_sched_clock`, behind `sched_clock()`.
+    Sched = 0,
+    /// `pv_steal_clock`, behind `paravirt_steal_clock(cpu)`.
+    Steal = 1,
+}
+
+impl KernelClock {
+    const ALL: [KernelClock; 2] = [KernelClock::Sched, KernelClock::Steal];
+
+    fn name(self) -> &'static str {
+        match self {
+            KernelClock::Sched => "pv_sched_clock",
+            KernelClock::Steal => "pv_steal_clock",
         }
-        Some(Err(why)) => c.sched_clock_why = Some(why),
-        None => {}
+    }
+
+    /// The static call's function now.
+    fn current(self) -> usize {
+        // SAFETY: reads the static call's function.
+        (unsafe {
+            match self {
+                KernelClock::Sched => shim::pvops_shim_sched_clock_fn(),
+                KernelClock::Steal => shim::pvops_shim_steal_clock_fn(),
+            }
+        }) as usize
+    }
+
+    /// What `holder` puts in the static call (`linux`: Linux's function).
+    fn function(self, holder: Holder, linux: usize) -> usize {
+        match (holder, self) {
+            (Holder::Linux, _) => linux,
+            (Holder::Pvops, KernelClock::Sched) => kernel_sched_clock as *const () as usize,
+            (Holder::Pvops, KernelClock::Steal) => STEAL_FN.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Point the static call at `to`'s function (`linux`: Linux's). pvops's `sched_clock` is
+    /// anchored now to continue Linux's reading; its steal clock reads the kernel's own records.
+    fn hand(self, to: Holder, linux: usize) {
+        if self == KernelClock::Sched && to == Holder::Pvops {
+            // SAFETY: a reading of the kernel's sched_clock.
+            let linux_now = unsafe { shim::pvops_shim_sched_clock() };
+            SCHED_OFFSET.store(
+                linux_now.wrapping_sub(backend_sched_clock()),
+                Ordering::Relaxed,
+            );
+        }
+        let f = self.function(to, linux);
+        // SAFETY: Linux's own function for the static call, or pvops's of its type (`u64
+        // (*)(void)`, `u64 (*)(int)`), callable wherever the kernel calls it (the backend's ops
+        // are NMI-safe by contract).
+        unsafe {
+            match self {
+                KernelClock::Sched => shim::pvops_shim_set_sched_clock(f as _),
+                KernelClock::Steal => shim::pvops_shim_set_steal_clock(f as _),
+            }
+        }
     }
 }
 
@@ -485,18 +585,68 @@ extern "C" fn kernel_sched_clock() -> u64 {
     backend_sched_clock().wrapping_add(SCHED_OFFSET.load(Ordering::Relaxed))
 }
 
-/// Point `pv_sched_clock` at [`kernel_sched_clock`], anchored to Linux's clock now (the
-/// backend serves it only where both read the same clock, so they do not drift apart).
-fn take_sched_clock() {
-    // SAFETY: a reading of the kernel's sched_clock.
-    let linux_now = unsafe { shim::pvops_shim_sched_clock() };
-    SCHED_OFFSET.store(
-        linux_now.wrapping_sub(backend_sched_clock()),
-        Ordering::Relaxed,
-    );
-    // SAFETY: a function of the static call's type (`u64 (*)(void)`), callable from any
-    // context the kernel's sched_clock is (the backend's op is: its contract says NMI too).
-    unsafe { shim::pvops_shim_set_sched_clock(kernel_sched_clock as *const () as usize as _) };
+/// The backend's `steal_clock`, what `pv_steal_clock` holds while pvops does.
+static STEAL_FN: AtomicUsize = AtomicUsize::new(0);
+
+/// A steal clock's reading of `cpu`: `f` is the backend's or Linux's (`u64 (*)(int)`).
+fn steal_clock(f: usize, cpu: u32) -> u64 {
+    // SAFETY: `f` is STEAL_FN (the backend's steal_clock, an `extern "C" fn(u32) -> u64`, the
+    // op's signature) or what pv_steal_clock held before pvops took it (Linux's `u64 (*)(int)`,
+    // the same registers), both callable in any context.
+    let f = unsafe { core::mem::transmute::<usize, extern "C" fn(u32) -> u64>(f) };
+    f(cpu)
+}
+
+/// Whether the backend's steal clock reads what Linux's (`linux`) does, on every CPU: each
+/// reading lies between two of Linux's, taken just before and after. A record the backend
+/// missed reads 0, and Linux, seeing a steal clock go back, would account a huge steal time.
+fn steal_agrees(linux: usize) -> Result<(), (u32, u64, u64, u64)> {
+    let ours = STEAL_FN.load(Ordering::Relaxed);
+    // SAFETY: reads nr_cpu_ids.
+    for cpu in 0..unsafe { shim::pvops_shim_nr_cpus() } {
+        // SAFETY: reads the online mask.
+        if unsafe { shim::pvops_shim_cpu_online(cpu) } == 0 {
+            continue;
+        }
+        let before = steal_clock(linux, cpu);
+        let mine = steal_clock(ours, cpu);
+        let after = steal_clock(linux, cpu);
+        if mine < before || mine > after {
+            return Err((cpu, before, mine, after));
+        }
+    }
+    Ok(())
+}
+
+/// At the initcall, every CPU up: the backend reads its per-CPU records again (at boot only
+/// the boot CPU's were there); whether `pv_steal_clock` may go to pvops: the backend serves it
+/// and its readings are Linux's on every CPU (its function is stored then).
+fn may_take_steal_clock(c: &Census) -> Result<(), &'static str> {
+    let (Some(ch), Some(ops), true) = (c.chosen, c.ops, c.late) else {
+        return Err(c.refused.unwrap_or("no backend started at boot"));
+    };
+    ch.backend.serves_kernel(Op::StealClock)?;
+    // SAFETY: reads a static key.
+    if unsafe { shim::pvops_shim_steal_enabled() } == 0 {
+        return Err("Linux accounts no steal time here: nothing to take");
+    }
+    // SAFETY: reads the CPU masks.
+    if unsafe { shim::pvops_shim_all_cpus_online() } == 0 {
+        return Err(
+            "a possible CPU is offline: coming up later, its steal record would be one the \
+             backend never read",
+        );
+    }
+    pvops_backends::refresh_cpus(ch.selection.backend, &KernelPlatform);
+    STEAL_FN.store(ops.target(Op::StealClock), Ordering::Relaxed);
+    if let Err((cpu, before, ours, after)) = steal_agrees(KernelClock::Steal.current()) {
+        pr_err!(
+            "kernel: pv_steal_clock not taken: CPU {cpu} reads {ours} ns, Linux's {before} \
+             to {after} ns\n"
+        );
+        return Err("the backend's steal clock disagrees with Linux's (see dmesg)");
+    }
+    Ok(())
 }
 
 /// The census as text: the totals, then one line per member with sites.
@@ -514,10 +664,14 @@ impl fmt::Display for Report<'_> {
             c.odd,
             self.1
         )?;
-        match (c.linux_sched_clock, c.refused.or(c.sched_clock_why)) {
-            (0, Some(why)) => writeln!(f, "pv_sched_clock linux why=\"{why}\"")?,
-            (0, None) => writeln!(f, "pv_sched_clock linux")?,
-            _ => writeln!(f, "pv_sched_clock pvops")?,
+        for k in KernelClock::ALL {
+            match c.clocks[k as usize] {
+                ClockHold { linux_fn: 0, why } => match c.refused.or(why) {
+                    Some(why) => writeln!(f, "{} linux why=\"{why}\"", k.name())?,
+                    None => writeln!(f, "{} linux", k.name())?,
+                },
+                _ => writeln!(f, "{} pvops", k.name())?,
+            }
         }
         for m in c.members().iter().filter(|m| m.sites > 0) {
             let linux = m.sites - m.inline - m.direct;
@@ -559,6 +713,8 @@ pub(crate) fn readback() -> u32 {
             c.members[w.member as usize].name
         );
     }
+    let may = may_take_steal_clock(c);
+    c.clocks[KernelClock::Steal as usize].take(KernelClock::Steal, may);
     let (t, i, d) = c.totals();
     if c.refused.is_none() {
         pr_info!(
@@ -819,22 +975,28 @@ pub(crate) extern "C" fn pvops_kernel_hand(to_linux: c_int) -> c_int {
         );
         return EBUSY.to_errno();
     }
-    if c.linux_sched_clock != 0 {
-        match to {
-            // SAFETY: Linux's own function for the static call, as it was at boot.
-            Holder::Linux => unsafe { shim::pvops_shim_set_sched_clock(c.linux_sched_clock as _) },
-            Holder::Pvops => take_sched_clock(),
-        }
+    let taken = || {
+        KernelClock::ALL
+            .into_iter()
+            .filter(|&k| c.clocks[k as usize].linux_fn != 0)
+    };
+    for k in taken() {
+        k.hand(to, c.clocks[k as usize].linux_fn);
     }
     let mut bad = mismatches(c, lasting(c), to);
-    if c.linux_sched_clock != 0 {
-        let want = match to {
-            Holder::Linux => c.linux_sched_clock,
-            Holder::Pvops => kernel_sched_clock as *const () as usize,
-        };
-        // SAFETY: reads the static call's function.
-        if unsafe { shim::pvops_shim_sched_clock_fn() } as usize != want {
-            pr_err!("kernel: pv_sched_clock is not {}'s\n", to.name());
+    for k in taken() {
+        if k.current() != k.function(to, c.clocks[k as usize].linux_fn) {
+            pr_err!("kernel: {} is not {}'s\n", k.name(), to.name());
+            bad += 1;
+        }
+    }
+    let linux_steal = c.clocks[KernelClock::Steal as usize].linux_fn;
+    if linux_steal != 0 {
+        if let Err((cpu, before, ours, after)) = steal_agrees(linux_steal) {
+            pr_err!(
+                "kernel: pvops's steal clock of CPU {cpu} reads {ours} ns, the kernel's {before} \
+                 to {after} ns\n"
+            );
             bad += 1;
         }
     }

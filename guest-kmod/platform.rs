@@ -84,6 +84,7 @@ impl pvops_backends::Platform for KernelPlatform {
             read_cr4: shim::pvops_shim_read_cr4,
             virt_to_machine: shim::pvops_shim_virt_to_machine,
             pte_of: shim::pvops_shim_pte_of,
+            value: kernel_value,
         })
     }
 
@@ -144,4 +145,26 @@ impl pvops_backends::Platform for KernelPlatform {
         }
         true
     }
+}
+
+/// The kernel's own page-table value conversion `op` (one of pvops's value ops) of `value`:
+/// what a Xen PV domain's value ops forward to.
+extern "C" fn kernel_value(op: pvops::Op, value: u64) -> u64 {
+    use pvops::Op;
+    use shim::pvops_value_op as V;
+    let which = match op {
+        Op::PteVal => V::PVOPS_PTE_VAL,
+        Op::MakePte => V::PVOPS_MAKE_PTE,
+        Op::PmdVal => V::PVOPS_PMD_VAL,
+        Op::MakePmd => V::PVOPS_MAKE_PMD,
+        Op::PudVal => V::PVOPS_PUD_VAL,
+        Op::MakePud => V::PVOPS_MAKE_PUD,
+        Op::P4dVal => V::PVOPS_P4D_VAL,
+        Op::MakeP4d => V::PVOPS_MAKE_P4D,
+        Op::PgdVal => V::PVOPS_PGD_VAL,
+        Op::MakePgd => V::PVOPS_MAKE_PGD,
+        _ => return value,
+    };
+    // SAFETY: the kernel's conversion, pure, callable in any context.
+    unsafe { shim::pvops_shim_value(which, value) }
 }

@@ -5,7 +5,7 @@
 //! hypervisor.
 
 use kernel::prelude::*;
-use pvops::ops::{cpu, irq, mmu, timer, BackendOps, Inline, Op};
+use pvops::ops::{cpu, irq, lock, mmu, timer, BackendOps, Inline, Op};
 use pvops::{Backend, BackendId, PV_OPS};
 use pvops_backends::{lguest, vmi, xen, Driver, Platform as _};
 
@@ -203,6 +203,19 @@ pub(crate) fn selftest(backend: &dyn Backend, ops: &BackendOps) -> SelfTest {
         t.check("alloc-pt", alloc_pt_round_trip());
     }
 
+    // The page-table value ops at this module's own sites, on a real entry, against the
+    // kernel's own conversions (its pv_ops).
+    if pv {
+        t.na(
+            "value-ops",
+            "xen pv: the value ops forward to the kernel's own conversions",
+        );
+    } else {
+        t.check("value-ops", value_ops_agree());
+    }
+
+    t.check("lock-ops", lock_ops_round_trip());
+
     // Page-table writes inside a lazy-MMU section (which a shadow-paging backend batches) are
     // all in place once the section ends; on a scratch array, as the benchmark does.
     if pv {
@@ -319,14 +332,7 @@ fn lazy_mmu_round_trip() -> bool {
 /// A page-table write through `set_pte` (a store natively, `mmu_update` on Xen PV): toggle the
 /// Accessed bit in the PTE of a page the module owns, read it back, restore it.
 fn set_pte_round_trip() -> bool {
-    // SAFETY: allocates a page; freed below.
-    let page = unsafe { shim::pvops_shim_vmalloc_page() };
-    if page == 0 {
-        return false;
-    }
-    // SAFETY: the kernel's entry for a page only this function uses.
-    let ptep = unsafe { shim::pvops_shim_pte_of(page) } as *mut u64;
-    let ok = !ptep.is_null() && {
+    with_own_pte(|page, ptep| {
         // SAFETY: `ptep` is the page's live 4 KiB entry; only the Accessed bit changes, and the
         // page is not touched meanwhile (the CPU would set that bit itself).
         unsafe {
@@ -337,10 +343,86 @@ fn set_pte_round_trip() -> bool {
             mmu::flush_tlb_one_user(page as u64);
             toggled == old ^ PAGE_ACCESSED && core::ptr::read_volatile(ptep) == old
         }
+    })
+}
+
+/// Each level's value op and its inverse on a real entry (the kernel's PTE of a page of our
+/// own): the kernel's conversion gives the same value, and the pair round-trips.
+fn value_ops_agree() -> bool {
+    use shim::pvops_value_op as V;
+    // SAFETY: the page's live entry, read.
+    let Some(e) = with_own_pte(|_, ptep| Some(unsafe { ptep.read_volatile() })) else {
+        return false;
+    };
+    // SAFETY: the kernel's conversions, pure.
+    let kernel = |which, v| unsafe { shim::pvops_shim_value(which, v) };
+    let pair = |v: u64, made: u64, kv, km| v == kernel(kv, e) && made == kernel(km, v) && made == e;
+    pair(
+        mmu::pte_val(e),
+        mmu::make_pte(mmu::pte_val(e)),
+        V::PVOPS_PTE_VAL,
+        V::PVOPS_MAKE_PTE,
+    ) && pair(
+        mmu::pmd_val(e),
+        mmu::make_pmd(mmu::pmd_val(e)),
+        V::PVOPS_PMD_VAL,
+        V::PVOPS_MAKE_PMD,
+    ) && pair(
+        mmu::pud_val(e),
+        mmu::make_pud(mmu::pud_val(e)),
+        V::PVOPS_PUD_VAL,
+        V::PVOPS_MAKE_PUD,
+    ) && pair(
+        mmu::p4d_val(e),
+        mmu::make_p4d(mmu::p4d_val(e)),
+        V::PVOPS_P4D_VAL,
+        V::PVOPS_MAKE_P4D,
+    ) && pair(
+        mmu::pgd_val(e),
+        mmu::make_pgd(mmu::pgd_val(e)),
+        V::PVOPS_PGD_VAL,
+        V::PVOPS_MAKE_PGD,
+    )
+}
+
+/// `f(page, entry)` on a page only this call uses (vmalloc'd for it, freed after) and the
+/// kernel's live 4 KiB entry for it; the default (false, None) when either is missing.
+fn with_own_pte<T: Default>(f: impl FnOnce(usize, *mut u64) -> T) -> T {
+    // SAFETY: allocates a page; freed below.
+    let page = unsafe { shim::pvops_shim_vmalloc_page() };
+    if page == 0 {
+        return T::default();
+    }
+    // SAFETY: the kernel's entry for a page only this call uses.
+    let ptep = unsafe { shim::pvops_shim_pte_of(page) } as *mut u64;
+    let r = if ptep.is_null() {
+        T::default()
+    } else {
+        f(page, ptep)
     };
     // SAFETY: frees the page allocated above.
     unsafe { shim::pvops_shim_vfree(page) };
-    ok
+    r
+}
+
+/// The lock ops on a lock byte of our own: released through the unlock site, a `wait` on a
+/// value the byte no longer holds returns at once, and this CPU, running, is not preempted.
+fn lock_ops_round_trip() -> bool {
+    let mut locked = 1u8;
+    // SAFETY: our own lock byte, "held"; the wait's value is stale (the byte is 0 by then), so
+    // a halting backend returns at once.
+    unsafe {
+        lock::queued_spin_unlock(&mut locked);
+        lock::wait(&mut locked, 1);
+    }
+    let flags = irq::save_fl();
+    // SAFETY: ring 0; restored below (the CPU cannot change under us meanwhile).
+    unsafe { irq::irq_disable() };
+    // SAFETY: reads this CPU's number.
+    let preempted = lock::vcpu_is_preempted(unsafe { shim::pvops_shim_this_cpu() });
+    // SAFETY: the flags saved above.
+    unsafe { irq::restore_fl(flags) };
+    core::hint::black_box(locked) == 0 && !preempted
 }
 
 /// `alloc_pt`/`release_pt` on a zeroed page (a valid empty table): a Xen PV backend pins it,

@@ -248,6 +248,54 @@ void pvops_shim_set_sched_clock(unsigned long fn)
 	static_call_update(pv_sched_clock, (u64 (*)(void))fn);
 }
 
+/* pv_steal_clock likewise, and whether Linux accounts steal time at all (its own backend found
+ * some: paravirt_steal_enabled). */
+unsigned long pvops_shim_steal_clock_fn(void)
+{
+	return (unsigned long)static_call_query(pv_steal_clock);
+}
+
+void pvops_shim_set_steal_clock(unsigned long fn)
+{
+	static_call_update(pv_steal_clock, (u64 (*)(int))fn);
+}
+
+int pvops_shim_steal_enabled(void)
+{
+	return static_key_false(&paravirt_steal_enabled);
+}
+
+/* What Linux chose for its lock group (paravirt_set_cap() has asked the same before
+ * apply_alternatives()): the native qspinlock unlock, the native vcpu_is_preempted. */
+int pvops_shim_native_spin_unlock(void)
+{
+#ifdef CONFIG_PARAVIRT_SPINLOCKS
+	return pv_is_native_spin_unlock();
+#else
+	return 1;
+#endif
+}
+
+int pvops_shim_native_vcpu_is_preempted(void)
+{
+#ifdef CONFIG_PARAVIRT_SPINLOCKS
+	return pv_is_native_vcpu_is_preempted();
+#else
+	return 1;
+#endif
+}
+
+/* Whether every possible CPU is online (none can come up later with state not read yet). */
+int pvops_shim_all_cpus_online(void)
+{
+	return num_online_cpus() == num_possible_cpus();
+}
+
+int pvops_shim_cpu_online(unsigned int cpu)
+{
+	return cpu < nr_cpu_ids && cpu_online(cpu);
+}
+
 /* Whether addr is in the kernel's init text (freed, and poisoned, once boot is over). */
 int pvops_shim_is_init_text(unsigned long addr)
 {
@@ -513,6 +561,42 @@ unsigned long pvops_shim_pte_of(unsigned long va)
 	pte_t *pte = lookup_address(va, &level);
 
 	return pte && level == PG_LEVEL_4K ? (unsigned long)pte : 0;
+}
+
+/* The kernel's own page-table value conversions, through its pv_ops (in a Xen PV domain they
+ * turn machine frames into pseudo-physical ones and back through the kernel's p2m). The raw
+ * native_* accessors only wrap and unwrap the value. */
+u64 pvops_shim_value(enum pvops_value_op which, u64 v)
+{
+	switch (which) {
+	case PVOPS_PTE_VAL:
+		return pte_val(native_make_pte(v));
+	case PVOPS_MAKE_PTE:
+		return native_pte_val(__pte(v));
+	case PVOPS_PMD_VAL:
+		return pmd_val(native_make_pmd(v));
+	case PVOPS_MAKE_PMD:
+		return native_pmd_val(__pmd(v));
+	case PVOPS_PUD_VAL:
+		return pud_val(native_make_pud(v));
+	case PVOPS_MAKE_PUD:
+		return native_pud_val(__pud(v));
+	case PVOPS_P4D_VAL:
+		return p4d_val(native_make_p4d(v));
+	case PVOPS_MAKE_P4D:
+		return native_p4d_val(__p4d(v));
+	case PVOPS_PGD_VAL:
+		return pgd_val(native_make_pgd(v));
+	case PVOPS_MAKE_PGD:
+		return native_pgd_val(__pgd(v));
+	}
+	return v;
+}
+
+/* This CPU's number (the caller keeps it from migrating). */
+unsigned int pvops_shim_this_cpu(void)
+{
+	return raw_smp_processor_id();
 }
 
 /* The kernel's view of the interrupt flag and of CPUID, for the module's self-test. */

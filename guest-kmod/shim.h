@@ -79,9 +79,9 @@ enum pvops_linux_abi {
 	PVOPS_ABI_OP(ALLOC_PT, 31, 6, 0x3ff),
 	PVOPS_ABI_OP(LAZY_MODE_ENTER, 33, 6, 0x3ff),
 	PVOPS_ABI_OP(LAZY_MODE_LEAVE, 34, 6, 0x3ff),
-	PVOPS_ABI_OP(SCHED_CLOCK, 35, 6, 0x3ff),
-	PVOPS_ABI_OP(STEAL_CLOCK, 36, 6, 0x3ff),
-	PVOPS_ABI_OP(TSC_KHZ, 37, 6, 0x3ff),
+	PVOPS_ABI_OP(SCHED_CLOCK, 49, 6, 0x3ff),
+	PVOPS_ABI_OP(STEAL_CLOCK, 50, 6, 0x3ff),
+	PVOPS_ABI_OP(TSC_KHZ, 51, 6, 0x3ff),
 };
 /* C's own view of one constant (bench.rs checks it at run time too). */
 u32 pvops_linux_abi(enum pvops_linux_abi which);
@@ -138,6 +138,21 @@ void pvops_shim_write_cr3(u64 cr3);
 u64 pvops_shim_read_cr4(void);
 u64 pvops_shim_virt_to_machine(unsigned long va);
 unsigned long pvops_shim_pte_of(unsigned long va);
+/* The kernel's page-table value conversions (pv_ops.mmu.pte_val, make_pte, ...). */
+enum pvops_value_op {
+	PVOPS_PTE_VAL,
+	PVOPS_MAKE_PTE,
+	PVOPS_PMD_VAL,
+	PVOPS_MAKE_PMD,
+	PVOPS_PUD_VAL,
+	PVOPS_MAKE_PUD,
+	PVOPS_P4D_VAL,
+	PVOPS_MAKE_P4D,
+	PVOPS_PGD_VAL,
+	PVOPS_MAKE_PGD,
+};
+u64 pvops_shim_value(enum pvops_value_op which, u64 v);
+unsigned int pvops_shim_this_cpu(void);
 int pvops_shim_irqs_disabled(void);
 void pvops_shim_cpuid(u32 leaf, u32 subleaf, u32 *out);
 unsigned long pvops_shim_vmalloc_page(void);
@@ -166,5 +181,12 @@ int pvops_shim_is_init_text(unsigned long addr);
 unsigned long pvops_shim_sched_clock_fn(void);
 u64 pvops_shim_sched_clock(void);
 void pvops_shim_set_sched_clock(unsigned long fn);
+unsigned long pvops_shim_steal_clock_fn(void);
+void pvops_shim_set_steal_clock(unsigned long fn);
+int pvops_shim_steal_enabled(void);
+int pvops_shim_all_cpus_online(void);
+int pvops_shim_native_spin_unlock(void);
+int pvops_shim_native_vcpu_is_preempted(void);
+int pvops_shim_cpu_online(unsigned int cpu);
 
 #endif /* PVOPS_SHIM_H */
