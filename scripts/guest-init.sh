@@ -198,6 +198,20 @@ sched_clock_ok() { # the timestamps: all there, never back, spanning ktime's int
 		if (d < 0.8 * k - 0.02 || d > 1.2 * k + 0.02) exit 1
 	}'
 }
+# Steal time (pv_steal_clock), where pvops took it (the kernel report says so; elsewhere n/a
+# with the report's reason): /proc/stat's steal of every CPU, in USER_HZ ticks, before the
+# workload and after the hand-backs (200 changes of hands between Linux's steal clock and
+# pvops's). Each must not go back, nor grow by more than the time that passed: a backend that
+# read another record, or none, would make Linux account a jump as steal time.
+steal_ticks() { awk '/^cpu[0-9]/ { printf "%s ", $9 }' /proc/stat; }
+steal_ok() { # REPORT-LINE BEFORE AFTER SECONDS
+	has "$1" '^pv_steal_clock pvops$' || return 1
+	echo "$2 | $3" | awk -v s="$4" '{
+		n = (NF - 1) / 2
+		if (n < 1 || NF != 2 * n + 1) exit 1
+		for (i = 1; i <= n; i++) { d = $(n + 1 + i) - $i; if (d < 0 || d > s * 100 + 10) exit 1 }
+	}'
+}
 finish() { # RESULT-LINE: the KTAP document, the result for scripts/rig, power off
 	ktap
 	echo "$1"
@@ -287,12 +301,21 @@ if grep -q 'rig_mode=builtin' /proc/cmdline; then
 	insmod /pvops_probe.ko 2>&1
 	probe=$(dmesg | grep 'pvops_probe: ' | tail -2)
 	check module-sites "$probe" -- module_sites_ok "$probe" "$kp"
+	steal0=$(steal_ticks) su0=$(cut -d' ' -f1 /proc/uptime)
 	workload
 	check workload "$wl_detail" -- workload_ok
 	sched_clock_probe
 	check sched-clock "$clock_detail" -- sched_clock_ok
 	handback
 	check handback "$hb_detail" -- handback_ok "$kp"
+	steal1=$(steal_ticks) su1=$(cut -d' ' -f1 /proc/uptime)
+	steal_line=$(grep '^pv_steal_clock ' /sys/kernel/pvops/kernel 2>/dev/null)
+	if has "$steal_line" '^pv_steal_clock linux'; then
+		na steal-clock "$steal_line"
+	else
+		check steal-clock "$steal_line; steal per CPU (ticks) ${steal0}at ${su0}s, ${steal1}at ${su1}s" \
+			-- steal_ok "$steal_line" "$steal0" "$steal1" "$(echo "$su0 $su1" | awk '{ print $2 - $1 }')"
+	fi
 	fault_scan
 	finish "RIG-RESULT backend=$backend sites=$p/$t kernel-sites=$kp/$kt builtin"
 fi
