@@ -1,7 +1,10 @@
 //! pvops built into Linux 6.12: the plan for the kernel's own pv call sites
 //! (`pvops::linux`), with the native backend's real inline bytes.
 
-use pvops::linux::{plan, served, served_members, KernelAction, LinuxConv, Served};
+use pvops::linux::{
+    io_delay_choice, plan, served, served_members, Adapter, KernelAction, LinuxConv, LinuxIoDelay,
+    PtLevel, Served, Via,
+};
 use pvops::ops::{Clobbers, Inline};
 use pvops::Op;
 use pvops_backends::native::OPS;
@@ -10,12 +13,28 @@ const SITE: usize = 0xffff_ffff_8100_0000;
 
 #[test]
 fn every_served_member_is_inline_on_native() {
-    for (name, op, conv) in served_members() {
-        assert_eq!(served(name), Served::Yes { op, conv });
-        let (action, bytes) = plan(SITE, op, conv, &OPS).unwrap();
-        assert_eq!(action, KernelAction::Inline, "{name}");
-        let inline = OPS.inline(op).unwrap();
-        assert_eq!(&bytes[..inline.bytes.len()], inline.bytes, "{name}");
+    // where Linux's signature is the op's: the native bytes; where an adapter stands between,
+    // a direct call to it unless native's op does nothing (then NOPs)
+    const ADAPTER: usize = SITE + 0x10_0000;
+    for (name, op, conv, via) in served_members() {
+        assert_eq!(served(name), Served::Yes { op, conv, via });
+        let (action, bytes) = plan(SITE, op, conv, via, ADAPTER, &OPS).unwrap();
+        match via {
+            Via::Op => {
+                assert_eq!(action, KernelAction::Inline, "{name}");
+                let inline = OPS.inline(op).unwrap();
+                assert_eq!(&bytes[..inline.bytes.len()], inline.bytes, "{name}");
+            }
+            Via::Adapter(Adapter::AllocPt(_) | Adapter::ReleasePt(_)) => {
+                assert_eq!(action, KernelAction::Inline, "{name}");
+                assert_eq!(bytes, [0x66, 0x0f, 0x1f, 0x44, 0x00, 0x00], "{name}");
+            }
+            Via::Adapter(_) => {
+                assert_eq!(action, KernelAction::Direct, "{name}");
+                let r = (0x10_0000i32 - 5).to_le_bytes();
+                assert_eq!(bytes, [0xe8, r[0], r[1], r[2], r[3], 0x90], "{name}");
+            }
+        }
     }
     // Linux's own native replacements, byte for byte (paravirt.h: "pushf; pop %rax", "cli",
     // "sti", "mov %cr2,%rax", "mov %cr3,%rax", "mov %rdi,%cr3"), padded with one NOP
@@ -52,7 +71,11 @@ fn every_served_member_is_inline_on_native() {
         ),
     ];
     for (op, conv, want) in linux {
-        assert_eq!(plan(SITE, op, conv, &OPS).unwrap().1, want, "{op:?}");
+        assert_eq!(
+            plan(SITE, op, conv, Via::Op, 0, &OPS).unwrap().1,
+            want,
+            "{op:?}"
+        );
     }
 }
 
@@ -67,11 +90,11 @@ fn inline_bytes_outside_the_convention_become_a_direct_call() {
     };
     // SAFETY: a test table nothing runs.
     unsafe { ops.set_raw(Op::SaveFl, target, Some(rcx)) };
-    let (a, b) = plan(SITE, Op::SaveFl, LinuxConv::CalleeSave, &ops).unwrap();
+    let (a, b) = plan(SITE, Op::SaveFl, LinuxConv::CalleeSave, Via::Op, 0, &ops).unwrap();
     assert_eq!(a, KernelAction::Direct);
     let r = 0x1234i32.wrapping_sub(5).to_le_bytes();
     assert_eq!(b, [0xe8, r[0], r[1], r[2], r[3], 0x90]);
-    let (a, b) = plan(SITE, Op::SaveFl, LinuxConv::C, &ops).unwrap();
+    let (a, b) = plan(SITE, Op::SaveFl, LinuxConv::C, Via::Op, 0, &ops).unwrap();
     assert_eq!(
         (a, b),
         (KernelAction::Inline, [0x31, 0xc9, 0x0f, 0x1f, 0x40, 0x00])
@@ -79,14 +102,15 @@ fn inline_bytes_outside_the_convention_become_a_direct_call() {
     // out of rel32 reach: left to Linux
     // SAFETY: as above.
     unsafe { ops.set_raw(Op::SaveFl, 0x4000_0000_0000, None) };
-    assert_eq!(plan(SITE, Op::SaveFl, LinuxConv::CalleeSave, &ops), None);
+    assert_eq!(
+        plan(SITE, Op::SaveFl, LinuxConv::CalleeSave, Via::Op, 0, &ops),
+        None
+    );
 }
 
 #[test]
 fn members_left_to_linux_say_why() {
     for m in [
-        "cpu.cpuid",
-        "cpu.write_msr",
         "cpu.write_cr0",
         "cpu.write_cr4",
         "irq.safe_halt",
@@ -112,7 +136,7 @@ fn which_backends_serve_the_kernel() {
         ("lguest", &LGUEST),
     ];
     for (backend, b) in all {
-        for (name, op, _) in served_members() {
+        for (name, op, ..) in served_members() {
             assert_eq!(b.serves_kernel(op), Ok(()), "{backend} {name}");
         }
     }
@@ -137,4 +161,64 @@ fn which_backends_serve_the_kernel() {
     assert!(!pvops_backends::kvm::owns_clock());
     assert_eq!(KVM.serves_kernel(pvops::Op::SchedClock), Ok(()));
     // (Xen PV's subset, the interrupt flag and CR2, is checked on the xen-pv built-in rig)
+}
+
+#[test]
+fn io_delay_is_served_where_linux_s_is_the_backend_s() {
+    let mut ops = OPS;
+    let port80 = Inline {
+        bytes: &[0xe6, 0x80],
+        clobbers: pvops::ops::Clobbers::empty(),
+    };
+    let target = ops.target(Op::IoDelay);
+    for (inline, linux, ok) in [
+        (Some(port80), LinuxIoDelay::Port80, true),
+        (Some(port80), LinuxIoDelay::Nothing, false),
+        (Some(port80), LinuxIoDelay::Other, false),
+        (Some(Inline::NOTHING), LinuxIoDelay::Nothing, true),
+        (Some(Inline::NOTHING), LinuxIoDelay::Port80, false),
+        (None, LinuxIoDelay::Port80, false),
+    ] {
+        // SAFETY: a test table nothing runs.
+        unsafe { ops.set_raw(Op::IoDelay, target, inline) };
+        let r = io_delay_choice(Op::IoDelay, &ops, linux);
+        assert_eq!(r.is_ok(), ok, "{inline:?} {linux:?}: {r:?}");
+        assert_eq!(io_delay_choice(Op::ReadCr0, &ops, linux), Ok(()));
+    }
+}
+
+#[test]
+fn adapted_members_call_the_adapter_or_become_nops() {
+    let mut ops = OPS;
+    let (site, adapter) = (0xffff_ffff_8100_0000usize, 0xffff_ffff_8100_1000usize);
+    let via = Via::Adapter(Adapter::AllocPt(PtLevel::Pte));
+    let target = ops.target(Op::AllocPt);
+    // SAFETY: a test table nothing runs.
+    unsafe { ops.set_raw(Op::AllocPt, target, None) };
+    let (a, b) = plan(site, Op::AllocPt, LinuxConv::C, via, adapter, &ops).unwrap();
+    let r = (0x1000i32 - 5).to_le_bytes();
+    assert_eq!(
+        (a, b),
+        (KernelAction::Direct, [0xe8, r[0], r[1], r[2], r[3], 0x90])
+    );
+    // a backend whose op does nothing: the site does nothing, whatever its arguments
+    // SAFETY: a test table nothing runs.
+    unsafe { ops.set_raw(Op::AllocPt, target, Some(Inline::NOTHING)) };
+    let (a, b) = plan(site, Op::AllocPt, LinuxConv::C, via, adapter, &ops).unwrap();
+    assert_eq!(a, KernelAction::Inline);
+    assert_eq!(b, [0x66, 0x0f, 0x1f, 0x44, 0x00, 0x00]);
+    // other inline bytes are the op's registers, not Linux's: the adapter
+    let rdi = Inline {
+        bytes: &[0x90],
+        clobbers: pvops::ops::Clobbers::empty(),
+    };
+    // SAFETY: as above.
+    unsafe { ops.set_raw(Op::AllocPt, target, Some(rdi)) };
+    let (a, _) = plan(site, Op::AllocPt, LinuxConv::C, via, adapter, &ops).unwrap();
+    assert_eq!(a, KernelAction::Direct);
+    // out of reach
+    assert_eq!(
+        plan(site, Op::AllocPt, LinuxConv::C, via, 0x4000_0000, &ops),
+        None
+    );
 }

@@ -94,7 +94,7 @@ fn expected_inline(op: Op) -> Option<&'static [&'static str]> {
         op if op.is_page_table_value() => &["mov rax, rdi"],
         Op::QueuedSpinUnlock => &["mov byte ptr [rdi], 0"],
         Op::LockWait | Op::LockKick => &[],
-        Op::VcpuIsPreempted => &["xor eax, eax"],
+        Op::VcpuIsPreempted | Op::FlushTlbDefer => &["xor eax, eax"],
         _ => return None,
     })
 }
@@ -168,6 +168,9 @@ fn run_user_ops(tsc_khz: u64) {
         mmu::release_pt(1, 1);
         mmu::lazy_mode_leave();
     }
+    // SAFETY: a query on native (no flush is taken over: `xor eax, eax`).
+    let taken = unsafe { mmu::flush_tlb_defer(1) };
+    assert!(!taken, "hardware takes no flush over");
 }
 
 #[test]

@@ -109,11 +109,12 @@ const KEPT: &[Op] = &[
     Op::WriteMsrSafe,
     Op::LazyModeEnter,
     Op::LazyModeLeave,
-    // the lock ops: a store, nothing, nothing, false
+    // the lock ops: a store, nothing, nothing, false; and no flush taken over
     Op::QueuedSpinUnlock,
     Op::LockWait,
     Op::LockKick,
     Op::VcpuIsPreempted,
+    Op::FlushTlbDefer,
     // the time ops and the hypercall are the Xen backend's own (set by `Xen::ops`)
     Op::SchedClock,
     Op::StealClock,

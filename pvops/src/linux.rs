@@ -13,7 +13,7 @@
 //! Nothing here touches memory: records and site bytes come in as slices and a [`ReadText`].
 
 use crate::ops::{BackendOps, Clobbers, Convention, Op};
-use crate::patch::{plan_site, Action, ReadText};
+use crate::patch::{direct_call, nops, plan_site, Action, ReadText};
 
 /// Size of Linux 6.12's `struct alt_instr` (packed): `s32 instr_offset; s32 repl_offset;
 /// u32 ft_flags; u8 instrlen; u8 replacementlen`.
@@ -194,66 +194,239 @@ impl LinuxConv {
 /// Whether pvops serves a Linux member, and if not, why.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Served {
-    /// pvops's `op`, called with Linux's convention `conv`.
+    /// pvops's `op`, called with Linux's convention `conv`, the way `via` says.
     Yes {
-        /// The pvops op with Linux's signature and semantics.
+        /// The pvops op with Linux's semantics.
         op: Op,
         /// Linux's convention for the member.
         conv: LinuxConv,
+        /// Whether the member's signature is the op's, or an adapter stands between.
+        via: Via,
     },
     /// Left to Linux, for this reason.
     No(&'static str),
 }
 
+/// How a served member's sites reach pvops's op.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Via {
+    /// Linux's signature is the op's: a site calls the backend's function, or holds its inline
+    /// bytes.
+    Op,
+    /// Linux's signature differs (its MSR values come as two halves, its `cpuid` takes four
+    /// pointers, its page-table notifications name the level by member): a site calls an
+    /// adapter of the kernel glue with Linux's signature, which calls the op through a call
+    /// site of its own (patched like every pvops site). Where the backend's op does nothing
+    /// (its inline bytes are empty), the site becomes NOPs instead: nothing is nothing,
+    /// whatever the arguments.
+    Adapter(Adapter),
+}
+
+/// The adapters the kernel glue provides, one per member whose signature differs from its
+/// op's. Each does exactly what Linux's native function for the member does around the op.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Adapter {
+    /// `u64 read_msr(unsigned msr)` over `read_msr_safe`: a fault warns once and reads 0, as
+    /// Linux's exception handler for `native_read_msr` does.
+    ReadMsr,
+    /// `void write_msr(unsigned msr, unsigned low, unsigned high)` over `write_msr_safe`: a
+    /// fault warns once and is skipped.
+    WriteMsr,
+    /// `u64 read_msr_safe(unsigned msr, int *err)`: `*err` = 0 or `-EIO` (then 0 is read).
+    ReadMsrSafe,
+    /// `int write_msr_safe(unsigned msr, unsigned low, unsigned high)`: 0 or `-EIO`.
+    WriteMsrSafe,
+    /// `void cpuid(unsigned *eax, unsigned *ebx, unsigned *ecx, unsigned *edx)`: leaf in
+    /// `*eax`, subleaf in `*ecx`, the four registers out.
+    Cpuid,
+    /// `void alloc_pte/pmd/pud/p4d(struct mm_struct *mm, unsigned long pfn)`: `alloc_pt(pfn,
+    /// level)`, one adapter per level.
+    AllocPt(PtLevel),
+    /// `void release_pte/pmd/pud/p4d(unsigned long pfn)`: `release_pt(pfn, level)`.
+    ReleasePt(PtLevel),
+    /// `void flush_tlb_multi(const struct cpumask *cpus, const struct flush_tlb_info *info)`:
+    /// the CPUs whose flush the backend takes over (`flush_tlb_defer`) are taken out of a copy
+    /// of the mask, the rest get Linux's `native_flush_tlb_multi` (its IPIs).
+    FlushTlbMulti,
+}
+
+/// A page-table level as Linux's `alloc_*`/`release_*` members name it; the value is pvops's
+/// level number (`alloc_pt(pfn, level)`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum PtLevel {
+    /// A page of PTEs.
+    Pte = 1,
+    /// A PMD page.
+    Pmd = 2,
+    /// A PUD page.
+    Pud = 3,
+    /// A P4D page.
+    P4d = 4,
+}
+
 /// The Linux members pvops serves, by `group.member` name, checked against Linux 6.12's
 /// `paravirt_types.h` one by one (signature, convention, and what Linux's native function does
 /// beyond the instruction); every other member is left to Linux by [`served`].
-const SERVED: &[(&str, Op, LinuxConv)] = &[
+const SERVED: &[(&str, Op, LinuxConv, Via)] = &[
     // PV_CALLEE_SAVE in Linux, callee-save in pvops
-    ("irq.save_fl", Op::SaveFl, LinuxConv::CalleeSave),
-    ("irq.irq_disable", Op::IrqDisable, LinuxConv::CalleeSave),
-    ("irq.irq_enable", Op::IrqEnable, LinuxConv::CalleeSave),
-    ("mmu.read_cr2", Op::ReadCr2, LinuxConv::CalleeSave),
+    ("irq.save_fl", Op::SaveFl, LinuxConv::CalleeSave, Via::Op),
+    (
+        "irq.irq_disable",
+        Op::IrqDisable,
+        LinuxConv::CalleeSave,
+        Via::Op,
+    ),
+    (
+        "irq.irq_enable",
+        Op::IrqEnable,
+        LinuxConv::CalleeSave,
+        Via::Op,
+    ),
+    ("mmu.read_cr2", Op::ReadCr2, LinuxConv::CalleeSave, Via::Op),
     // plain C in Linux; pvops's callee-save functions are valid C functions of the same type
-    ("mmu.write_cr2", Op::WriteCr2, LinuxConv::C),
-    ("mmu.read_cr3", Op::ReadCr3, LinuxConv::C),
-    ("mmu.write_cr3", Op::WriteCr3, LinuxConv::C),
-    ("cpu.read_cr0", Op::ReadCr0, LinuxConv::C),
-    ("cpu.wbinvd", Op::Wbinvd, LinuxConv::C),
-    ("cpu.store_tr", Op::StoreTr, LinuxConv::C),
+    ("mmu.write_cr2", Op::WriteCr2, LinuxConv::C, Via::Op),
+    ("mmu.read_cr3", Op::ReadCr3, LinuxConv::C, Via::Op),
+    ("mmu.write_cr3", Op::WriteCr3, LinuxConv::C, Via::Op),
+    ("cpu.read_cr0", Op::ReadCr0, LinuxConv::C, Via::Op),
+    ("cpu.wbinvd", Op::Wbinvd, LinuxConv::C, Via::Op),
+    ("cpu.store_tr", Op::StoreTr, LinuxConv::C, Via::Op),
     // pte_t/pmd_t/pud_t are one u64 passed by value: the same registers as pvops's u64
-    ("mmu.set_pte", Op::SetPte, LinuxConv::C),
-    ("mmu.set_pmd", Op::SetPmd, LinuxConv::C),
-    ("mmu.set_pud", Op::SetPud, LinuxConv::C),
+    ("mmu.set_pte", Op::SetPte, LinuxConv::C, Via::Op),
+    ("mmu.set_pmd", Op::SetPmd, LinuxConv::C, Via::Op),
+    ("mmu.set_pud", Op::SetPud, LinuxConv::C, Via::Op),
     // void (*)(void). Linux's own are no-ops outside Xen PV (paravirt_nop: it tracks no lazy
     // mode then); a backend that batches page-table writes (lguest's ring) needs both ends.
     // `lazy_mode.flush` stays Linux's: a batch is still sent when its section ends.
-    ("mmu.lazy_mode.enter", Op::LazyModeEnter, LinuxConv::C),
-    ("mmu.lazy_mode.leave", Op::LazyModeLeave, LinuxConv::C),
+    (
+        "mmu.lazy_mode.enter",
+        Op::LazyModeEnter,
+        LinuxConv::C,
+        Via::Op,
+    ),
+    (
+        "mmu.lazy_mode.leave",
+        Op::LazyModeLeave,
+        LinuxConv::C,
+        Via::Op,
+    ),
     // PV_CALLEE_SAVE, one u64 in and out (pteval_t and the pte_t/pmd_t/... wrappers of one)
-    ("mmu.pte_val", Op::PteVal, LinuxConv::CalleeSave),
-    ("mmu.make_pte", Op::MakePte, LinuxConv::CalleeSave),
-    ("mmu.pmd_val", Op::PmdVal, LinuxConv::CalleeSave),
-    ("mmu.make_pmd", Op::MakePmd, LinuxConv::CalleeSave),
-    ("mmu.pud_val", Op::PudVal, LinuxConv::CalleeSave),
-    ("mmu.make_pud", Op::MakePud, LinuxConv::CalleeSave),
-    ("mmu.p4d_val", Op::P4dVal, LinuxConv::CalleeSave),
-    ("mmu.make_p4d", Op::MakeP4d, LinuxConv::CalleeSave),
-    ("mmu.pgd_val", Op::PgdVal, LinuxConv::CalleeSave),
-    ("mmu.make_pgd", Op::MakePgd, LinuxConv::CalleeSave),
+    ("mmu.pte_val", Op::PteVal, LinuxConv::CalleeSave, Via::Op),
+    ("mmu.make_pte", Op::MakePte, LinuxConv::CalleeSave, Via::Op),
+    ("mmu.pmd_val", Op::PmdVal, LinuxConv::CalleeSave, Via::Op),
+    ("mmu.make_pmd", Op::MakePmd, LinuxConv::CalleeSave, Via::Op),
+    ("mmu.pud_val", Op::PudVal, LinuxConv::CalleeSave, Via::Op),
+    ("mmu.make_pud", Op::MakePud, LinuxConv::CalleeSave, Via::Op),
+    ("mmu.p4d_val", Op::P4dVal, LinuxConv::CalleeSave, Via::Op),
+    ("mmu.make_p4d", Op::MakeP4d, LinuxConv::CalleeSave, Via::Op),
+    ("mmu.pgd_val", Op::PgdVal, LinuxConv::CalleeSave, Via::Op),
+    ("mmu.make_pgd", Op::MakePgd, LinuxConv::CalleeSave, Via::Op),
     // around the kernel's qspinlock slow path, which stays Linux's; only where Linux's own
     // choice is native too (see `lock_choice`)
     (
         "lock.queued_spin_unlock",
         Op::QueuedSpinUnlock,
         LinuxConv::CalleeSave,
+        Via::Op,
     ),
-    ("lock.wait", Op::LockWait, LinuxConv::C),
-    ("lock.kick", Op::LockKick, LinuxConv::C),
+    ("lock.wait", Op::LockWait, LinuxConv::C, Via::Op),
+    ("lock.kick", Op::LockKick, LinuxConv::C, Via::Op),
     (
         "lock.vcpu_is_preempted",
         Op::VcpuIsPreempted,
         LinuxConv::CalleeSave,
+        Via::Op,
+    ),
+    // the same as Linux's native function wherever Linux's own io_delay is one of the two a
+    // backend can have (see `io_delay_choice`)
+    ("cpu.io_delay", Op::IoDelay, LinuxConv::C, Via::Op),
+    ("cpu.load_idt", Op::LoadIdt, LinuxConv::C, Via::Op),
+    ("cpu.load_gdt", Op::LoadGdt, LinuxConv::C, Via::Op),
+    // Linux's signatures, through the kernel glue's adapters (see `Adapter`)
+    (
+        "cpu.read_msr",
+        Op::ReadMsrSafe,
+        LinuxConv::C,
+        Via::Adapter(Adapter::ReadMsr),
+    ),
+    (
+        "cpu.write_msr",
+        Op::WriteMsrSafe,
+        LinuxConv::C,
+        Via::Adapter(Adapter::WriteMsr),
+    ),
+    (
+        "cpu.read_msr_safe",
+        Op::ReadMsrSafe,
+        LinuxConv::C,
+        Via::Adapter(Adapter::ReadMsrSafe),
+    ),
+    (
+        "cpu.write_msr_safe",
+        Op::WriteMsrSafe,
+        LinuxConv::C,
+        Via::Adapter(Adapter::WriteMsrSafe),
+    ),
+    (
+        "cpu.cpuid",
+        Op::Cpuid,
+        LinuxConv::C,
+        Via::Adapter(Adapter::Cpuid),
+    ),
+    (
+        "mmu.alloc_pte",
+        Op::AllocPt,
+        LinuxConv::C,
+        Via::Adapter(Adapter::AllocPt(PtLevel::Pte)),
+    ),
+    (
+        "mmu.alloc_pmd",
+        Op::AllocPt,
+        LinuxConv::C,
+        Via::Adapter(Adapter::AllocPt(PtLevel::Pmd)),
+    ),
+    (
+        "mmu.alloc_pud",
+        Op::AllocPt,
+        LinuxConv::C,
+        Via::Adapter(Adapter::AllocPt(PtLevel::Pud)),
+    ),
+    (
+        "mmu.alloc_p4d",
+        Op::AllocPt,
+        LinuxConv::C,
+        Via::Adapter(Adapter::AllocPt(PtLevel::P4d)),
+    ),
+    (
+        "mmu.release_pte",
+        Op::ReleasePt,
+        LinuxConv::C,
+        Via::Adapter(Adapter::ReleasePt(PtLevel::Pte)),
+    ),
+    (
+        "mmu.release_pmd",
+        Op::ReleasePt,
+        LinuxConv::C,
+        Via::Adapter(Adapter::ReleasePt(PtLevel::Pmd)),
+    ),
+    (
+        "mmu.release_pud",
+        Op::ReleasePt,
+        LinuxConv::C,
+        Via::Adapter(Adapter::ReleasePt(PtLevel::Pud)),
+    ),
+    (
+        "mmu.release_p4d",
+        Op::ReleasePt,
+        LinuxConv::C,
+        Via::Adapter(Adapter::ReleasePt(PtLevel::P4d)),
+    ),
+    // where Linux's is the native one or the same hypervisor's (see `flush_choice`)
+    (
+        "mmu.flush_tlb_multi",
+        Op::FlushTlbDefer,
+        LinuxConv::C,
+        Via::Adapter(Adapter::FlushTlbMulti),
     ),
 ];
 
@@ -264,31 +437,8 @@ const LEFT: &[(&str, &str)] = &[
         "the kernel's own qspinlock slow path (pvops's lock group is what a backend changes \
          around it)",
     ),
-    (
-        "cpu.io_delay",
-        "Linux's delay follows io_delay= (0x80, 0xed, udelay, none)",
-    ),
     ("cpu.write_cr0", "Linux's native_write_cr0 pins CR0.WP"),
     ("cpu.write_cr4", "Linux's native_write_cr4 pins CR4 bits"),
-    (
-        "cpu.cpuid",
-        "signature differs (four pointers; pvops: leaf, subleaf, out)",
-    ),
-    (
-        "cpu.read_msr",
-        "Linux's native_read_msr fixes up a faulting MSR; pvops's faults",
-    ),
-    ("cpu.write_msr", "signature differs (msr, low, high)"),
-    ("cpu.read_msr_safe", "signature differs (msr, int *err)"),
-    ("cpu.write_msr_safe", "signature differs (msr, low, high)"),
-    (
-        "cpu.load_idt",
-        "not served yet (desc_ptr matches; Xen PV's load_idt is the kernel's)",
-    ),
-    (
-        "cpu.load_gdt",
-        "not served yet (desc_ptr matches; Xen PV's load_gdt is the kernel's)",
-    ),
     (
         "irq.safe_halt",
         "Linux's native_safe_halt clears CPU buffers (MDS) before hlt",
@@ -309,45 +459,126 @@ const LEFT: &[(&str, &str)] = &[
         "mmu.flush_tlb_one_user",
         "Linux's flush handles PCID and PTI user ASIDs",
     ),
-    ("mmu.alloc_pte", "signature differs (mm, pfn)"),
-    ("mmu.alloc_pmd", "signature differs (mm, pfn)"),
-    ("mmu.alloc_pud", "signature differs (mm, pfn)"),
-    ("mmu.release_pte", "signature differs (pfn)"),
-    ("mmu.release_pmd", "signature differs (pfn)"),
-    ("mmu.release_pud", "signature differs (pfn)"),
 ];
 
-/// What Linux chose for its lock group at boot, before `apply_alternatives()` (its hypervisor
-/// code may install paravirt spinlocks, and a reader of the vCPUs' preempted flags).
+/// A choice of lock protocol: what Linux chose for its lock group at boot, before
+/// `apply_alternatives()` (its hypervisor code may install paravirt spinlocks, and a reader of
+/// the vCPUs' preempted flags), or what a backend's lock ops are ([`LinuxLocks::of`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LinuxLocks {
-    /// `pv_is_native_spin_unlock()`: the native qspinlock protocol (no halting waiters).
+    /// The native qspinlock protocol (`pv_is_native_spin_unlock()`): no halting waiters.
     pub native_unlock: bool,
     /// `pv_is_native_vcpu_is_preempted()`: no vCPU is ever reported preempted.
     pub native_vcpu_is_preempted: bool,
 }
 
-/// Whether pvops may serve lock member `op` with its backend's (native) lock ops, given what
-/// Linux chose. The unlock, `wait` and `kick` are one protocol with the kernel's slow path,
-/// which stays Linux's: taken only where that is the native one, else left whole to Linux.
-/// Other groups' ops are not its business (`Ok`).
-pub fn lock_choice(op: Op, linux: LinuxLocks) -> Result<(), &'static str> {
+impl LinuxLocks {
+    /// The protocol a backend's `ops` run: native where its unlock (its preempted query) is
+    /// the native backend's (`native`).
+    pub fn of(ops: &BackendOps, native: &BackendOps) -> LinuxLocks {
+        let same = |op| ops.target(op) == native.target(op);
+        LinuxLocks {
+            native_unlock: same(Op::QueuedSpinUnlock),
+            native_vcpu_is_preempted: same(Op::VcpuIsPreempted),
+        }
+    }
+}
+
+/// Whether pvops may serve lock member `op` with its backend's lock ops, which run the
+/// protocol `backend`, given Linux's choice `linux`. The unlock, `wait` and `kick` are one
+/// protocol with the kernel's slow path, which stays Linux's: taken only where the backend's
+/// is the same one (native with native, paravirt with paravirt), else left whole to Linux;
+/// `vcpu_is_preempted` likewise. Other groups' ops are not its business (`Ok`).
+pub fn lock_choice(op: Op, linux: LinuxLocks, backend: LinuxLocks) -> Result<(), &'static str> {
     match op {
-        Op::QueuedSpinUnlock | Op::LockWait | Op::LockKick if !linux.native_unlock => Err(
-            "Linux runs paravirt spinlocks here (its hypervisor code chose them): the lock \
-             group is left whole to it",
-        ),
-        Op::VcpuIsPreempted if !linux.native_vcpu_is_preempted => {
-            Err("Linux reads the vCPUs' preempted flags itself (its hypervisor code chose to)")
+        Op::QueuedSpinUnlock | Op::LockWait | Op::LockKick
+            if linux.native_unlock != backend.native_unlock =>
+        {
+            Err(if backend.native_unlock {
+                "Linux runs paravirt spinlocks here (its hypervisor code chose them), the \
+                 backend native ones: the lock group is left whole to Linux"
+            } else {
+                "Linux runs native spinlocks here (its gating, or nopvspin), the backend \
+                 paravirt ones: the lock group is left whole to Linux"
+            })
+        }
+        Op::VcpuIsPreempted
+            if linux.native_vcpu_is_preempted != backend.native_vcpu_is_preempted =>
+        {
+            Err(if backend.native_vcpu_is_preempted {
+                "Linux reads the vCPUs' preempted flags itself (its hypervisor code chose to); \
+                 the backend has none to read"
+            } else {
+                "Linux never reports a vCPU preempted here; the backend reads flags it does not"
+            })
         }
         _ => Ok(()),
     }
 }
 
+/// Whether pvops may serve `mmu.flush_tlb_multi` with its backend's `flush_tlb_defer`, given
+/// whether Linux's is `native_flush_tlb_multi` (`linux_native`) and the backend's
+/// `flush_tlb_defer` native's (`backend_native`): only where both send every CPU its IPI, or
+/// both leave preempted vCPUs to the hypervisor (KVM's PV TLB flush, with the same gating).
+/// Other ops: `Ok`.
+pub fn flush_choice(op: Op, linux_native: bool, backend_native: bool) -> Result<(), &'static str> {
+    match (op, linux_native, backend_native) {
+        (Op::FlushTlbDefer, true, false) => Err(
+            "Linux interrupts every CPU it flushes here; the backend would leave preempted \
+             vCPUs to the host",
+        ),
+        (Op::FlushTlbDefer, false, true) => Err(
+            "Linux's hypervisor code flushes other CPUs its own way here (a PV flush); the \
+             backend's is the IPI",
+        ),
+        _ => Ok(()),
+    }
+}
+
+/// What Linux's `cpu.io_delay` does on this boot (its `pv_ops` slot, and `io_delay=`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinuxIoDelay {
+    /// `native_io_delay` with `io_delay=0x80` (the default): a write to port 0x80.
+    Port80,
+    /// `native_io_delay` with `io_delay=0xed` or `udelay`.
+    Other,
+    /// Nothing: `io_delay=none`, or its hypervisor code's no-op (KVM's with
+    /// `KVM_FEATURE_NOP_IO_DELAY`, Xen PV's).
+    Nothing,
+}
+
+/// Whether pvops may serve `cpu.io_delay` with the backend's `io_delay`, given what Linux's
+/// does here: only where the two are the same delay (the backend's inline bytes say which:
+/// `out %al,$0x80`, or none). Other ops: `Ok`.
+pub fn io_delay_choice(op: Op, ops: &BackendOps, linux: LinuxIoDelay) -> Result<(), &'static str> {
+    const PORT80: &[u8] = &[0xe6, 0x80];
+    if op != Op::IoDelay {
+        return Ok(());
+    }
+    let backend = match ops.inline(Op::IoDelay).map(|i| i.bytes) {
+        Some([]) => LinuxIoDelay::Nothing,
+        Some(PORT80) => LinuxIoDelay::Port80,
+        _ => return Err("the backend's io_delay is neither a write to port 0x80 nor nothing"),
+    };
+    match (linux, backend) {
+        (l, b) if l == b => Ok(()),
+        (LinuxIoDelay::Other, _) => {
+            Err("Linux's io_delay follows io_delay= (0xed or udelay on this boot)")
+        }
+        (LinuxIoDelay::Port80, _) => {
+            Err("Linux's io_delay writes port 0x80 here; the backend's does nothing")
+        }
+        (LinuxIoDelay::Nothing, _) => Err(
+            "Linux's io_delay does nothing here (io_delay=none, or its hypervisor code's); the \
+             backend's writes port 0x80",
+        ),
+    }
+}
+
 /// Whether pvops serves the Linux member `name` (`group.member`, as in `paravirt_types.h`).
 pub fn served(name: &str) -> Served {
-    if let Some(&(_, op, conv)) = SERVED.iter().find(|(n, _, _)| *n == name) {
-        return Served::Yes { op, conv };
+    if let Some(&(_, op, conv, via)) = SERVED.iter().find(|(n, ..)| *n == name) {
+        return Served::Yes { op, conv, via };
     }
     match LEFT.iter().find(|(n, _)| *n == name) {
         Some(&(_, why)) => Served::No(why),
@@ -355,8 +586,8 @@ pub fn served(name: &str) -> Served {
     }
 }
 
-/// The Linux members pvops serves (name, op, Linux's convention).
-pub fn served_members() -> impl Iterator<Item = (&'static str, Op, LinuxConv)> {
+/// The Linux members pvops serves (name, op, Linux's convention, how sites reach the op).
+pub fn served_members() -> impl Iterator<Item = (&'static str, Op, LinuxConv, Via)> {
     SERVED.iter().copied()
 }
 
@@ -371,15 +602,30 @@ pub enum KernelAction {
 
 /// The bytes pvops writes at a served site (of length [`PV_SITE_LEN`]), and which action.
 ///
-/// Inline when the backend offers bytes for `op` that fit and change nothing Linux's convention
-/// for the member forbids; else `call rel32` to the backend's function plus one NOP; `None` when
-/// the function is out of `rel32` reach (the site is then left to Linux).
+/// [`Via::Op`]: inline when the backend offers bytes for `op` that fit and change nothing
+/// Linux's convention for the member forbids; else `call rel32` to the backend's function plus
+/// one NOP. [`Via::Adapter`]: NOPs where the backend's op does nothing (empty inline bytes),
+/// else a direct call to `adapter`, the kernel glue's function for it. `None` when the target
+/// is out of `rel32` reach (the site is then left to Linux).
 pub fn plan(
     addr: usize,
     op: Op,
     conv: LinuxConv,
+    via: Via,
+    adapter: usize,
     ops: &BackendOps,
 ) -> Option<(KernelAction, [u8; PV_SITE_LEN as usize])> {
+    if let Via::Adapter(_) = via {
+        let (action, bytes) = if ops.inline(op).is_some_and(|i| i.bytes.is_empty()) {
+            (KernelAction::Inline, nops(PV_SITE_LEN))
+        } else {
+            (
+                KernelAction::Direct,
+                direct_call(addr, PV_SITE_LEN, adapter)?,
+            )
+        };
+        return Some((action, bytes.as_slice().try_into().ok()?));
+    }
     let (action, bytes) = plan_site(addr, PV_SITE_LEN, conv.clobbers(), op, ops)?;
     let action = match action {
         Action::Inline => KernelAction::Inline,
@@ -392,7 +638,7 @@ pub fn plan(
 const _: () = {
     let mut i = 0;
     while i < SERVED.len() {
-        let (_, op, conv) = SERVED[i];
+        let (_, op, conv, _) = SERVED[i];
         assert!(
             !matches!(conv, LinuxConv::CalleeSave)
                 || matches!(op.convention(), Convention::CalleeSave)
@@ -543,11 +789,36 @@ mod tests {
             served("irq.save_fl"),
             Served::Yes {
                 op: Op::SaveFl,
-                conv: LinuxConv::CalleeSave
+                conv: LinuxConv::CalleeSave,
+                via: Via::Op
             }
         );
-        assert!(matches!(served("cpu.cpuid"), Served::No(w) if w.contains("signature")));
-        assert!(matches!(served("cpu.write_msr"), Served::No(_)));
+        // Linux's signatures differ: through the glue's adapters, over the ops with Linux's
+        // fault semantics (a faulting MSR access is caught)
+        assert_eq!(
+            served("cpu.write_msr"),
+            Served::Yes {
+                op: Op::WriteMsrSafe,
+                conv: LinuxConv::C,
+                via: Via::Adapter(Adapter::WriteMsr)
+            }
+        );
+        assert!(matches!(
+            served("cpu.cpuid"),
+            Served::Yes {
+                op: Op::Cpuid,
+                via: Via::Adapter(Adapter::Cpuid),
+                ..
+            }
+        ));
+        assert!(matches!(
+            served("mmu.release_pud"),
+            Served::Yes {
+                op: Op::ReleasePt,
+                via: Via::Adapter(Adapter::ReleasePt(PtLevel::Pud)),
+                ..
+            }
+        ));
         assert!(matches!(served("cpu.write_cr4"), Served::No(w) if w.contains("pins")));
         assert_eq!(served("lock.nonesuch"), Served::No("no pvops op"));
         assert!(matches!(
@@ -558,40 +829,55 @@ mod tests {
 
     #[test]
     fn the_lock_group_follows_linux_s_choice() {
-        let native = LinuxLocks {
-            native_unlock: true,
-            native_vcpu_is_preempted: true,
+        let locks = |native_unlock, native_vcpu_is_preempted| LinuxLocks {
+            native_unlock,
+            native_vcpu_is_preempted,
         };
-        for op in [
+        let group = [
             Op::QueuedSpinUnlock,
             Op::LockWait,
             Op::LockKick,
             Op::VcpuIsPreempted,
-            Op::SaveFl,
-        ] {
-            assert_eq!(lock_choice(op, native), Ok(()), "{op:?}");
+        ];
+        // the same protocol on both sides: served (native everywhere; KVM's paravirt
+        // spinlocks and steal-time preempted flags on both sides)
+        for p in [locks(true, true), locks(false, false), locks(true, false)] {
+            for op in group {
+                assert_eq!(lock_choice(op, p, p), Ok(()), "{op:?} {p:?}");
+            }
         }
-        // KVM with PV_UNHALT: paravirt spinlocks, and the steal-time preempted flags
-        let pv = LinuxLocks {
-            native_unlock: false,
-            native_vcpu_is_preempted: false,
-        };
-        for op in [
-            Op::QueuedSpinUnlock,
-            Op::LockWait,
-            Op::LockKick,
-            Op::VcpuIsPreempted,
-        ] {
-            assert!(lock_choice(op, pv).is_err(), "{op:?}");
+        // Linux paravirt, the backend native (Xen's code chose paravirt spinlocks): left whole
+        for op in group {
+            assert!(
+                lock_choice(op, locks(false, false), locks(true, true)).is_err(),
+                "{op:?}"
+            );
+            assert!(
+                lock_choice(op, locks(true, true), locks(false, false)).is_err(),
+                "{op:?}"
+            );
         }
-        assert_eq!(lock_choice(Op::SetPte, pv), Ok(()));
-        // KVM with steal time but nopvspin: native spinlocks, KVM's preempted flags
-        let mixed = LinuxLocks {
-            native_unlock: true,
-            native_vcpu_is_preempted: false,
-        };
-        assert_eq!(lock_choice(Op::QueuedSpinUnlock, mixed), Ok(()));
-        assert!(lock_choice(Op::VcpuIsPreempted, mixed).is_err());
+        // nopvspin on KVM: native spinlocks, KVM's preempted flags on both sides
+        let (linux, backend) = (locks(true, false), locks(false, false));
+        assert!(lock_choice(Op::QueuedSpinUnlock, linux, backend).is_err());
+        assert_eq!(lock_choice(Op::VcpuIsPreempted, linux, backend), Ok(()));
+        assert_eq!(
+            lock_choice(Op::SetPte, locks(false, false), locks(true, true)),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn flush_tlb_multi_follows_linux_s_choice() {
+        for (linux, backend, ok) in [
+            (true, true, true),
+            (false, false, true),
+            (true, false, false),
+            (false, true, false),
+        ] {
+            assert_eq!(flush_choice(Op::FlushTlbDefer, linux, backend).is_ok(), ok);
+            assert_eq!(flush_choice(Op::SetPte, linux, backend), Ok(()));
+        }
     }
 
     /// Six consecutive entries of a real Linux 6.12.118 `.altinstructions` (this project's

@@ -198,12 +198,26 @@ pub fn plan_site(
             return Some((Action::Inline, b));
         }
     }
-    let target = ops.target(op) as isize;
-    let rel = i32::try_from(target.wrapping_sub((addr + 5) as isize)).ok()?;
+    Some((Action::DirectCall, direct_call(addr, len, ops.target(op))?))
+}
+
+/// A site of `len` bytes at `addr` as `call rel32` to `target`, padded with NOPs; `None` where
+/// `target` is out of `rel32` reach.
+pub fn direct_call(addr: usize, len: u8, target: usize) -> Option<SiteBytes> {
+    let mut b = SiteBytes::new(len);
+    let s = b.as_mut_slice();
+    let rel = i32::try_from((target as isize).wrapping_sub((addr + 5) as isize)).ok()?;
     s[0] = 0xe8;
     s[1..5].copy_from_slice(&rel.to_le_bytes());
     fill_nops(&mut s[5..]);
-    Some((Action::DirectCall, b))
+    Some(b)
+}
+
+/// A site of `len` bytes turned into NOPs.
+pub fn nops(len: u8) -> SiteBytes {
+    let mut b = SiteBytes::new(len);
+    fill_nops(b.as_mut_slice());
+    b
 }
 
 /// Reading the text the sites live in (all that verifying needs).

@@ -77,6 +77,12 @@ pub trait Backend: Sync {
         let _ = op;
         Err("this backend's ops are not checked against the kernel's own yet")
     }
+
+    /// What the backend counted of its work since it started (name, count), for the report:
+    /// none by default.
+    fn counters(&self, each: &mut dyn FnMut(&'static str, u64)) {
+        let _ = each;
+    }
 }
 
 /// A harmless hypercall: `cpu.hypercall(args[0], args[1..])` must return `expect`.

@@ -225,3 +225,18 @@ value_op!(
     make_pgd,
     Op::MakePgd
 );
+
+/// Whether the backend takes over flushing `cpu`'s TLB for a cross-CPU flush (then the caller
+/// sends it no IPI).
+///
+/// # Safety
+///
+/// Ring 0, preemption off, inside a cross-CPU flush that will flush every CPU it does not
+/// leave to the backend.
+#[inline(always)]
+pub unsafe fn flush_tlb_defer(cpu: u32) -> bool {
+    let v: u64;
+    // SAFETY: forwarded contract; C operands.
+    unsafe { pv_site!(Op::FlushTlbDefer; in("edi") cpu, lateout("rax") v, clobber_abi("C")) };
+    v & 1 != 0
+}

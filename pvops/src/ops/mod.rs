@@ -516,6 +516,11 @@ define_ops! {
         pgd_val => PgdVal: fn(entry: u64) -> u64, CalleeSave, site 6;
         /// `make_pgd(value) -> entry`: as `make_pte`, the top level.
         make_pgd => MakePgd: fn(value: u64) -> u64, CalleeSave, site 6;
+        /// `flush_tlb_defer(cpu) -> taken`: whether the backend takes over flushing `cpu`'s TLB
+        /// for a cross-CPU flush, which then need not interrupt it (1), or the caller must (0,
+        /// native). KVM's PV TLB flush takes a preempted vCPU's: it asks the host, through the
+        /// vCPU's steal-time record, to flush before the vCPU runs again. Preemption off.
+        flush_tlb_defer => FlushTlbDefer: fn(cpu: u32) -> u64, C, site 6;
     }
     /// Lock ops, around the kernel's queued spinlocks (their slow path is the kernel's).
     /// Context: any, with preemption off.
