@@ -303,6 +303,45 @@ fn kvm_backend() {
     // SAFETY: as above.
     let settled = unsafe { steal(1) };
     assert_eq!(settled, 20_000, "and the new value once it settles");
+    // The lock group: vcpu_is_preempted reads the preempted flag of each CPU's steal-time
+    // record (KVM offers steal time here); the paravirt spinlock ops need the kernel's slow
+    // path (built in), so the unlock, wait and kick stay native's here, as in a module.
+    let preempted = b.ops().table().lock.vcpu_is_preempted.get();
+    // SAFETY: the backend's function, a query with no precondition.
+    assert_eq!(unsafe { preempted(1) } & 0xff, 0, "running");
+    // SAFETY: the model's record, written as the host does when it deschedules the vCPU.
+    unsafe { core::ptr::addr_of_mut!((*rec).preempted).write_volatile(kvm::KVM_VCPU_PREEMPTED) };
+    // SAFETY: as above.
+    assert_eq!(unsafe { preempted(1) } & 0xff, 1, "preempted by the host");
+    // SAFETY: as above.
+    assert_eq!(unsafe { preempted(9) } & 0xff, 0, "a CPU without a record");
+    assert_eq!(kvm::lock_counts()[3], 1, "one preempted vCPU seen");
+    // PV TLB flush: a preempted vCPU's flush is left to the host (the request bit set next to
+    // the preempted one), a running vCPU's is not, nor one without a record
+    assert_eq!(kvm::flush_tlb_defer(1), 1);
+    // SAFETY: the model's record.
+    let flags = unsafe { core::ptr::addr_of!((*rec).preempted).read_volatile() };
+    assert_eq!(flags, kvm::KVM_VCPU_PREEMPTED | kvm::KVM_VCPU_FLUSH_TLB);
+    assert_eq!(kvm::flush_tlb_defer(9), 0);
+    assert_eq!(kvm::lock_counts()[4], 1, "one flush left to the host");
+    // SAFETY: the host runs the vCPU again.
+    unsafe { core::ptr::addr_of_mut!((*rec).preempted).write_volatile(0) };
+    let native = pvops_backends::native::OPS;
+    for op in [Op::QueuedSpinUnlock, Op::LockWait, Op::LockKick] {
+        assert_eq!(b.ops().target(op), native.target(op), "{op:?}");
+    }
+    assert_eq!(
+        kvm::flush_tlb_defer(1),
+        0,
+        "running again: the caller's IPI"
+    );
+    assert!(!kvm::pv_locks());
+    // without the kernel (a module) the flush stays the IPI everywhere
+    assert!(!kvm::pv_tlb_flush());
+    assert_eq!(
+        b.ops().target(Op::FlushTlbDefer),
+        native.target(Op::FlushTlbDefer)
+    );
     // SAFETY: as above.
     assert_eq!(unsafe { (b.ops().table().timer.tsc_khz)() }, KHZ);
     pvops_backends::stop(pvops_host_tests::ids::KVM, &m);
@@ -372,4 +411,59 @@ fn a_pvclock_record_whose_version_stays_odd_is_never_read() {
     // SAFETY: as above.
     let even = unsafe { pvops_backends::pvclock::read_wall(&wall) };
     assert_eq!(even, Ok((1, 2)));
+}
+
+/// Linux's gating of paravirt spinlocks on KVM (`kvm_spinlock_init`), its waiter
+/// (`kvm_wait`) and its kick (`kvm_kick_cpu`), as the backend repeats them.
+#[test]
+fn kvm_paravirt_spinlocks_follow_linux() {
+    use kvm::{wait_action, wants_pv_locks, KvmKernel, WaitAction};
+    unsafe extern "C" fn no_nmi() -> i32 {
+        0
+    }
+    unsafe extern "C" fn apic_id(cpu: u32) -> u32 {
+        cpu * 2
+    }
+    let k = |possible_cpus, nopvspin| KvmKernel {
+        nopvspin,
+        possible_cpus,
+        in_nmi: no_nmi,
+        apic_id,
+    };
+    let unhalt = kvm::KVM_FEATURE_PV_UNHALT;
+    assert!(wants_pv_locks(unhalt, 0, &k(2, false)));
+    assert!(!wants_pv_locks(0, 0, &k(2, false)), "no host support");
+    assert!(
+        !wants_pv_locks(unhalt, kvm::KVM_HINTS_REALTIME, &k(2, false)),
+        "dedicated pCPUs"
+    );
+    assert!(!wants_pv_locks(unhalt, 0, &k(1, false)), "one vCPU");
+    assert!(!wants_pv_locks(unhalt, 0, &k(4, true)), "nopvspin");
+    // the waiter: never halts in NMI context nor once the byte changed; halts with interrupts
+    // as they were
+    assert_eq!(wait_action(true, false, 3, 3), WaitAction::Return);
+    assert_eq!(wait_action(false, true, 0, 3), WaitAction::Return);
+    assert_eq!(wait_action(false, false, 3, 3), WaitAction::Halt);
+    assert_eq!(wait_action(false, true, 3, 3), WaitAction::SafeHalt);
+    // the kick: KVM_HC_KICK_CPU, flags 0, the CPU's APIC ID
+    assert_eq!(kvm::kick_args(6), [kvm::KVM_HC_KICK_CPU, 0, 6, 0, 0]);
+    // PV TLB flush (pv_tlb_flush_supported): the host's feature and steal time, no dedicated
+    // pCPUs, no MWAIT, more than one vCPU
+    use kvm::wants_pv_tlb_flush;
+    let f = kvm::KVM_FEATURE_PV_TLB_FLUSH | kvm::KVM_FEATURE_STEAL_TIME;
+    assert!(wants_pv_tlb_flush(f, 0, false, &k(2, false)));
+    assert!(!wants_pv_tlb_flush(
+        kvm::KVM_FEATURE_PV_TLB_FLUSH,
+        0,
+        false,
+        &k(2, false)
+    ));
+    assert!(!wants_pv_tlb_flush(
+        f,
+        kvm::KVM_HINTS_REALTIME,
+        false,
+        &k(2, false)
+    ));
+    assert!(!wants_pv_tlb_flush(f, 0, true, &k(2, false)), "MWAIT");
+    assert!(!wants_pv_tlb_flush(f, 0, false, &k(1, false)), "one vCPU");
 }

@@ -13,10 +13,21 @@
 //! - **Hypercalls** fill `cpu.hypercall`: `vmcall` on Intel and others, `vmmcall` on AMD and
 //!   Hygon, chosen once from the CPU vendor: the slot holds the matching function, so every
 //!   patched site calls it directly and no site ever executes the wrong instruction.
+//! - **Lock group**: `vcpu_is_preempted` reads the preempted flag of the vCPU's steal-time
+//!   record (where KVM offers steal time). Built into the kernel, with Linux's own gating
+//!   (`KVM_FEATURE_PV_UNHALT`, no `KVM_HINTS_REALTIME`, more than one possible CPU, no
+//!   `nopvspin`), the paravirt spinlock ops around the kernel's paravirt qspinlock slow path:
+//!   a waiter halts until kicked (`wait`), `kick` is `KVM_HC_KICK_CPU` with the CPU's APIC ID,
+//!   and the unlock releases with one `cmpxchg`, leaving a halted waiter to the kernel's unlock
+//!   slow path (which kicks it through `kick`). Elsewhere (a module: no kernel slow path to
+//!   call) the lock group is native's.
+//! - **PV TLB flush**, built in, with Linux's gating: `flush_tlb_defer` leaves a preempted
+//!   vCPU's flush to the host (the request bit of its steal-time record) instead of an IPI.
 //! - **Everything else is native**: a KVM guest runs its kernel in ring 0 with real interrupt
 //!   flags and page tables, so the CPU, IRQ and MMU groups and their inline replacements are the
 //!   native backend's; `io_delay` becomes nothing when KVM says port 0x80 delays are useless.
 
+use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering};
 
 use pvops::detect::{Detection, HypervisorKind, Interface};
@@ -35,8 +46,18 @@ pub const KVM_FEATURE_NOP_IO_DELAY: u32 = 1 << 1;
 pub const KVM_FEATURE_CLOCKSOURCE2: u32 = 1 << 3;
 /// `KVM_FEATURE_STEAL_TIME`.
 pub const KVM_FEATURE_STEAL_TIME: u32 = 1 << 5;
+/// `KVM_FEATURE_PV_UNHALT`: a halted vCPU can be woken with `KVM_HC_KICK_CPU`.
+pub const KVM_FEATURE_PV_UNHALT: u32 = 1 << 7;
+/// `KVM_FEATURE_PV_TLB_FLUSH`: the host flushes a preempted vCPU's TLB on request.
+pub const KVM_FEATURE_PV_TLB_FLUSH: u32 = 1 << 9;
 /// `KVM_FEATURE_PV_SCHED_YIELD`.
 pub const KVM_FEATURE_PV_SCHED_YIELD: u32 = 1 << 13;
+/// `KVM_HINTS_REALTIME` (CPUID base+1 EDX): vCPUs never preempted, pCPUs dedicated.
+pub const KVM_HINTS_REALTIME: u32 = 1 << 0;
+/// `KVM_VCPU_PREEMPTED`: bit 0 of the steal-time record's `preempted`.
+pub const KVM_VCPU_PREEMPTED: u8 = 1 << 0;
+/// `KVM_VCPU_FLUSH_TLB`: bit 1, the guest's request to flush before the vCPU runs again.
+pub const KVM_VCPU_FLUSH_TLB: u8 = 1 << 1;
 /// `KVM_FEATURE_CLOCKSOURCE_STABLE_BIT`: the record's stable flag can be trusted.
 pub const KVM_FEATURE_CLOCKSOURCE_STABLE_BIT: u32 = 1 << 24;
 
@@ -125,6 +146,12 @@ struct State {
     /// The MSR the backend registered its own record with (0: none).
     own_msr: AtomicU64,
     features: AtomicU64,
+    /// Whether the lock group is the paravirt one (built in, with Linux's gating).
+    pv_locks: AtomicBool,
+    /// Whether preempted vCPUs' TLB flushes are left to the host (built in, Linux's gating).
+    pv_tlb_flush: AtomicBool,
+    /// Waits entered, halts taken, kicks sent, preempted vCPUs seen, flushes left to the host.
+    counts: [AtomicU64; 5],
 }
 
 static STATE: State = State {
@@ -134,7 +161,270 @@ static STATE: State = State {
     steal_last: [const { Monotonic::new() }; MAX_CPUS],
     own_msr: AtomicU64::new(0),
     features: AtomicU64::new(0),
+    pv_locks: AtomicBool::new(false),
+    pv_tlb_flush: AtomicBool::new(false),
+    counts: [const { AtomicU64::new(0) }; 5],
 };
+
+/// What the paravirt spinlock ops need of the kernel, where pvops is built into it: its slow
+/// path and two helpers. Provided by the platform ([`Platform::kvm_kernel`]).
+#[derive(Clone, Copy, Debug)]
+pub struct KvmKernel {
+    /// Linux's `nopvspin`.
+    pub nopvspin: bool,
+    /// `num_possible_cpus()`.
+    pub possible_cpus: u32,
+    /// `in_nmi()`: nonzero in NMI context.
+    pub in_nmi: unsafe extern "C" fn() -> i32,
+    /// `per_cpu(x86_cpu_to_apicid, cpu)`.
+    pub apic_id: unsafe extern "C" fn(u32) -> u32,
+}
+
+/// Set once by `start` before the table is installed; read by the ops afterwards.
+struct KernelCell(UnsafeCell<Option<KvmKernel>>);
+
+// SAFETY: written only by `start`, before the ops are installed (no op can run concurrently);
+// read-only afterwards.
+unsafe impl Sync for KernelCell {}
+
+static KERNEL: KernelCell = KernelCell(UnsafeCell::new(None));
+
+fn kernel() -> Option<&'static KvmKernel> {
+    // SAFETY: see `KernelCell`.
+    unsafe { (*KERNEL.0.get()).as_ref() }
+}
+
+/// Which counter of [`lock_counts`].
+#[derive(Clone, Copy)]
+enum Count {
+    Waits,
+    Halts,
+    Kicks,
+    Preempted,
+    FlushesDeferred,
+}
+
+fn count(c: Count) {
+    STATE.counts[c as usize].fetch_add(1, Ordering::Relaxed);
+}
+
+/// The counters since start: the lock group's waits entered, halts taken, kicks sent, the
+/// preempted vCPUs `vcpu_is_preempted` saw, and the TLB flushes left to the host.
+pub fn lock_counts() -> [u64; 5] {
+    let c = &STATE.counts;
+    [0, 1, 2, 3, 4].map(|i| c[i].load(Ordering::Relaxed))
+}
+
+/// Whether preempted vCPUs' TLB flushes are left to the host.
+pub fn pv_tlb_flush() -> bool {
+    STATE.pv_tlb_flush.load(Ordering::Relaxed)
+}
+
+/// Whether Linux's KVM guest would leave preempted vCPUs' TLB flushes to the host (its
+/// `pv_tlb_flush_supported`): the host offers it and steal time, the vCPUs are not dedicated,
+/// the CPU has no MWAIT (`mwait`: CPUID.1:ECX.MONITOR), and there is more than one.
+pub fn wants_pv_tlb_flush(features: u32, hints: u32, mwait: bool, k: &KvmKernel) -> bool {
+    features & KVM_FEATURE_PV_TLB_FLUSH != 0
+        && features & KVM_FEATURE_STEAL_TIME != 0
+        && hints & KVM_HINTS_REALTIME == 0
+        && !mwait
+        && k.possible_cpus > 1
+}
+
+/// `mmu.flush_tlb_defer(cpu)`: KVM's PV TLB flush (Linux's `kvm_flush_tlb_multi`): where
+/// `cpu`'s vCPU is preempted, set the flush request in its steal-time record, atomically
+/// against the host clearing `preempted` as it resumes the vCPU; the host flushes before it
+/// runs again, so the caller need not interrupt it. A running vCPU (or one resumed meanwhile)
+/// is left to the caller's IPI.
+pub extern "C" fn flush_tlb_defer(cpu: u32) -> u64 {
+    let rec = STATE
+        .steal
+        .get(cpu as usize)
+        .map_or(core::ptr::null_mut(), |s| s.load(Ordering::Acquire));
+    if rec.is_null() {
+        return 0;
+    }
+    // SAFETY: the kernel's steal-time record of `cpu`, live while the CPU is possible, whose
+    // `preempted` byte the host and the guest change only atomically.
+    let flag = unsafe {
+        core::sync::atomic::AtomicU8::from_ptr(core::ptr::addr_of_mut!((*rec).preempted))
+    };
+    let state = flag.load(Ordering::Relaxed);
+    if state & KVM_VCPU_PREEMPTED == 0 {
+        return 0;
+    }
+    match flag.compare_exchange(
+        state,
+        state | KVM_VCPU_FLUSH_TLB,
+        Ordering::AcqRel,
+        Ordering::Relaxed,
+    ) {
+        Ok(_) => {
+            count(Count::FlushesDeferred);
+            1
+        }
+        Err(_) => 0,
+    }
+}
+
+/// Whether the lock group is the paravirt one.
+pub fn pv_locks() -> bool {
+    STATE.pv_locks.load(Ordering::Relaxed)
+}
+
+/// Whether Linux's KVM guest would run paravirt spinlocks (its `kvm_spinlock_init`): the host
+/// can wake a halted vCPU, the vCPUs are not dedicated, there is more than one, and
+/// `nopvspin` was not given.
+pub fn wants_pv_locks(features: u32, hints: u32, k: &KvmKernel) -> bool {
+    features & KVM_FEATURE_PV_UNHALT != 0
+        && hints & KVM_HINTS_REALTIME == 0
+        && k.possible_cpus > 1
+        && !k.nopvspin
+}
+
+/// What a waiter does (the lock group's `wait`): Linux's `kvm_wait`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WaitAction {
+    /// Return at once: in NMI context, or the byte changed already.
+    Return,
+    /// `hlt` with interrupts off (they were off): only a kick wakes it.
+    Halt,
+    /// `sti; hlt` (they were on): a kick or an interrupt wakes it.
+    SafeHalt,
+}
+
+/// [`WaitAction`] for a waiter on a byte that holds `now` and waits while it is `val`.
+pub fn wait_action(in_nmi: bool, irqs_on: bool, now: u8, val: u8) -> WaitAction {
+    match (in_nmi, now == val, irqs_on) {
+        (true, ..) | (false, false, _) => WaitAction::Return,
+        (false, true, false) => WaitAction::Halt,
+        (false, true, true) => WaitAction::SafeHalt,
+    }
+}
+
+/// `lock.wait(ptr, val)`: halt until `*ptr` is no longer `val` or this vCPU is kicked (Linux's
+/// `kvm_wait`). The byte is read with interrupts off, so a kick that comes between the read
+/// and the halt is not lost (KVM's unhalt flag keeps it).
+///
+/// # Safety
+///
+/// Ring 0; `ptr` is readable.
+unsafe extern "C" fn wait(ptr: *mut u8, val: u8) {
+    // SAFETY: a kernel helper with no precondition.
+    let in_nmi = kernel().is_some_and(|k| unsafe { (k.in_nmi)() } != 0);
+    count(Count::Waits);
+    let flags: u64;
+    // SAFETY: reads RFLAGS.
+    unsafe {
+        core::arch::asm!("pushfq", "pop {}", out(reg) flags, options(nomem, preserves_flags))
+    };
+    let irqs_on = flags & (1 << 9) != 0;
+    // SAFETY: ring 0 (forwarded): interrupts off while the byte is read (restored below).
+    unsafe { core::arch::asm!("cli", options(nomem, nostack)) };
+    // SAFETY: the caller passes a readable byte; volatile, as another CPU changes it.
+    let now = unsafe { ptr.read_volatile() };
+    match wait_action(in_nmi, irqs_on, now, val) {
+        WaitAction::Return if irqs_on => {
+            // SAFETY: they were on.
+            unsafe { core::arch::asm!("sti", options(nomem, nostack)) }
+        }
+        WaitAction::Return => {}
+        WaitAction::Halt => {
+            count(Count::Halts);
+            // SAFETY: ring 0; interrupts stay off: a kick (or an NMI) wakes it.
+            unsafe { core::arch::asm!("hlt", options(nomem, nostack)) }
+        }
+        WaitAction::SafeHalt => {
+            count(Count::Halts);
+            // SAFETY: ring 0; `sti` takes effect after `hlt` starts, so no wake-up is lost.
+            unsafe { core::arch::asm!("sti", "hlt", options(nomem, nostack)) }
+        }
+    }
+}
+
+/// The hypercall the lock group's `kick` makes for the CPU with APIC ID `apic_id`: `KVM_HC_KICK_CPU`, flags 0.
+pub fn kick_args(apic_id: u32) -> [u64; 5] {
+    [KVM_HC_KICK_CPU, 0, u64::from(apic_id), 0, 0]
+}
+
+/// `lock.kick(cpu)`: wake `cpu`'s vCPU from [`wait`] (Linux's `kvm_kick_cpu`).
+///
+/// # Safety
+///
+/// Ring 0; `cpu` is a possible CPU.
+unsafe extern "C" fn kick(cpu: u32) {
+    let Some(k) = kernel() else { return };
+    // SAFETY: a kernel helper; `cpu` is a possible CPU.
+    let [nr, a0, a1, a2, a3] = kick_args(unsafe { (k.apic_id)(cpu) });
+    count(Count::Kicks);
+    let hypercall = hypercall_pick(KVM.vmmcall.load(Ordering::Relaxed));
+    // SAFETY: KVM is present (the backend started); a kick only wakes a vCPU.
+    let _ = unsafe { hypercall(nr, a0, a1, a2, a3) };
+}
+
+/// Whether `cpu`'s vCPU is preempted: the preempted flag of its steal-time record (false where
+/// the CPU has none, or none was read yet: Linux's reads a zeroed record then).
+pub extern "C" fn vcpu_is_preempted(cpu: u64) -> u64 {
+    let rec = STATE
+        .steal
+        .get(cpu as usize)
+        .map_or(core::ptr::null_mut(), |s| s.load(Ordering::Acquire));
+    if rec.is_null() {
+        return 0;
+    }
+    // SAFETY: the kernel's steal-time record of `cpu`, live while the CPU is possible;
+    // volatile, as the host writes it.
+    let flag = unsafe { core::ptr::addr_of!((*rec).preempted).read_volatile() };
+    if flag & KVM_VCPU_PREEMPTED == 0 {
+        return 0;
+    }
+    count(Count::Preempted);
+    1
+}
+
+pvops::callee_save_thunk!(
+    /// [`vcpu_is_preempted`] in the lock group's callee-save slot.
+    fn vcpu_is_preempted_thunk(cpu: u64) -> u64 => vcpu_is_preempted
+);
+
+#[cfg(pvops_builtin)]
+extern "C" {
+    /// The kernel's slow path of the paravirt unlock (a waiter halted on the lock: find it and
+    /// kick it), callee-save: the lock in RDI, the locked byte found in RSI.
+    fn __raw_callee_save___pv_queued_spin_unlock_slowpath();
+}
+
+/// `lock.queued_spin_unlock(lock)` of the kernel's paravirt qspinlock: release the locked byte
+/// from `_Q_LOCKED_VAL` (1) to 0 with `cmpxchg`; if it held anything else (`_Q_SLOW_VAL`: a
+/// waiter halted), leave the release to the kernel's slow path with the byte found. Callee-save
+/// (it keeps RDX and RSI); in `.spinlock.text` with the kernel's own lock functions.
+///
+/// # Safety
+///
+/// `lock` is a kernel qspinlock this CPU holds.
+#[cfg(pvops_builtin)]
+#[unsafe(naked)]
+#[link_section = ".spinlock.text"]
+unsafe extern "C" fn pv_queued_spin_unlock(lock: *mut u8) {
+    core::arch::naked_asm!(
+        "endbr64",
+        "push rdx",
+        "mov eax, 1",
+        "xor edx, edx",
+        "lock cmpxchg byte ptr [rdi], dl",
+        "jne 2f",
+        "pop rdx",
+        pvops::__asm_ret!(),
+        "2:",
+        "push rsi",
+        "movzx esi, al",
+        "call {slowpath}",
+        "pop rsi",
+        "pop rdx",
+        pvops::__asm_ret!(),
+        slowpath = sym __raw_callee_save___pv_queued_spin_unlock_slowpath,
+    )
+}
 
 /// A record of the backend's own, for kernels booted without kvmclock: 64-byte aligned so the
 /// 32 bytes never cross a page.
@@ -358,6 +648,21 @@ impl Driver for Kvm {
 
         read_steal_records(platform);
 
+        // The paravirt spinlock ops, built in, with Linux's gating (the kernel's own choice,
+        // made before, is compared with this one by the kernel glue).
+        let k = platform.kvm_kernel();
+        // SAFETY: see `KernelCell`: the ops are not installed yet.
+        unsafe { *KERNEL.0.get() = k };
+        let hints = platform.cpuid(iface.base + 1, 0).edx;
+        let pv = cfg!(pvops_builtin) && k.is_some_and(|k| wants_pv_locks(features, hints, &k));
+        STATE.pv_locks.store(pv, Ordering::Relaxed);
+        let mwait = platform.cpuid(1, 0).ecx & (1 << 3) != 0;
+        let flush = k.is_some_and(|k| wants_pv_tlb_flush(features, hints, mwait, &k));
+        STATE.pv_tlb_flush.store(flush, Ordering::Relaxed);
+        for c in &STATE.counts {
+            c.store(0, Ordering::Relaxed);
+        }
+
         KVM.vmmcall
             .store(detection.vendor.uses_vmmcall(), Ordering::Relaxed);
         Ok(&KVM)
@@ -406,6 +711,27 @@ impl Backend for Kvm {
         if features() & KVM_FEATURE_NOP_IO_DELAY != 0 {
             ops.cpu.io_delay = native::NOTHING_CALLEE_SAVE;
         }
+        if features() & KVM_FEATURE_STEAL_TIME != 0 {
+            ops.lock.vcpu_is_preempted = Impl::call(vcpu_is_preempted_thunk);
+        }
+        if pv_tlb_flush() {
+            ops.mmu.flush_tlb_defer = Impl::call(flush_tlb_defer);
+        }
+        // (only ever set built in: the unlock calls the kernel's slow path)
+        if pv_locks() {
+            #[cfg(pvops_builtin)]
+            {
+                // SAFETY: a callee-save function (it keeps every register but RAX; the
+                // kernel's slow path it calls is callee-save too).
+                ops.lock.queued_spin_unlock = Impl::call(unsafe {
+                    pvops::ops::CalleeSave::declare(
+                        pv_queued_spin_unlock as unsafe extern "C" fn(*mut u8),
+                    )
+                });
+            }
+            ops.lock.wait = Impl::call(wait);
+            ops.lock.kick = Impl::call(kick);
+        }
         ops
     }
 
@@ -433,10 +759,26 @@ impl Backend for Kvm {
         }
     }
 
+    fn counters(&self, each: &mut dyn FnMut(&'static str, u64)) {
+        let [waits, halts, kicks, preempted, deferred] = lock_counts();
+        if pv_locks() {
+            each("lock-waits", waits);
+            each("lock-halts", halts);
+            each("lock-kicks", kicks);
+        }
+        if features() & KVM_FEATURE_STEAL_TIME != 0 {
+            each("preempted-seen", preempted);
+        }
+        if pv_tlb_flush() {
+            each("tlb-flushes-deferred", deferred);
+        }
+    }
+
     fn serves_kernel(&self, op: Op) -> Result<(), &'static str> {
         // The CPU, IRQ and MMU ops are the native backend's (a KVM guest's kernel runs in ring
-        // 0): the bare instructions, the kernel's own native code. Not the hypercall, nor
-        // io_delay, which this backend replaces. Of the time ops, sched_clock when it reads the
+        // 0): the bare instructions, the kernel's own native code. Not the hypercall; io_delay
+        // (nothing where KVM says port 0x80 delays are useless, as Linux's KVM code has it)
+        // where Linux's is the same delay (the kernel glue checks). Of the time ops, sched_clock when it reads the
         // kernel's own kvmclock record: the clock Linux's kvm_sched_clock_read reads, so the
         // two differ by a constant and the kernel's clock can change hands and back without a
         // step (with a record of its own, the kernel's clock is the TSC: they would drift).
@@ -449,7 +791,7 @@ impl Backend for Kvm {
             // the kernel's own steal-time records, the ones Linux's kvm_steal_clock reads
             // (read again for every CPU at the initcall: refresh_cpus)
             Op::StealClock => Ok(()),
-            Op::Hypercall | Op::IoDelay => Err("this backend's own, not the kernel's native one"),
+            Op::Hypercall => Err("this backend's own, not the kernel's native one"),
             _ if op.group() == Group::Timer => {
                 Err("the kernel's own time code reads these records itself")
             }

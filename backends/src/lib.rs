@@ -188,6 +188,12 @@ pub trait Platform {
         None
     }
 
+    /// What KVM's paravirt spinlock ops need of the kernel (`None`: a module, which cannot take
+    /// over the kernel's locks).
+    fn kvm_kernel(&self) -> Option<kvm::KvmKernel> {
+        None
+    }
+
     /// `boot_params.hdr.hardware_subarch` and `hardware_subarch_data` as the boot loader set
     /// them (`None`: unknown). lguest is announced here, not by CPUID.
     fn boot_subarch(&self) -> Option<(u32, u64)> {

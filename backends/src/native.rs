@@ -288,6 +288,10 @@ extern "C" fn nothing_pt(_pfn: u64, _level: u32) {}
 extern "C" fn nothing() {}
 extern "C" fn nothing_wait(_ptr: *mut u8, _val: u8) {}
 extern "C" fn nothing_kick(_cpu: u32) {}
+/// A cross-CPU flush interrupts every CPU it flushes: hardware takes none over.
+extern "C" fn never_defer(_cpu: u32) -> u64 {
+    0
+}
 
 /// The TSC rate sched_clock and the timer scale by.
 static TSC: TscScale = TscScale::new();
@@ -576,6 +580,14 @@ pub const OPS: BackendOps = BackendOps {
         make_p4d: imp::identity,
         pgd_val: imp::identity,
         make_pgd: imp::identity,
+        // `xor eax, eax`: none taken over
+        flush_tlb_defer: Impl::inline(
+            never_defer,
+            Inline {
+                bytes: &[0x31, 0xc0],
+                clobbers: pvops::ops::Clobbers::RAX.union(pvops::ops::Clobbers::FLAGS),
+            },
+        ),
     },
     lock: LockImpls {
         queued_spin_unlock: imp::queued_spin_unlock,

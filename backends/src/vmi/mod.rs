@@ -139,8 +139,13 @@ fn route(op: Op) -> Route {
         | Op::MakeP4d
         | Op::PgdVal
         | Op::MakePgd => Route::Native,
-        // nor for the lock ops: a VMI guest's locks are bare hardware's
-        Op::QueuedSpinUnlock | Op::LockWait | Op::LockKick | Op::VcpuIsPreempted => Route::Native,
+        // nor for the lock ops: a VMI guest's locks are bare hardware's; nor for taking over
+        // another vCPU's TLB flush
+        Op::QueuedSpinUnlock
+        | Op::LockWait
+        | Op::LockKick
+        | Op::VcpuIsPreempted
+        | Op::FlushTlbDefer => Route::Native,
     }
 }
 

@@ -470,6 +470,22 @@ impl Backend for Xen {
                     "the frame conversion needs the kernel's own p2m: forwards to the kernel's \
                      conversion, itself a pv site (it would call itself)",
                 ),
+                Op::Cpuid => Err(
+                    "Linux's xen_cpuid hides what a PV kernel must not use (its leaf masks); \
+                     this backend's is Xen's answer unmasked",
+                ),
+                Op::ReadMsr | Op::WriteMsr | Op::ReadMsrSafe | Op::WriteMsrSafe => Err(
+                    "Linux's xen_read_msr/xen_write_msr emulate the MSRs a PV kernel cannot \
+                     reach (segment bases, the SYSCALL MSRs, ...)",
+                ),
+                Op::FlushTlbDefer => Err(
+                    "Linux's xen_flush_tlb_multi flushes other vCPUs with one \
+                     MMUEXT_TLB_FLUSH_MULTI",
+                ),
+                Op::AllocPt | Op::ReleasePt => Err(
+                    "the kernel's own Xen PV code pins and unpins its page tables (with its \
+                     lazy-MMU batch): left whole to it",
+                ),
                 _ => Err("the kernel's own Xen PV code owns this state"),
             }
         } else {

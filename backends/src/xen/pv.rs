@@ -739,5 +739,6 @@ pub fn ops() -> BackendOps {
     // the lock ops stay native's (unprivileged), called: this table inlines nothing
     ops.lock.queued_spin_unlock = Impl::call(native::OPS.lock.queued_spin_unlock.func);
     ops.lock.vcpu_is_preempted = Impl::call(native::OPS.lock.vcpu_is_preempted.func);
+    ops.mmu.flush_tlb_defer = Impl::call(native::OPS.mmu.flush_tlb_defer.func);
     ops
 }
