@@ -25,8 +25,12 @@
 //! Each backend says which of its ops may serve the kernel ([`pvops::Backend::serves_kernel`]):
 //! an op that forwards to the kernel's own accessor (Xen PV's CR3, for one) would call itself.
 //! Native, KVM, Xen HVM, VMI and lguest serve every member pvops serves, Xen PV the interrupt
-//! flag and CR2; of the clocks, KVM's where the kernel reads the same records. The rest is left
-//! to Linux, with the reason.
+//! flag and CR2; of the clocks, KVM's where the kernel reads the same records. Two choices
+//! Linux made at boot must be the backend's too: the lock protocol (native, or KVM's paravirt
+//! spinlocks around the kernel's paravirt slow path: [`linux::lock_choice`]) and the I/O delay
+//! ([`linux::io_delay_choice`]). Members whose signature differs from their op's (the MSR
+//! accessors, `cpuid`, the page-table notifications) are reached through the adapters of
+//! [`crate::adapters`]. The rest is left to Linux, with the reason.
 
 use core::cell::UnsafeCell;
 use core::ffi::{c_int, c_void};
@@ -35,9 +39,10 @@ use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use kernel::prelude::*;
 use kernel::str::CString;
-use pvops::linux::{self, KernelAction, OddSite, Served, ALT_FLAG_PVOPS};
+use pvops::linux::{self, KernelAction, OddSite, Served, Via, ALT_FLAG_PVOPS};
 use pvops::{BackendOps, Op, ReadText, Request, PV_OPS};
 
+use crate::adapters;
 use crate::platform::KernelPlatform;
 use crate::text::ReadOnlyText;
 use crate::{choose, param, shim, Chosen};
@@ -97,12 +102,34 @@ impl Written {
 }
 
 impl Member {
-    /// What `holder` has in this member's `pv_ops` slot (`op`: pvops's op for it).
-    fn function(&self, holder: Holder, op: Op, ops: &BackendOps) -> usize {
-        match holder {
-            Holder::Pvops => ops.target(op),
-            Holder::Linux => self.linux_fn,
+    /// What `holder` has in this member's `pv_ops` slot: for pvops, the backend's function for
+    /// the member's op, or the member's adapter where Linux's signature differs.
+    fn function(&self, holder: Holder, ops: &BackendOps) -> usize {
+        match (holder, self.served) {
+            (
+                Holder::Pvops,
+                Served::Yes {
+                    via: Via::Op, op, ..
+                },
+            ) => ops.target(op),
+            (
+                Holder::Pvops,
+                Served::Yes {
+                    via: Via::Adapter(a),
+                    ..
+                },
+            ) => adapters::address(a),
+            (Holder::Linux, _) | (Holder::Pvops, Served::No(_)) => self.linux_fn,
         }
+    }
+}
+
+/// Where a direct call at a site of a member served `via` goes, if an adapter stands between
+/// (0 otherwise: the plan calls the backend's function).
+fn adapter_of(via: Via) -> usize {
+    match via {
+        Via::Op => 0,
+        Via::Adapter(a) => adapters::address(a),
     }
 }
 
@@ -323,13 +350,30 @@ pub(crate) unsafe extern "C" fn pvops_kernel_early(start: *mut u8, end: *mut u8)
                 native_vcpu_is_preempted: shim::pvops_shim_native_vcpu_is_preempted() != 0,
             }
         };
+        let native = &pvops_backends::native::OPS;
+        let backend_locks = linux::LinuxLocks::of(&ops, native);
+        // and flush_tlb_multi as far as Linux's and the backend's both interrupt every CPU, or
+        // both leave preempted vCPUs to the host
+        // SAFETY: reads pv_ops.
+        let linux_flush = unsafe { shim::pvops_shim_native_flush_tlb_multi() } != 0;
+        let backend_flush = ops.target(Op::FlushTlbDefer) == native.target(Op::FlushTlbDefer);
+        // and io_delay as far as Linux's is the same delay (io_delay= and its hypervisor code
+        // have chosen: io_delay_init() and init_hypervisor_platform() ran in setup_arch())
+        // SAFETY: reads pv_ops and io_delay_type.
+        let delay = match unsafe { shim::pvops_shim_io_delay() } {
+            shim::pvops_io_delay_PVOPS_IO_DELAY_PORT80 => linux::LinuxIoDelay::Port80,
+            shim::pvops_io_delay_PVOPS_IO_DELAY_NOTHING => linux::LinuxIoDelay::Nothing,
+            _ => linux::LinuxIoDelay::Other,
+        };
         let n = c.n;
         for m in c.members[..n].iter_mut() {
             if let Served::Yes { op, .. } = m.served {
                 let ok = ch
                     .backend
                     .serves_kernel(op)
-                    .and_then(|()| linux::lock_choice(op, locks));
+                    .and_then(|()| linux::lock_choice(op, locks, backend_locks))
+                    .and_then(|()| linux::io_delay_choice(op, &ops, delay))
+                    .and_then(|()| linux::flush_choice(op, linux_flush, backend_flush));
                 if let Err(why) = ok {
                     m.served = Served::No(why);
                 }
@@ -363,8 +407,8 @@ pub(crate) unsafe extern "C" fn pvops_kernel_early(start: *mut u8, end: *mut u8)
             continue;
         };
         c.members[m].sites += 1;
-        if let (Served::Yes { op, conv }, Some(ops)) = (c.members[m].served, c.ops.as_ref()) {
-            if linux::plan(s.addr, op, conv, ops).is_some() {
+        if let (Served::Yes { op, conv, via }, Some(ops)) = (c.members[m].served, c.ops.as_ref()) {
+            if linux::plan(s.addr, op, conv, via, adapter_of(via), ops).is_some() {
                 planned += 1;
             }
         }
@@ -379,10 +423,11 @@ pub(crate) unsafe extern "C" fn pvops_kernel_early(start: *mut u8, end: *mut u8)
     if let (None, Some(ops)) = (c.refused, c.ops) {
         for s in linux::pv_sites(table, base, pv_ops, size, &ReadOnlyText).flatten() {
             let Some(m) = member_of(s.slot) else { continue };
-            let Served::Yes { op, conv } = c.members[m].served else {
+            let Served::Yes { op, conv, via } = c.members[m].served else {
                 continue;
             };
-            let Some((action, bytes)) = linux::plan(s.addr, op, conv, &ops) else {
+            let Some((action, bytes)) = linux::plan(s.addr, op, conv, via, adapter_of(via), &ops)
+            else {
                 continue;
             };
             let mut original = [0u8; linux::PV_SITE_LEN as usize];
@@ -483,12 +528,13 @@ pub(crate) extern "C" fn pvops_kernel_late() {
     };
     let n = c.n;
     for m in c.members[..n].iter_mut() {
-        if let Served::Yes { op, .. } = m.served {
+        if let Served::Yes { .. } = m.served {
             // SAFETY: reads one pointer of pv_ops.
             m.linux_fn = unsafe { shim::pvops_shim_pv_op(m.offset) } as usize;
             // SAFETY: writes one pointer of pv_ops, a function of the member's type and
-            // convention (linux::served checked each); only the boot CPU runs.
-            unsafe { shim::pvops_shim_set_pv_op(m.offset, ops.target(op) as _) };
+            // convention (linux::served checked each, and each adapter has Linux's
+            // signature); only the boot CPU runs.
+            unsafe { shim::pvops_shim_set_pv_op(m.offset, m.function(Holder::Pvops, &ops) as _) };
         }
     }
     c.late = true;
@@ -680,6 +726,13 @@ impl fmt::Display for Report<'_> {
                 "{} sites={} inline={} direct={} linux={}",
                 m.name, m.sites, m.inline, m.direct, linux
             )?;
+            if let Served::Yes {
+                via: Via::Adapter(_),
+                ..
+            } = m.served
+            {
+                write!(f, " via=adapter")?;
+            }
             if linux > 0 {
                 let why = match (c.refused, m.served) {
                     (Some(why), _) => why,
@@ -743,6 +796,45 @@ pub(crate) fn readback() -> u32 {
     bad
 }
 
+/// `/sys/kernel/pvops/counters` (read live, under the shim's holder lock): `backend=NAME` and
+/// what the backend counted of its work so far ([`pvops::Backend::counters`]), at most `len`
+/// bytes at `buf`. Returns the length.
+///
+/// # Safety
+///
+/// `buf` is valid for `len` bytes of writes; called by the shim's `counters_show`, after boot.
+#[no_mangle]
+pub(crate) unsafe extern "C" fn pvops_kernel_counters(buf: *mut u8, len: usize) -> usize {
+    use fmt::Write as _;
+    /// Writes into the sysfs buffer, dropping what does not fit.
+    struct Out<'a>(&'a mut [u8], usize);
+    impl fmt::Write for Out<'_> {
+        fn write_str(&mut self, s: &str) -> fmt::Result {
+            for (d, b) in self.0.iter_mut().skip(self.1).zip(s.bytes()) {
+                *d = b;
+                self.1 += 1;
+            }
+            Ok(())
+        }
+    }
+    // SAFETY: after boot; the holder lock keeps the hand-back (the census's one writer) out.
+    let c = unsafe { census() };
+    // SAFETY: the caller's buffer.
+    let mut out = Out(unsafe { core::slice::from_raw_parts_mut(buf, len) }, 0);
+    match c.chosen {
+        Some(ch) => {
+            let _ = write!(out, "backend={}", ch.backend.id());
+            ch.backend.counters(&mut |name, n| {
+                let _ = write!(out, " {name}={n}");
+            });
+        }
+        None => {
+            let _ = write!(out, "backend=none");
+        }
+    }
+    out.1
+}
+
 /// How many sites pvops wrote do not hold `holder`'s bytes (the first one is reported), and
 /// whether every `pv_ops` member pvops serves holds `holder`'s function (a wrong one counts).
 fn mismatches<'a>(c: &'a Census, sites: impl Iterator<Item = &'a Written>, holder: Holder) -> u32 {
@@ -767,10 +859,10 @@ fn mismatches<'a>(c: &'a Census, sites: impl Iterator<Item = &'a Written>, holde
     }
     if let (true, Some(ops)) = (c.late, c.ops) {
         for m in c.members() {
-            let Served::Yes { op, .. } = m.served else {
+            let Served::Yes { .. } = m.served else {
                 continue;
             };
-            let want = m.function(holder, op, &ops);
+            let want = m.function(holder, &ops);
             // SAFETY: reads one pointer of pv_ops.
             let found = unsafe { shim::pvops_shim_pv_op(m.offset) } as usize;
             if found != want {
@@ -899,8 +991,8 @@ unsafe extern "C" fn run_hand(data: *mut c_void) -> c_int {
     }
     if let Some(ops) = h.c.ops {
         for m in h.c.members() {
-            if let Served::Yes { op, .. } = m.served {
-                let f = m.function(h.to, op, &ops);
+            if let Served::Yes { .. } = m.served {
+                let f = m.function(h.to, &ops);
                 // SAFETY: one pointer of pv_ops, Linux's own function for the member or
                 // pvops's of the member's type and convention; no other CPU runs.
                 unsafe { shim::pvops_shim_set_pv_op(m.offset, f as _) };

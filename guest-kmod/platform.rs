@@ -88,6 +88,23 @@ impl pvops_backends::Platform for KernelPlatform {
         })
     }
 
+    #[cfg(not(MODULE))]
+    fn kvm_kernel(&self) -> Option<pvops_backends::kvm::KvmKernel> {
+        // SAFETY: plain reads of the kernel's state (`nopvspin`, the possible mask).
+        let (nopvspin, possible_cpus) = unsafe {
+            (
+                shim::pvops_shim_nopvspin() != 0,
+                shim::pvops_shim_possible_cpus(),
+            )
+        };
+        Some(pvops_backends::kvm::KvmKernel {
+            nopvspin,
+            possible_cpus,
+            in_nmi: shim::pvops_shim_in_nmi,
+            apic_id: shim::pvops_shim_apic_id,
+        })
+    }
+
     fn alloc_page(&self) -> Option<usize> {
         // SAFETY: the kernel's page allocator.
         let va = unsafe { shim::pvops_shim_alloc_page() };

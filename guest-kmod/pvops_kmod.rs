@@ -17,6 +17,8 @@ use platform::KernelPlatform;
 use selftest::{selftest, Failed, Lines};
 use text::{module_sites, transition, ReadOnlyText};
 
+#[cfg(not(MODULE))]
+mod adapters;
 mod bench;
 #[cfg(not(MODULE))]
 mod builtin;

@@ -216,6 +216,25 @@ pub(crate) fn selftest(backend: &dyn Backend, ops: &BackendOps) -> SelfTest {
 
     t.check("lock-ops", lock_ops_round_trip());
 
+    // The adapters kernel sites of Linux's MSR and CPUID members call (built in only), against
+    // the bare instructions.
+    #[cfg(MODULE)]
+    {
+        t.na(
+            "kernel-adapters",
+            "built in only: the adapters serve the kernel's own sites",
+        );
+    }
+    #[cfg(not(MODULE))]
+    if pv {
+        t.na(
+            "kernel-adapters",
+            "xen pv: the kernel's MSR and CPUID members stay its own",
+        );
+    } else {
+        t.check("kernel-adapters", crate::adapters::selftest());
+    }
+
     // Page-table writes inside a lazy-MMU section (which a shadow-paging backend batches) are
     // all in place once the section ends; on a scratch array, as the benchmark does.
     if pv {

@@ -21,6 +21,7 @@
 #include <linux/preempt.h>
 #include <linux/kallsyms.h>
 #include <linux/static_call.h>
+#include <linux/once_lite.h>
 #include <asm/paravirt.h>
 #include <asm/sync_core.h>
 #include <asm/tsc.h>
@@ -42,6 +43,9 @@
 #include <linux/err.h>
 #include <asm/bootparam.h>
 #include <asm/setup.h>
+#include <asm/smp.h>
+#include <asm/tlbflush.h>
+#include <asm/qspinlock.h>
 
 #include "shim.h"
 
@@ -225,6 +229,25 @@ static ssize_t kernel_holder_store(struct kobject *k, struct kobj_attribute *a, 
 }
 static struct kobj_attribute kernel_holder_attr = __ATTR_RW_MODE(kernel_holder, 0644);
 
+/*
+ * Built in: /sys/kernel/pvops/counters, what the backend counted of its work so far ("backend=
+ * NAME" and its counters: KVM's lock waits, halts, kicks, preempted vCPUs seen), read live.
+ */
+/* builtin.rs: the line, at most len bytes of buf; its length */
+size_t pvops_kernel_counters(char *buf, size_t len);
+
+static ssize_t counters_show(struct kobject *k, struct kobj_attribute *a, char *buf)
+{
+	size_t n;
+
+	mutex_lock(&holder_lock);
+	n = pvops_kernel_counters(buf, PAGE_SIZE - 1);
+	mutex_unlock(&holder_lock);
+	buf[n] = '\n';
+	return n + 1;
+}
+static struct kobj_attribute counters_attr = __ATTR_RO_MODE(counters, 0444);
+
 /* The holder line, set by Rust (under holder_lock when a write runs). */
 void pvops_shim_set_kernel_holder(const char *text)
 {
@@ -285,6 +308,113 @@ int pvops_shim_native_vcpu_is_preempted(void)
 #endif
 }
 
+/* io_delay.c's IO_DELAY_TYPE_0X80 and _NONE (private to it) */
+#define PVOPS_LINUX_IO_DELAY_0X80 0
+#define PVOPS_LINUX_IO_DELAY_NONE 3
+
+/* What Linux's cpu.io_delay does: native_io_delay follows io_delay= (set before
+ * apply_alternatives, by its parameter and DMI quirks); a hypervisor's (KVM's with
+ * NOP_IO_DELAY, VMware's) does nothing. */
+enum pvops_io_delay pvops_shim_io_delay(void)
+{
+	if (pv_ops.cpu.io_delay != native_io_delay)
+		return PVOPS_IO_DELAY_NOTHING;
+	switch (io_delay_type) {
+	case PVOPS_LINUX_IO_DELAY_0X80:
+		return PVOPS_IO_DELAY_PORT80;
+	case PVOPS_LINUX_IO_DELAY_NONE:
+		return PVOPS_IO_DELAY_NOTHING;
+	default:
+		return PVOPS_IO_DELAY_OTHER;
+	}
+}
+
+/* native_read_msr's and native_write_msr's tracepoints (msr:read_msr, msr:write_msr). */
+void pvops_shim_trace_msr(int write, u32 msr, u64 val, int failed)
+{
+	if (write) {
+		if (tracepoint_enabled(write_msr))
+			do_trace_write_msr(msr, val, failed);
+	} else if (tracepoint_enabled(read_msr)) {
+		do_trace_read_msr(msr, val, failed);
+	}
+}
+
+/* What Linux's exception handler says for a faulting unchecked MSR access (ex_handler_msr):
+ * once for reads, once for writes, with the stack. */
+void pvops_shim_msr_fault(int write, u32 msr, u64 val)
+{
+	if (write) {
+		if (!__ONCE_LITE_IF(true))
+			return;
+		pr_warn("unchecked MSR access error: WRMSR to 0x%x (tried to write 0x%016llx) through pvops\n",
+			msr, val);
+	} else {
+		if (!__ONCE_LITE_IF(true))
+			return;
+		pr_warn("unchecked MSR access error: RDMSR from 0x%x through pvops\n", msr);
+	}
+	dump_stack();
+}
+
+/* The flush_tlb_multi adapter's mask, one per CPU (it runs with preemption off). */
+static DEFINE_PER_CPU(struct cpumask, pvops_flush_mask);
+
+void pvops_shim_flush_tlb_multi(const void *cpus, const void *info, bool (*defer)(u32 cpu))
+{
+	struct cpumask *mask = this_cpu_ptr(&pvops_flush_mask);
+	int cpu;
+
+	cpumask_copy(mask, cpus);
+	for_each_cpu(cpu, mask)
+		if (defer(cpu))
+			__cpumask_clear_cpu(cpu, mask);
+	native_flush_tlb_multi(mask, info);
+}
+
+int pvops_shim_native_rdmsr_safe(u32 msr, u64 *val)
+{
+	int err;
+
+	*val = native_read_msr_safe(msr, &err);
+	return err;
+}
+
+int pvops_shim_native_wrmsr_safe(u32 msr, u64 val)
+{
+	return native_write_msr_safe(msr, (u32)val, (u32)(val >> 32));
+}
+
+int pvops_shim_native_flush_tlb_multi(void)
+{
+	return pv_ops.mmu.flush_tlb_multi == native_flush_tlb_multi;
+}
+
+/* What KVM's paravirt spinlock ops need (pvops_backends::kvm::KvmKernel). */
+int pvops_shim_nopvspin(void)
+{
+#ifdef CONFIG_PARAVIRT_SPINLOCKS
+	return nopvspin;
+#else
+	return 1;
+#endif
+}
+
+unsigned int pvops_shim_possible_cpus(void)
+{
+	return num_possible_cpus();
+}
+
+int pvops_shim_in_nmi(void)
+{
+	return in_nmi() != 0;
+}
+
+u32 pvops_shim_apic_id(u32 cpu)
+{
+	return per_cpu(x86_cpu_to_apicid, cpu);
+}
+
 /* Whether every possible CPU is online (none can come up later with state not read yet). */
 int pvops_shim_all_cpus_online(void)
 {
@@ -314,6 +444,7 @@ static struct attribute *pvops_attrs[] = {
 	&checks_attr.attr,
 #ifndef MODULE
 	&kernel_holder_attr.attr,
+	&counters_attr.attr,
 #endif
 	NULL,
 };

@@ -79,9 +79,9 @@ enum pvops_linux_abi {
 	PVOPS_ABI_OP(ALLOC_PT, 31, 6, 0x3ff),
 	PVOPS_ABI_OP(LAZY_MODE_ENTER, 33, 6, 0x3ff),
 	PVOPS_ABI_OP(LAZY_MODE_LEAVE, 34, 6, 0x3ff),
-	PVOPS_ABI_OP(SCHED_CLOCK, 49, 6, 0x3ff),
-	PVOPS_ABI_OP(STEAL_CLOCK, 50, 6, 0x3ff),
-	PVOPS_ABI_OP(TSC_KHZ, 51, 6, 0x3ff),
+	PVOPS_ABI_OP(SCHED_CLOCK, 50, 6, 0x3ff),
+	PVOPS_ABI_OP(STEAL_CLOCK, 51, 6, 0x3ff),
+	PVOPS_ABI_OP(TSC_KHZ, 52, 6, 0x3ff),
 };
 /* C's own view of one constant (bench.rs checks it at run time too). */
 u32 pvops_linux_abi(enum pvops_linux_abi which);
@@ -188,5 +188,28 @@ int pvops_shim_all_cpus_online(void);
 int pvops_shim_native_spin_unlock(void);
 int pvops_shim_native_vcpu_is_preempted(void);
 int pvops_shim_cpu_online(unsigned int cpu);
+int pvops_shim_nopvspin(void);
+unsigned int pvops_shim_possible_cpus(void);
+int pvops_shim_in_nmi(void);
+u32 pvops_shim_apic_id(u32 cpu);
+/* What Linux's cpu.io_delay does on this boot (pvops::linux::LinuxIoDelay). */
+enum pvops_io_delay {
+	PVOPS_IO_DELAY_PORT80,
+	PVOPS_IO_DELAY_OTHER,
+	PVOPS_IO_DELAY_NOTHING,
+};
+enum pvops_io_delay pvops_shim_io_delay(void);
+/* The MSR adapters (guest-kmod/adapters.rs): Linux's tracepoints, and its warning for a
+ * faulting access through the unchecked accessors. */
+void pvops_shim_trace_msr(int write, u32 msr, u64 val, int failed);
+void pvops_shim_msr_fault(int write, u32 msr, u64 val);
+/* The flush_tlb_multi adapter: native_flush_tlb_multi for the CPUs of `cpus` that `defer`
+ * does not take over. */
+void pvops_shim_flush_tlb_multi(const void *cpus, const void *info, bool (*defer)(u32 cpu));
+/* Linux's own native (not pv) MSR accessors with a fault caught: 0 or -EIO. */
+int pvops_shim_native_rdmsr_safe(u32 msr, u64 *val);
+int pvops_shim_native_wrmsr_safe(u32 msr, u64 val);
+/* Whether Linux's flush_tlb_multi is native_flush_tlb_multi. */
+int pvops_shim_native_flush_tlb_multi(void);
 
 #endif /* PVOPS_SHIM_H */
