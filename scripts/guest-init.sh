@@ -119,6 +119,40 @@ workload_ok() { # every CPU's rounds done, signals received
 	while [ $c -lt "$ncpu" ]; do [ "$(cat /tmp/wl.done.$c 2>/dev/null)" = $WL_ROUNDS ] || return 1; c=$((c + 1)); done
 	[ "$(cat /tmp/wl.sig 2>/dev/null)" -gt 0 ] 2>/dev/null
 }
+# Lock contention on every CPU (built in): each CPU creates, renames and removes files in one
+# directory (the directory's locks, the dentry and inode hashes) and forks for each (the task
+# list, the pid hash), so that waiters queue on the kernel's spinlocks. Where pvops runs the
+# kernel's paravirt spinlocks (KVM: /sys/kernel/pvops/counters counts the lock ops' work), a
+# waiter that spun too long halts and its unlocker kicks it: both must have happened by the end
+# of the run (this load, the workload, the hand-backs' stop_machine), and every CPU's load must
+# have finished (a kick lost leaves a waiter halted).
+LK_FILES=150
+lockload() {
+	rm -rf /tmp/lk /tmp/lk.*; mkdir -p /tmp/lk
+	lk_t0=$(cut -d' ' -f1 /proc/uptime)
+	c=0
+	while [ $c -lt "$ncpu" ]; do
+		taskset -c $c sh -c "
+			i=0
+			while [ \$i -lt $LK_FILES ]; do
+				: > /tmp/lk/a\$i.$c; mv /tmp/lk/a\$i.$c /tmp/lk/b\$i.$c; rm /tmp/lk/b\$i.$c
+				i=\$((i + 1))
+			done
+			echo \$i > /tmp/lk.done.$c" &
+		c=$((c + 1))
+	done
+	wait
+	lk_t1=$(cut -d' ' -f1 /proc/uptime)
+	echo "RIG-LOCKLOAD ncpu=$ncpu t0=$lk_t0 t1=$lk_t1"
+}
+pv_spinlocks_ok() { # COUNTERS-LINE: waits, halts and kicks counted, every CPU's lock load done
+	for k in lock-waits lock-halts lock-kicks; do
+		n=$(echo "$1" | tr ' ' '\n' | sed -n "s/^$k=//p")
+		[ "${n:-0}" -gt 0 ] 2>/dev/null || return 1
+	done
+	c=0
+	while [ $c -lt "$ncpu" ]; do [ "$(cat /tmp/lk.done.$c 2>/dev/null)" = $LK_FILES ] || return 1; c=$((c + 1)); done
+}
 # Hand-back at run time (built in): every kernel site pvops patched goes back to the bytes
 # Linux's own pv layer computed for it, with pv_ops, and comes back: HB_ROUNDS round trips
 # through /sys/kernel/pvops/kernel_holder (each one under stop_machine, read back byte for byte
@@ -304,6 +338,11 @@ if grep -q 'rig_mode=builtin' /proc/cmdline; then
 	steal0=$(steal_ticks) su0=$(cut -d' ' -f1 /proc/uptime)
 	workload
 	check workload "$wl_detail" -- workload_ok
+	lockload
+	# TLB shootdowns (scripts/guest-tlbtest.c): a page read on every CPU, replaced 1000 times
+	tlb=$(/tlbtest 1000 2>&1); tlb_rc=$?
+	echo "RIG-TLBTEST $tlb"
+	check tlb-shootdown "$tlb" -- [ "$tlb_rc" = 0 ]
 	sched_clock_probe
 	check sched-clock "$clock_detail" -- sched_clock_ok
 	handback
@@ -315,6 +354,13 @@ if grep -q 'rig_mode=builtin' /proc/cmdline; then
 	else
 		check steal-clock "$steal_line; steal per CPU (ticks) ${steal0}at ${su0}s, ${steal1}at ${su1}s" \
 			-- steal_ok "$steal_line" "$steal0" "$steal1" "$(echo "$su0 $su1" | awk '{ print $2 - $1 }')"
+	fi
+	counters=$(cat /sys/kernel/pvops/counters 2>&1)
+	echo "RIG-COUNTERS $counters"
+	if has "$counters" ' lock-waits='; then
+		check pv-spinlocks "$counters; lock load from ${lk_t0}s to ${lk_t1}s" -- pv_spinlocks_ok "$counters"
+	else
+		na pv-spinlocks "$counters: the backend's lock group is native here"
 	fi
 	fault_scan
 	finish "RIG-RESULT backend=$backend sites=$p/$t kernel-sites=$kp/$kt builtin"
