@@ -356,7 +356,7 @@ pub(crate) unsafe extern "C" fn pvops_kernel_early(start: *mut u8, end: *mut u8)
         // both leave preempted vCPUs to the host
         // SAFETY: reads pv_ops.
         let linux_flush = unsafe { shim::pvops_shim_native_flush_tlb_multi() } != 0;
-        let backend_flush = ops.target(Op::FlushTlbDefer) == native.target(Op::FlushTlbDefer);
+        let backend_flush = linux::is_native(&ops, native, Op::FlushTlbDefer);
         // and io_delay as far as Linux's is the same delay (io_delay= and its hypervisor code
         // have chosen: io_delay_init() and init_hypervisor_platform() ran in setup_arch())
         // SAFETY: reads pv_ops and io_delay_type.

@@ -126,7 +126,7 @@ workload_ok() { # every CPU's rounds done, signals received
 # waiter that spun too long halts and its unlocker kicks it: both must have happened by the end
 # of the run (this load, the workload, the hand-backs' stop_machine), and every CPU's load must
 # have finished (a kick lost leaves a waiter halted).
-LK_FILES=150
+LK_FILES=300
 lockload() {
 	rm -rf /tmp/lk /tmp/lk.*; mkdir -p /tmp/lk
 	lk_t0=$(cut -d' ' -f1 /proc/uptime)

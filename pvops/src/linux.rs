@@ -474,14 +474,22 @@ pub struct LinuxLocks {
 
 impl LinuxLocks {
     /// The protocol a backend's `ops` run: native where its unlock (its preempted query) is
-    /// the native backend's (`native`).
+    /// the native backend's (`native`, see [`is_native`]).
     pub fn of(ops: &BackendOps, native: &BackendOps) -> LinuxLocks {
-        let same = |op| ops.target(op) == native.target(op);
         LinuxLocks {
-            native_unlock: same(Op::QueuedSpinUnlock),
-            native_vcpu_is_preempted: same(Op::VcpuIsPreempted),
+            native_unlock: is_native(ops, native, Op::QueuedSpinUnlock),
+            native_vcpu_is_preempted: is_native(ops, native, Op::VcpuIsPreempted),
         }
     }
+}
+
+/// Whether `ops` implement `op` as the native backend (`native`) does: by its inline bytes,
+/// which native's ops all have and which say what the op does. Not by the function's address:
+/// rustc may copy a small function into each crate that uses it, so one function can have
+/// two addresses.
+pub fn is_native(ops: &BackendOps, native: &BackendOps, op: Op) -> bool {
+    let bytes = |o: &BackendOps| o.inline(op).map(|i| i.bytes);
+    bytes(native).is_some() && bytes(ops) == bytes(native)
 }
 
 /// Whether pvops may serve lock member `op` with its backend's lock ops, which run the
