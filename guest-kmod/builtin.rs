@@ -363,6 +363,8 @@ pub(crate) unsafe extern "C" fn pvops_kernel_early(start: *mut u8, end: *mut u8)
         let delay = match unsafe { shim::pvops_shim_io_delay() } {
             shim::pvops_io_delay_PVOPS_IO_DELAY_PORT80 => linux::LinuxIoDelay::Port80,
             shim::pvops_io_delay_PVOPS_IO_DELAY_NOTHING => linux::LinuxIoDelay::Nothing,
+            shim::pvops_io_delay_PVOPS_IO_DELAY_OTHER => linux::LinuxIoDelay::Other,
+            // (the shim returns one of the three)
             _ => linux::LinuxIoDelay::Other,
         };
         let n = c.n;

@@ -237,13 +237,9 @@ pub fn wants_pv_tlb_flush(features: u32, hints: u32, mwait: bool, k: &KvmKernel)
 /// runs again, so the caller need not interrupt it. A running vCPU (or one resumed meanwhile)
 /// is left to the caller's IPI.
 pub extern "C" fn flush_tlb_defer(cpu: u32) -> u64 {
-    let rec = STATE
-        .steal
-        .get(cpu as usize)
-        .map_or(core::ptr::null_mut(), |s| s.load(Ordering::Acquire));
-    if rec.is_null() {
+    let Some(rec) = steal_record(cpu) else {
         return 0;
-    }
+    };
     // SAFETY: the kernel's steal-time record of `cpu`, live while the CPU is possible, whose
     // `preempted` byte the host and the guest change only atomically.
     let flag = unsafe {
@@ -365,13 +361,9 @@ unsafe extern "C" fn kick(cpu: u32) {
 /// Whether `cpu`'s vCPU is preempted: the preempted flag of its steal-time record (false where
 /// the CPU has none, or none was read yet: Linux's reads a zeroed record then).
 pub extern "C" fn vcpu_is_preempted(cpu: u64) -> u64 {
-    let rec = STATE
-        .steal
-        .get(cpu as usize)
-        .map_or(core::ptr::null_mut(), |s| s.load(Ordering::Acquire));
-    if rec.is_null() {
+    let Some(rec) = u32::try_from(cpu).ok().and_then(steal_record) else {
         return 0;
-    }
+    };
     // SAFETY: the kernel's steal-time record of `cpu`, live while the CPU is possible;
     // volatile, as the host writes it.
     let flag = unsafe { core::ptr::addr_of!((*rec).preempted).read_volatile() };
@@ -472,21 +464,20 @@ extern "C" fn wall_clock() -> u64 {
     base + STATE.clock.now()
 }
 
+/// `cpu`'s steal-time record (the kernel's), if one was read for it.
+fn steal_record(cpu: u32) -> Option<*mut KvmStealTime> {
+    let rec = STATE.steal.get(cpu as usize)?.load(Ordering::Acquire);
+    (!rec.is_null()).then_some(rec)
+}
+
 /// The steal time of `cpu` in ns (0 when KVM does not offer it or the CPU is not tracked),
 /// never less than the last reading: a record whose version stays odd (its vCPU preempted by
 /// the host in the middle of an update) reads as its last value, never as 0. Linux takes a
 /// steal clock that goes back as a huge steal, and would count every later tick as stolen.
 pub extern "C" fn steal_clock(cpu: u32) -> u64 {
-    let (Some(slot), Some(last)) = (
-        STATE.steal.get(cpu as usize),
-        STATE.steal_last.get(cpu as usize),
-    ) else {
+    let (Some(rec), Some(last)) = (steal_record(cpu), STATE.steal_last.get(cpu as usize)) else {
         return 0;
     };
-    let rec = slot.load(Ordering::Acquire);
-    if rec.is_null() {
-        return 0;
-    }
     let read = read_versioned(
         // SAFETY: the kernel's steal-time record of `cpu` lives as long as the CPU is possible;
         // volatile because the host updates it (likewise below).
