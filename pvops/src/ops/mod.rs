@@ -17,6 +17,10 @@
 //!   the kernel's own choice is the same protocol (`guest-kmod/builtin.rs`).
 //! - **Page-table notifications** are two ops, `alloc_pt`/`release_pt` with a level argument,
 //!   instead of Linux's eight `alloc_*`/`release_*`; plus the lazy-mode pair for batching.
+//! - **Cross-CPU TLB flushes** are not an op: the kernel sends its IPIs. `flush_tlb_defer`
+//!   says, per CPU, whether the backend takes that CPU's flush over instead (KVM's PV TLB
+//!   flush for a preempted vCPU); built in, Linux's `flush_tlb_multi` becomes an adapter that
+//!   asks it for each CPU of the mask (`guest-kmod/adapters.rs`).
 //! - **`cpu.hypercall`** is an op: each backend's hypercall, so that the instruction is chosen
 //!   once (vmcall or vmmcall) and call sites reach it directly after patching. Linux hides
 //!   hypercalls behind per-hypervisor inline functions and static calls instead.
