@@ -66,44 +66,36 @@ unsafe extern "C" fn flush_tlb_defer(cpu: c_uint) -> bool {
     unsafe { mmu::flush_tlb_defer(cpu) }
 }
 
-/// `u64 read_msr(unsigned int msr)`: Linux's `native_read_msr`.
+/// `u64 read_msr(unsigned int msr)`: Linux's `native_read_msr`: [`read_msr_safe`] (its
+/// tracepoint), and a fault warned of once.
 ///
 /// # Safety
 ///
 /// Ring 0 (the kernel's own contract for the member).
 unsafe extern "C" fn read_msr(msr: c_uint) -> u64 {
-    // SAFETY: ring 0 (forwarded); a fault is caught and reported.
-    let (v, failed) = match unsafe { cpu::read_msr_safe(msr) } {
-        Ok(v) => (v, 0),
-        Err(e) => {
-            // SAFETY: prints a warning and the stack, once.
-            unsafe { shim::pvops_shim_msr_fault(0, msr, 0) };
-            (0, e)
-        }
-    };
-    // SAFETY: a tracepoint call with plain values.
-    unsafe { shim::pvops_shim_trace_msr(0, msr, v, failed) };
+    let mut err = 0;
+    // SAFETY: ring 0 (forwarded); `err` is writable; a fault is caught (it reads 0).
+    let v = unsafe { read_msr_safe(msr, &mut err) };
+    if err != 0 {
+        // SAFETY: prints a warning and the stack, once.
+        unsafe { shim::pvops_shim_msr_fault(0, msr, 0) };
+    }
     v
 }
 
-/// `void write_msr(unsigned int msr, unsigned low, unsigned high)`: Linux's `native_write_msr`.
+/// `void write_msr(unsigned int msr, unsigned low, unsigned high)`: Linux's `native_write_msr`:
+/// [`write_msr_safe`] (its tracepoint), and a fault warned of once.
 ///
 /// # Safety
 ///
 /// Ring 0, and the value keeps the system consistent (the member's contract).
 unsafe extern "C" fn write_msr(msr: c_uint, low: c_uint, high: c_uint) {
-    let v = u64::from(high) << 32 | u64::from(low);
-    // SAFETY: forwarded contract; a fault is caught and reported.
-    let failed = match unsafe { cpu::write_msr_safe(msr, v) } {
-        Ok(()) => 0,
-        Err(e) => {
-            // SAFETY: prints a warning and the stack, once.
-            unsafe { shim::pvops_shim_msr_fault(1, msr, v) };
-            e
-        }
-    };
-    // SAFETY: a tracepoint call with plain values.
-    unsafe { shim::pvops_shim_trace_msr(1, msr, v, failed) };
+    // SAFETY: forwarded contract; a fault is caught.
+    if unsafe { write_msr_safe(msr, low, high) } != 0 {
+        let v = u64::from(high) << 32 | u64::from(low);
+        // SAFETY: prints a warning and the stack, once.
+        unsafe { shim::pvops_shim_msr_fault(1, msr, v) };
+    }
 }
 
 /// `u64 read_msr_safe(unsigned int msr, int *err)`: Linux's `native_read_msr_safe` (`*err` = 0

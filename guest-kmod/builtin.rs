@@ -26,9 +26,9 @@
 //! an op that forwards to the kernel's own accessor (Xen PV's CR3, for one) would call itself.
 //! Native, KVM, Xen HVM, VMI and lguest serve every member pvops serves, Xen PV the interrupt
 //! flag and CR2; of the clocks, KVM's where the kernel reads the same records. Two choices
-//! Linux made at boot must be the backend's too: the lock protocol (native, or KVM's paravirt
-//! spinlocks around the kernel's paravirt slow path: [`linux::lock_choice`]) and the I/O delay
-//! ([`linux::io_delay_choice`]). Members whose signature differs from their op's (the MSR
+//! Linux made at boot must be the backend's too ([`linux::LinuxChoices`]): the lock protocol
+//! (native, or KVM's paravirt spinlocks around the kernel's paravirt slow path), the I/O delay,
+//! and how other CPUs' TLBs are flushed. Members whose signature differs from their op's (the MSR
 //! accessors, `cpuid`, the page-table notifications) are reached through the adapters of
 //! [`crate::adapters`]. The rest is left to Linux, with the reason.
 
@@ -41,6 +41,7 @@ use kernel::prelude::*;
 use kernel::str::CString;
 use pvops::linux::{self, KernelAction, OddSite, Served, Via, ALT_FLAG_PVOPS};
 use pvops::{BackendOps, Op, ReadText, Request, PV_OPS};
+use pvops_backends::describe::Writer;
 
 use crate::adapters;
 use crate::platform::KernelPlatform;
@@ -106,29 +107,18 @@ impl Member {
     /// the member's op, or the member's adapter where Linux's signature differs.
     fn function(&self, holder: Holder, ops: &BackendOps) -> usize {
         match (holder, self.served) {
-            (
-                Holder::Pvops,
-                Served::Yes {
-                    via: Via::Op, op, ..
-                },
-            ) => ops.target(op),
-            (
-                Holder::Pvops,
-                Served::Yes {
-                    via: Via::Adapter(a),
-                    ..
-                },
-            ) => adapters::address(a),
+            (Holder::Pvops, Served::Yes { op, via, .. }) => pvops_function(op, via, ops),
             (Holder::Linux, _) | (Holder::Pvops, Served::No(_)) => self.linux_fn,
         }
     }
 }
 
-/// Where a direct call at a site of a member served `via` goes, if an adapter stands between
-/// (0 otherwise: the plan calls the backend's function).
-fn adapter_of(via: Via) -> usize {
+/// What pvops gives a member served by `op` `via`: the backend's function for the op, or the
+/// member's adapter where Linux's signature differs (what its `pv_ops` slot holds, and where a
+/// direct call at one of its sites goes).
+fn pvops_function(op: Op, via: Via, ops: &BackendOps) -> usize {
     match via {
-        Via::Op => 0,
+        Via::Op => ops.target(op),
         Via::Adapter(a) => adapters::address(a),
     }
 }
@@ -340,32 +330,27 @@ pub(crate) unsafe extern "C" fn pvops_kernel_early(start: *mut u8, end: *mut u8)
         // backend's functions honour the ops' contracts.
         unsafe { PV_OPS.install(&ops.table()) };
         c.ops = Some(ops);
-        // the members pvops serves, as far as this backend's ops may serve the kernel, and the
-        // lock group as far as Linux's own choice is the same protocol (paravirt_set_cap() has
-        // made it: its hypervisor code ran before)
-        // SAFETY: reads pv_ops.
-        let locks = unsafe {
-            linux::LinuxLocks {
-                native_unlock: shim::pvops_shim_native_spin_unlock() != 0,
-                native_vcpu_is_preempted: shim::pvops_shim_native_vcpu_is_preempted() != 0,
+        // the members pvops serves, as far as this backend's ops may serve the kernel and it
+        // chose what Linux chose: the lock protocol (paravirt_set_cap() has asked the same:
+        // Linux's hypervisor code ran before), flush_tlb_multi (Linux's IPIs, or the same
+        // hypervisor's PV flush), and io_delay (io_delay_init() and init_hypervisor_platform()
+        // ran in setup_arch())
+        // SAFETY: read pv_ops and io_delay_type.
+        let linux = unsafe {
+            linux::LinuxChoices {
+                locks: linux::LinuxLocks {
+                    native_unlock: shim::pvops_shim_native_spin_unlock() != 0,
+                    native_vcpu_is_preempted: shim::pvops_shim_native_vcpu_is_preempted() != 0,
+                },
+                io_delay: match shim::pvops_shim_io_delay() {
+                    shim::pvops_io_delay_PVOPS_IO_DELAY_PORT80 => linux::LinuxIoDelay::Port80,
+                    shim::pvops_io_delay_PVOPS_IO_DELAY_NOTHING => linux::LinuxIoDelay::Nothing,
+                    shim::pvops_io_delay_PVOPS_IO_DELAY_OTHER => linux::LinuxIoDelay::Other,
+                    // (the shim returns one of the three)
+                    _ => linux::LinuxIoDelay::Other,
+                },
+                native_flush_tlb_multi: shim::pvops_shim_native_flush_tlb_multi() != 0,
             }
-        };
-        let native = &pvops_backends::native::OPS;
-        let backend_locks = linux::LinuxLocks::of(&ops, native);
-        // and flush_tlb_multi as far as Linux's and the backend's both interrupt every CPU, or
-        // both leave preempted vCPUs to the host
-        // SAFETY: reads pv_ops.
-        let linux_flush = unsafe { shim::pvops_shim_native_flush_tlb_multi() } != 0;
-        let backend_flush = linux::is_native(&ops, native, Op::FlushTlbDefer);
-        // and io_delay as far as Linux's is the same delay (io_delay= and its hypervisor code
-        // have chosen: io_delay_init() and init_hypervisor_platform() ran in setup_arch())
-        // SAFETY: reads pv_ops and io_delay_type.
-        let delay = match unsafe { shim::pvops_shim_io_delay() } {
-            shim::pvops_io_delay_PVOPS_IO_DELAY_PORT80 => linux::LinuxIoDelay::Port80,
-            shim::pvops_io_delay_PVOPS_IO_DELAY_NOTHING => linux::LinuxIoDelay::Nothing,
-            shim::pvops_io_delay_PVOPS_IO_DELAY_OTHER => linux::LinuxIoDelay::Other,
-            // (the shim returns one of the three)
-            _ => linux::LinuxIoDelay::Other,
         };
         let n = c.n;
         for m in c.members[..n].iter_mut() {
@@ -373,9 +358,7 @@ pub(crate) unsafe extern "C" fn pvops_kernel_early(start: *mut u8, end: *mut u8)
                 let ok = ch
                     .backend
                     .serves_kernel(op)
-                    .and_then(|()| linux::lock_choice(op, locks, backend_locks))
-                    .and_then(|()| linux::io_delay_choice(op, &ops, delay))
-                    .and_then(|()| linux::flush_choice(op, linux_flush, backend_flush));
+                    .and_then(|()| linux.agree(op, &ops, &pvops_backends::native::OPS));
                 if let Err(why) = ok {
                     m.served = Served::No(why);
                 }
@@ -410,7 +393,7 @@ pub(crate) unsafe extern "C" fn pvops_kernel_early(start: *mut u8, end: *mut u8)
         };
         c.members[m].sites += 1;
         if let (Served::Yes { op, conv, via }, Some(ops)) = (c.members[m].served, c.ops.as_ref()) {
-            if linux::plan(s.addr, op, conv, via, adapter_of(via), ops).is_some() {
+            if linux::plan(s.addr, op, conv, via, pvops_function(op, via, ops), ops).is_some() {
                 planned += 1;
             }
         }
@@ -428,7 +411,8 @@ pub(crate) unsafe extern "C" fn pvops_kernel_early(start: *mut u8, end: *mut u8)
             let Served::Yes { op, conv, via } = c.members[m].served else {
                 continue;
             };
-            let Some((action, bytes)) = linux::plan(s.addr, op, conv, via, adapter_of(via), &ops)
+            let Some((action, bytes)) =
+                linux::plan(s.addr, op, conv, via, pvops_function(op, via, &ops), &ops)
             else {
                 continue;
             };
@@ -808,21 +792,10 @@ pub(crate) fn readback() -> u32 {
 #[no_mangle]
 pub(crate) unsafe extern "C" fn pvops_kernel_counters(buf: *mut u8, len: usize) -> usize {
     use fmt::Write as _;
-    /// Writes into the sysfs buffer, dropping what does not fit.
-    struct Out<'a>(&'a mut [u8], usize);
-    impl fmt::Write for Out<'_> {
-        fn write_str(&mut self, s: &str) -> fmt::Result {
-            for (d, b) in self.0.iter_mut().skip(self.1).zip(s.bytes()) {
-                *d = b;
-                self.1 += 1;
-            }
-            Ok(())
-        }
-    }
     // SAFETY: after boot; the holder lock keeps the hand-back (the census's one writer) out.
     let c = unsafe { census() };
     // SAFETY: the caller's buffer.
-    let mut out = Out(unsafe { core::slice::from_raw_parts_mut(buf, len) }, 0);
+    let mut out = Writer::new(unsafe { core::slice::from_raw_parts_mut(buf, len) });
     match c.chosen {
         Some(ch) => {
             let _ = write!(out, "backend={}", ch.backend.id());
@@ -834,7 +807,7 @@ pub(crate) unsafe extern "C" fn pvops_kernel_counters(buf: *mut u8, len: usize) 
             let _ = write!(out, "backend=none");
         }
     }
-    out.1
+    out.written()
 }
 
 /// How many sites pvops wrote do not hold `holder`'s bytes (the first one is reported), and

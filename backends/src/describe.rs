@@ -30,9 +30,9 @@ impl Describe {
     pub unsafe fn set(&self, args: fmt::Arguments<'_>) {
         // SAFETY: exclusive (the caller's contract).
         let (buf, len) = unsafe { &mut *self.0.get() };
-        let mut w = Writer { buf, len: 0 };
+        let mut w = Writer::new(buf);
         let _ = fmt::Write::write_fmt(&mut w, args);
-        *len = w.len;
+        *len = w.written();
     }
 
     /// The description (empty before `set`).
@@ -50,10 +50,23 @@ impl Default for Describe {
     }
 }
 
-/// Writes into a byte buffer, dropping whatever does not fit (whole characters only).
-struct Writer<'a> {
+/// Writes into a byte buffer, dropping whatever does not fit (whole characters only): text
+/// made where nothing may be allocated (a description, a sysfs file of the kernel glue).
+pub struct Writer<'a> {
     buf: &'a mut [u8],
     len: usize,
+}
+
+impl<'a> Writer<'a> {
+    /// A writer that fills `buf` from its start.
+    pub fn new(buf: &'a mut [u8]) -> Writer<'a> {
+        Writer { buf, len: 0 }
+    }
+
+    /// How many bytes are written.
+    pub fn written(&self) -> usize {
+        self.len
+    }
 }
 
 impl fmt::Write for Writer<'_> {

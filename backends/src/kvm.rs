@@ -314,7 +314,7 @@ unsafe extern "C" fn wait(ptr: *mut u8, val: u8) {
     unsafe {
         core::arch::asm!("pushfq", "pop {}", out(reg) flags, options(nomem, preserves_flags))
     };
-    let irqs_on = flags & (1 << 9) != 0;
+    let irqs_on = flags & pvops::ops::irq::X86_EFLAGS_IF != 0;
     // SAFETY: ring 0 (forwarded): interrupts off while the byte is read (restored below).
     unsafe { core::arch::asm!("cli", options(nomem, nostack)) };
     // SAFETY: the caller passes a readable byte; volatile, as another CPU changes it.
@@ -572,7 +572,9 @@ impl Driver for Kvm {
         detection: &Detection,
         platform: &dyn Platform,
     ) -> Result<&'static Kvm, KvmError> {
-        let features = platform.cpuid(iface.base + 1, 0).eax;
+        // features in EAX, hints in EDX
+        let leaf = platform.cpuid(iface.base + 1, 0);
+        let (features, hints) = (leaf.eax, leaf.edx);
         STATE.features.store(u64::from(features), Ordering::Relaxed);
         let msr = if features & KVM_FEATURE_CLOCKSOURCE2 != 0 {
             MSR_KVM_SYSTEM_TIME_NEW
@@ -644,7 +646,6 @@ impl Driver for Kvm {
         let k = platform.kvm_kernel();
         // SAFETY: see `KernelCell`: the ops are not installed yet.
         unsafe { *KERNEL.0.get() = k };
-        let hints = platform.cpuid(iface.base + 1, 0).edx;
         let pv = cfg!(pvops_builtin) && k.is_some_and(|k| wants_pv_locks(features, hints, &k));
         STATE.pv_locks.store(pv, Ordering::Relaxed);
         let mwait = platform.cpuid(1, 0).ecx & (1 << 3) != 0;

@@ -583,6 +583,30 @@ pub fn io_delay_choice(op: Op, ops: &BackendOps, linux: LinuxIoDelay) -> Result<
     }
 }
 
+/// What Linux chose at boot, before `apply_alternatives()`, that a backend serving the kernel
+/// must have chosen too: the lock protocol, the I/O delay, and how other CPUs' TLBs are flushed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LinuxChoices {
+    /// Its lock protocol.
+    pub locks: LinuxLocks,
+    /// Its `cpu.io_delay`.
+    pub io_delay: LinuxIoDelay,
+    /// Whether its `mmu.flush_tlb_multi` is `native_flush_tlb_multi`.
+    pub native_flush_tlb_multi: bool,
+}
+
+impl LinuxChoices {
+    /// Whether the backend's `ops` chose the same where `op` is concerned ([`lock_choice`],
+    /// [`io_delay_choice`], [`flush_choice`]; `native`: the native backend's ops, which say
+    /// what native is).
+    pub fn agree(&self, op: Op, ops: &BackendOps, native: &BackendOps) -> Result<(), &'static str> {
+        lock_choice(op, self.locks, LinuxLocks::of(ops, native))?;
+        io_delay_choice(op, ops, self.io_delay)?;
+        let backend_flush = is_native(ops, native, Op::FlushTlbDefer);
+        flush_choice(op, self.native_flush_tlb_multi, backend_flush)
+    }
+}
+
 /// Whether pvops serves the Linux member `name` (`group.member`, as in `paravirt_types.h`).
 pub fn served(name: &str) -> Served {
     if let Some(&(_, op, conv, via)) = SERVED.iter().find(|(n, ..)| *n == name) {
