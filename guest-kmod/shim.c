@@ -357,19 +357,27 @@ void pvops_shim_msr_fault(int write, u32 msr, u64 val)
 	dump_stack();
 }
 
-/* The flush_tlb_multi adapter's mask, one per CPU (it runs with preemption off). */
+/* The flush_tlb_multi adapter's mask, one per CPU (it runs with preemption off): copied from
+ * the caller's only once the backend takes a CPU's flush over, so a backend that never does
+ * (native's) costs no copy. */
 static DEFINE_PER_CPU(struct cpumask, pvops_flush_mask);
 
 void pvops_shim_flush_tlb_multi(const void *cpus, const void *info, bool (*defer)(u32 cpu))
 {
 	struct cpumask *mask = this_cpu_ptr(&pvops_flush_mask);
+	const struct cpumask *flush = cpus;
 	int cpu;
 
-	cpumask_copy(mask, cpus);
-	for_each_cpu(cpu, mask)
-		if (defer(cpu))
-			__cpumask_clear_cpu(cpu, mask);
-	native_flush_tlb_multi(mask, info);
+	for_each_cpu(cpu, (const struct cpumask *)cpus) {
+		if (!defer(cpu))
+			continue;
+		if (flush != mask) {
+			cpumask_copy(mask, cpus);
+			flush = mask;
+		}
+		__cpumask_clear_cpu(cpu, mask);
+	}
+	native_flush_tlb_multi(flush, info);
 }
 
 int pvops_shim_native_rdmsr_safe(u32 msr, u64 *val)
