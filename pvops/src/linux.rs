@@ -459,6 +459,98 @@ const LEFT: &[(&str, &str)] = &[
         "mmu.flush_tlb_one_user",
         "Linux's flush handles PCID and PTI user ASIDs",
     ),
+    (
+        "cpu.get_debugreg",
+        "no pvops op: Linux's is called from noinstr entry code (#DB, NMI), which pvops's \
+         instrumentable functions must not be",
+    ),
+    (
+        "cpu.set_debugreg",
+        "no pvops op: Linux's is called from noinstr entry code (#DB, NMI), which pvops's \
+         instrumentable functions must not be",
+    ),
+    (
+        "cpu.load_tr_desc",
+        "Linux's native_load_tr_desc swaps to the writable GDT around ltr (the busy bit)",
+    ),
+    (
+        "cpu.set_ldt",
+        "Linux's native_set_ldt writes the LDT descriptor into this CPU's GDT (the kernel's layout)",
+    ),
+    (
+        "cpu.load_tls",
+        "Linux's native_load_tls copies the task's TLS entries into this CPU's GDT (the kernel's \
+         layout)",
+    ),
+    (
+        "cpu.load_gs_index",
+        "Linux's native_load_gs_index loads GS between two swapgs, with the kernel's exception \
+         fixup for a bad selector",
+    ),
+    (
+        "cpu.load_sp0",
+        "Linux's native_load_sp0 writes this CPU's TSS, a per-CPU variable of the kernel's layout",
+    ),
+    (
+        "cpu.write_gdt_entry",
+        "no pvops op: a copy into the kernel's own descriptor table (pvops's descriptor ops are \
+         load_idt, load_gdt, store_tr)",
+    ),
+    (
+        "cpu.write_idt_entry",
+        "no pvops op: a copy into the kernel's own descriptor table (pvops's descriptor ops are \
+         load_idt, load_gdt, store_tr)",
+    ),
+    (
+        "cpu.write_ldt_entry",
+        "no pvops op: a copy into the kernel's own descriptor table (pvops's descriptor ops are \
+         load_idt, load_gdt, store_tr)",
+    ),
+    ("cpu.read_pmc", "no pvops op (native: rdpmc)"),
+    (
+        "cpu.start_context_switch",
+        "natively nothing (paravirt_nop): a hook only Xen PV's own code fills",
+    ),
+    (
+        "cpu.end_context_switch",
+        "natively nothing (paravirt_nop): a hook only Xen PV's own code fills",
+    ),
+    (
+        "mmu.enter_mmap",
+        "natively nothing (paravirt_nop): a hook only Xen PV's own code fills",
+    ),
+    (
+        "mmu.exit_mmap",
+        "natively nothing (paravirt_nop): a hook only Xen PV's own code fills",
+    ),
+    (
+        "mmu.pgd_free",
+        "natively nothing (paravirt_nop): a hook only Xen PV's own code fills",
+    ),
+    (
+        "mmu.pgd_alloc",
+        "natively 0 (__paravirt_pgd_alloc): a hook only Xen PV's own code fills",
+    ),
+    (
+        "mmu.tlb_remove_table",
+        "the kernel's page-table freeing (its mmu_gather batch and RCU), not a hypervisor's",
+    ),
+    (
+        "mmu.ptep_modify_prot_start",
+        "Linux's read-modify-write of a PTE through its mm (ptep_get_and_clear)",
+    ),
+    (
+        "mmu.ptep_modify_prot_commit",
+        "Linux's read-modify-write of a PTE through its mm (set_pte_at)",
+    ),
+    (
+        "mmu.set_p4d",
+        "Linux's native_set_p4d mirrors the entry into PTI's user page tables",
+    ),
+    (
+        "mmu.set_pgd",
+        "Linux's native_set_pgd mirrors the entry into PTI's user page tables",
+    ),
 ];
 
 /// A choice of lock protocol: what Linux chose for its lock group at boot, before
