@@ -430,6 +430,15 @@ const SERVED: &[(&str, Op, LinuxConv, Via)] = &[
     ),
 ];
 
+/// Why the debug-register members are left to Linux.
+const NOINSTR: &str = "no pvops op: Linux's is called from noinstr entry code (#DB, NMI), which \
+                       pvops's instrumentable functions must not be";
+/// Why the descriptor-entry writes are left to Linux.
+const DESCRIPTOR_COPY: &str = "no pvops op: a copy into the kernel's own descriptor table \
+                               (pvops's descriptor ops are load_idt, load_gdt, store_tr)";
+/// Why the hooks that do nothing natively are left to Linux.
+const XEN_PV_HOOK: &str = "natively nothing (paravirt_nop): a hook only Xen PV's own code fills";
+
 /// Members left to Linux on purpose, with the reason (the rest: "no pvops op").
 const LEFT: &[(&str, &str)] = &[
     (
@@ -461,13 +470,11 @@ const LEFT: &[(&str, &str)] = &[
     ),
     (
         "cpu.get_debugreg",
-        "no pvops op: Linux's is called from noinstr entry code (#DB, NMI), which pvops's \
-         instrumentable functions must not be",
+        NOINSTR,
     ),
     (
         "cpu.set_debugreg",
-        "no pvops op: Linux's is called from noinstr entry code (#DB, NMI), which pvops's \
-         instrumentable functions must not be",
+        NOINSTR,
     ),
     (
         "cpu.load_tr_desc",
@@ -493,39 +500,36 @@ const LEFT: &[(&str, &str)] = &[
     ),
     (
         "cpu.write_gdt_entry",
-        "no pvops op: a copy into the kernel's own descriptor table (pvops's descriptor ops are \
-         load_idt, load_gdt, store_tr)",
+        DESCRIPTOR_COPY,
     ),
     (
         "cpu.write_idt_entry",
-        "no pvops op: a copy into the kernel's own descriptor table (pvops's descriptor ops are \
-         load_idt, load_gdt, store_tr)",
+        DESCRIPTOR_COPY,
     ),
     (
         "cpu.write_ldt_entry",
-        "no pvops op: a copy into the kernel's own descriptor table (pvops's descriptor ops are \
-         load_idt, load_gdt, store_tr)",
+        DESCRIPTOR_COPY,
     ),
     ("cpu.read_pmc", "no pvops op (native: rdpmc)"),
     (
         "cpu.start_context_switch",
-        "natively nothing (paravirt_nop): a hook only Xen PV's own code fills",
+        XEN_PV_HOOK,
     ),
     (
         "cpu.end_context_switch",
-        "natively nothing (paravirt_nop): a hook only Xen PV's own code fills",
+        XEN_PV_HOOK,
     ),
     (
         "mmu.enter_mmap",
-        "natively nothing (paravirt_nop): a hook only Xen PV's own code fills",
+        XEN_PV_HOOK,
     ),
     (
         "mmu.exit_mmap",
-        "natively nothing (paravirt_nop): a hook only Xen PV's own code fills",
+        XEN_PV_HOOK,
     ),
     (
         "mmu.pgd_free",
-        "natively nothing (paravirt_nop): a hook only Xen PV's own code fills",
+        XEN_PV_HOOK,
     ),
     (
         "mmu.pgd_alloc",
