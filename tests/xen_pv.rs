@@ -93,10 +93,8 @@ fn refuses_code_it_does_not_know() {
 /// last four addresses makes `gs_rip_target` compute `addr + 4` (backends/src/xen/decode.rs,
 /// line 13), which overflows. That is a panic wherever overflow checks are on (debug builds, the
 /// fuzzer, a kernel built with CONFIG_RUST_OVERFLOW_CHECKS), while the rest of the decoder's
-/// address arithmetic wraps. Ignored until the decoder is fixed; `cargo test --test xen_pv --
-/// --ignored` shows the panic.
+/// address arithmetic wraps. Fixed (the skip wraps too); this keeps it fixed.
 #[test]
-#[ignore = "bug: gs_rip_target overflows on endbr64 at an address >= u64::MAX - 3 (xen/decode.rs:13)"]
 fn endbr_in_the_last_bytes_of_the_address_space() {
     // The fuzzer's minimised input, laid out as the target reads it: irq_disable's address
     // (u64::MAX - 3), save_fl's, an opcode, an instruction length, where the code splits, then

@@ -10,7 +10,7 @@ use super::abi::VCPU_INFO_MASK;
 /// `insn_len` is the whole instruction's length (the immediate follows the displacement).
 pub fn gs_rip_target(code: &[u8], addr: u64, opcode: u8, insn_len: u64) -> Option<u64> {
     let (code, addr) = match code {
-        [0xf3, 0x0f, 0x1e, 0xfa, rest @ ..] => (rest, addr + 4),
+        [0xf3, 0x0f, 0x1e, 0xfa, rest @ ..] => (rest, addr.wrapping_add(4)),
         _ => (code, addr),
     };
     match code {
