@@ -1,6 +1,7 @@
 //! Detection and selection against CPUID tables modelled on each hypervisor, and against the
 //! real CPUID of the machine running the tests.
 
+use pvops_host_tests::NoPlatform;
 use std::cell::Cell;
 
 use pvops::detect::{CpuVendor, HypervisorKind};
@@ -319,13 +320,6 @@ fn requests() {
         select(Request::Backend(pvops_host_tests::ids::KVM), &tcg, &c),
         Err(SelectError::Absent(pvops_host_tests::ids::KVM))
     );
-}
-
-struct NoPlatform;
-impl pvops_backends::Platform for NoPlatform {
-    fn tsc_khz(&self) -> u64 {
-        0
-    }
 }
 
 /// This machine kind is itself a KVM guest: the real CPUID must show KVM. Elsewhere (bare

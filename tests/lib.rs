@@ -195,6 +195,15 @@ pub mod models {
     }
 }
 
+/// A platform with nothing to offer (no TSC rate, no boot data, no ROM area): what a probe sees
+/// when only CPUID speaks.
+pub struct NoPlatform;
+impl pvops_backends::Platform for NoPlatform {
+    fn tsc_khz(&self) -> u64 {
+        0
+    }
+}
+
 /// Patches this process's text: `mprotect` to RWX around each write, back to RX after.
 #[derive(Debug, Default)]
 pub struct MprotectText {
