@@ -473,3 +473,152 @@ fn kvm_paravirt_spinlocks_follow_linux() {
     assert!(!wants_pv_tlb_flush(f, 0, true, &k(2, false)), "MWAIT");
     assert!(!wants_pv_tlb_flush(f, 0, false, &k(1, false)), "one vCPU");
 }
+
+/// KVM's PV send-IPI (Linux's `__send_ipi_mask`) against a modelled host that delivers each
+/// `KVM_HC_SEND_IPI` as KVM's `kvm_pv_send_ipi` does (bit `i` of the 128-bit bitmap is APIC ID
+/// `min + i`), over seeded random masks and APIC-ID layouts: every CPU of the mask gets the
+/// interrupt exactly once, no other does, with the ICR's vector or NMI mode, in as few
+/// hypercalls as the 128-ID windows allow.
+#[test]
+fn kvm_pv_send_ipi_reaches_each_cpu_of_the_mask_once() {
+    use std::collections::HashMap;
+    const CPUS: u32 = 256;
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut rand = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    // APIC-ID layouts: dense, every other, reversed, far apart, shuffled
+    let mut shuffled: Vec<u32> = (0..CPUS).map(|c| c * 3 + 1).collect();
+    for i in (1..shuffled.len()).rev() {
+        shuffled.swap(i, (rand() % (i as u64 + 1)) as usize);
+    }
+    type Layout = (&'static str, Box<dyn Fn(u32) -> u32>);
+    let layouts: [Layout; 5] = [
+        ("dense", Box::new(|c| c)),
+        ("every other", Box::new(|c| c * 2)),
+        ("reversed", Box::new(|c| 1000 - c)),
+        ("far apart", Box::new(|c| c * 97)),
+        ("shuffled", Box::new(move |c| shuffled[c as usize])),
+    ];
+    for (name, apic) in &layouts {
+        let vcpu_of: HashMap<u32, u32> = (0..CPUS).map(|c| (apic(c), c)).collect();
+        for round in 0..200 {
+            let mut mask = [0u64; (CPUS / 64) as usize];
+            let density = round % 4; // sparse .. full
+            for w in &mut mask {
+                *w = match density {
+                    0 => rand() & rand() & rand(),
+                    1 => rand(),
+                    2 => rand() | rand(),
+                    _ => !0,
+                };
+            }
+            let nbits = if round % 5 == 0 { CPUS - 37 } else { CPUS };
+            let vector = if round % 7 == 0 { 2 } else { 0xfd };
+            let mut got: HashMap<u32, u32> = HashMap::new();
+            let mut calls = 0;
+            let sent = kvm::send_ipi_with(&mask, nbits, vector, apic, |[nr, lo, hi, min, icr]| {
+                assert_eq!(nr, kvm::KVM_HC_SEND_IPI);
+                let want = if vector == 2 { kvm::APIC_DM_NMI } else { 0xfd };
+                assert_eq!(icr, want, "{name}: the ICR");
+                calls += 1;
+                let mut reached = 0;
+                for (word, bits) in [(0, lo), (1, hi)] {
+                    for b in 0..64 {
+                        if bits & (1 << b) != 0 {
+                            let id = min as u32 + word * 64 + b;
+                            if let Some(&cpu) = vcpu_of.get(&id) {
+                                *got.entry(cpu).or_default() += 1;
+                                reached += 1;
+                            }
+                        }
+                    }
+                }
+                reached
+            });
+            let want: Vec<u32> = (0..nbits)
+                .filter(|c| mask[(c / 64) as usize] & (1 << (c % 64)) != 0)
+                .collect();
+            assert_eq!(sent, u64::from(!want.is_empty()), "{name}: sent");
+            assert_eq!(got.len(), want.len(), "{name}: CPUs reached");
+            for c in &want {
+                assert_eq!(got.get(c), Some(&1), "{name}: CPU {c} reached once");
+            }
+            if *name == "dense" && density == 3 {
+                // 219 or 256 consecutive IDs: ceil(n / 128) windows
+                assert_eq!(
+                    calls,
+                    nbits.div_ceil(128),
+                    "{name}: one hypercall per window"
+                );
+            }
+        }
+    }
+    // A host that refuses the first hypercall: nothing was sent, the caller sends them all.
+    let all = [!0u64; 1];
+    let mut calls = 0;
+    let refused = kvm::send_ipi_with(
+        &all,
+        64,
+        0xfd,
+        |c| c * 97,
+        |_| {
+            calls += 1;
+            -kvm::KVM_ENOSYS
+        },
+    );
+    assert_eq!(
+        (refused, calls),
+        (0, 1),
+        "refused at once: not sent, no more hypercalls"
+    );
+    // One that refuses a later one: the earlier batches were delivered, so it is not sent again.
+    let mut calls = 0;
+    let partial = kvm::send_ipi_with(
+        &all,
+        64,
+        0xfd,
+        |c| c * 97,
+        |_| {
+            calls += 1;
+            if calls == 3 {
+                -kvm::KVM_ENOSYS
+            } else {
+                1
+            }
+        },
+    );
+    // (IDs 97 apart: two to a 128-ID window, 32 windows)
+    assert_eq!(
+        (partial, calls),
+        (1, 32),
+        "refused later: the rest still sent"
+    );
+    // An empty mask makes no hypercall and sends nothing.
+    assert_eq!(
+        kvm::send_ipi_with(&[0], 64, 0xfd, |c| c, |_| unreachable!()),
+        0
+    );
+    // Linux's gating: the host's feature and more than one possible CPU.
+    unsafe extern "C" fn no_nmi() -> i32 {
+        0
+    }
+    unsafe extern "C" fn apic_id(cpu: u32) -> u32 {
+        cpu
+    }
+    let k = |possible_cpus| kvm::KvmKernel {
+        nopvspin: false,
+        possible_cpus,
+        in_nmi: no_nmi,
+        apic_id,
+    };
+    assert!(kvm::wants_pv_ipi(kvm::KVM_FEATURE_PV_SEND_IPI, &k(2)));
+    assert!(!kvm::wants_pv_ipi(0, &k(2)), "no host support");
+    assert!(
+        !kvm::wants_pv_ipi(kvm::KVM_FEATURE_PV_SEND_IPI, &k(1)),
+        "one vCPU"
+    );
+}

@@ -46,6 +46,7 @@ fn sites_for_every_op(run_privileged: bool) {
             irq::irq_enable();
             irq::safe_halt();
             irq::halt();
+            let _ = irq::send_ipi(&0, 1, 0xfd);
             mmu::write_cr2(mmu::read_cr2());
             mmu::write_cr3(mmu::read_cr3());
             mmu::flush_tlb_user();
@@ -94,7 +95,7 @@ fn expected_inline(op: Op) -> Option<&'static [&'static str]> {
         op if op.is_page_table_value() => &["mov rax, rdi"],
         Op::QueuedSpinUnlock => &["mov byte ptr [rdi], 0"],
         Op::LockWait | Op::LockKick => &[],
-        Op::VcpuIsPreempted | Op::FlushTlbDefer => &["xor eax, eax"],
+        Op::VcpuIsPreempted | Op::FlushTlbDefer | Op::SendIpi => &["xor eax, eax"],
         _ => return None,
     })
 }

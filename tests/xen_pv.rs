@@ -146,6 +146,8 @@ const KEPT: &[Op] = &[
     Op::LockKick,
     Op::VcpuIsPreempted,
     Op::FlushTlbDefer,
+    // none sent: the kernel's event channels carry a PV domain's IPIs
+    Op::SendIpi,
     // the time ops and the hypercall are the Xen backend's own (set by `Xen::ops`)
     Op::SchedClock,
     Op::StealClock,

@@ -23,6 +23,10 @@
 //!   call) the lock group is native's.
 //! - **PV TLB flush**, built in, with Linux's gating: `flush_tlb_defer` leaves a preempted
 //!   vCPU's flush to the host (the request bit of its steal-time record) instead of an IPI.
+//! - **PV send-IPI**, with Linux's gating (`KVM_FEATURE_PV_SEND_IPI`, more than one possible
+//!   CPU): `irq.send_ipi` turns a CPU mask into APIC IDs and sends each window of 128 of them
+//!   with one `KVM_HC_SEND_IPI` ([`ipi_batches`]), where the local APIC would take one ICR
+//!   write (an exit) per CPU. Built in, the kernel's APIC callbacks call it.
 //! - **Everything else is native**: a KVM guest runs its kernel in ring 0 with real interrupt
 //!   flags and page tables, so the CPU, IRQ and MMU groups and their inline replacements are the
 //!   native backend's; `io_delay` becomes nothing when KVM says port 0x80 delays are useless.
@@ -50,6 +54,8 @@ pub const KVM_FEATURE_STEAL_TIME: u32 = 1 << 5;
 pub const KVM_FEATURE_PV_UNHALT: u32 = 1 << 7;
 /// `KVM_FEATURE_PV_TLB_FLUSH`: the host flushes a preempted vCPU's TLB on request.
 pub const KVM_FEATURE_PV_TLB_FLUSH: u32 = 1 << 9;
+/// `KVM_FEATURE_PV_SEND_IPI`: `KVM_HC_SEND_IPI` sends an IPI to up to 128 vCPUs at once.
+pub const KVM_FEATURE_PV_SEND_IPI: u32 = 1 << 11;
 /// `KVM_FEATURE_PV_SCHED_YIELD`.
 pub const KVM_FEATURE_PV_SCHED_YIELD: u32 = 1 << 13;
 /// `KVM_HINTS_REALTIME` (CPUID base+1 EDX): vCPUs never preempted, pCPUs dedicated.
@@ -150,8 +156,11 @@ struct State {
     pv_locks: AtomicBool,
     /// Whether preempted vCPUs' TLB flushes are left to the host (built in, Linux's gating).
     pv_tlb_flush: AtomicBool,
-    /// Waits entered, halts taken, kicks sent, preempted vCPUs seen, flushes left to the host.
-    counts: [AtomicU64; 5],
+    /// Whether `irq.send_ipi` is KVM's (Linux's gating).
+    pv_ipi: AtomicBool,
+    /// Waits entered, halts taken, kicks sent, preempted vCPUs seen, flushes left to the host;
+    /// send-IPI hypercalls made, vCPUs they reached, and refused.
+    counts: [AtomicU64; COUNTS],
 }
 
 static STATE: State = State {
@@ -163,11 +172,15 @@ static STATE: State = State {
     features: AtomicU64::new(0),
     pv_locks: AtomicBool::new(false),
     pv_tlb_flush: AtomicBool::new(false),
-    counts: [const { AtomicU64::new(0) }; 5],
+    pv_ipi: AtomicBool::new(false),
+    counts: [const { AtomicU64::new(0) }; COUNTS],
 };
 
-/// What the paravirt spinlock ops need of the kernel, where pvops is built into it: its slow
-/// path and two helpers. Provided by the platform ([`Platform::kvm_kernel`]).
+/// How many counters [`State::counts`] has: one per [`Count`].
+const COUNTS: usize = 8;
+
+/// What the paravirt spinlock ops (built in: the kernel's slow path), the PV TLB flush and PV
+/// send-IPI need of the kernel. Provided by the platform ([`Platform::kvm_kernel`]).
 #[derive(Clone, Copy, Debug)]
 pub struct KvmKernel {
     /// Linux's `nopvspin`.
@@ -202,10 +215,17 @@ enum Count {
     Kicks,
     Preempted,
     FlushesDeferred,
+    IpiHypercalls,
+    IpiVcpusReached,
+    IpiRefused,
 }
 
 fn count(c: Count) {
-    STATE.counts[c as usize].fetch_add(1, Ordering::Relaxed);
+    count_n(c, 1);
+}
+
+fn count_n(c: Count, n: u64) {
+    STATE.counts[c as usize].fetch_add(n, Ordering::Relaxed);
 }
 
 /// The counters since start: the lock group's waits entered, halts taken, kicks sent, the
@@ -213,6 +233,130 @@ fn count(c: Count) {
 pub fn lock_counts() -> [u64; 5] {
     let c = &STATE.counts;
     [0, 1, 2, 3, 4].map(|i| c[i].load(Ordering::Relaxed))
+}
+
+/// The PV send-IPI counters since start: `KVM_HC_SEND_IPI` hypercalls made, the vCPUs the host
+/// says they reached, and the hypercalls it refused.
+pub fn ipi_counts() -> [u64; 3] {
+    let c = &STATE.counts;
+    [5, 6, 7].map(|i| c[i].load(Ordering::Relaxed))
+}
+
+/// Whether `irq.send_ipi` is KVM's PV send-IPI.
+pub fn pv_ipi() -> bool {
+    STATE.pv_ipi.load(Ordering::Relaxed)
+}
+
+/// Whether Linux's KVM guest would send IPIs by hypercall (its `pv_ipi_supported`): the host
+/// offers it and there is more than one possible CPU.
+pub fn wants_pv_ipi(features: u32, k: &KvmKernel) -> bool {
+    features & KVM_FEATURE_PV_SEND_IPI != 0 && k.possible_cpus > 1
+}
+
+/// APIC IDs one `KVM_HC_SEND_IPI` covers: a 128-bit bitmap from the lowest of them.
+pub const KVM_IPI_CLUSTER_SIZE: u32 = 128;
+/// The ICR's delivery mode for an NMI (`APIC_DM_NMI`); a fixed interrupt's is 0.
+pub const APIC_DM_NMI: u64 = 0x400;
+
+/// The ICR low word `KVM_HC_SEND_IPI` takes for `vector`: a fixed interrupt of that vector, or
+/// an NMI for [`NMI_VECTOR`](pvops::ops::irq::NMI_VECTOR) (Linux's `__send_ipi_mask`).
+pub fn ipi_icr(vector: u32) -> u64 {
+    if vector == pvops::ops::irq::NMI_VECTOR {
+        APIC_DM_NMI
+    } else {
+        u64::from(vector & 0xff)
+    }
+}
+
+/// Group `apic_ids` (in CPU order) into `KVM_HC_SEND_IPI` batches as Linux's `__send_ipi_mask`
+/// does: a batch is a 128-bit bitmap of APIC IDs from its lowest, `min`; an ID that fits the
+/// window (below `min` with the highest still inside, or above it) joins the batch, anything
+/// else sends it and starts the next. `send(bitmap_low, bitmap_high, min)` makes each one.
+/// Pure (the hypercall is `send`), so host tests check it against a modelled host.
+pub fn ipi_batches(apic_ids: impl IntoIterator<Item = u32>, mut send: impl FnMut(u64, u64, u32)) {
+    let mut bitmap: u128 = 0;
+    let (mut min, mut max) = (0u32, 0u32);
+    for id in apic_ids {
+        if bitmap == 0 {
+            (min, max) = (id, id);
+        } else if id < min && max - id < KVM_IPI_CLUSTER_SIZE {
+            bitmap <<= min - id;
+            min = id;
+        } else if id >= min && id - min < KVM_IPI_CLUSTER_SIZE {
+            max = max.max(id);
+        } else {
+            send(bitmap as u64, (bitmap >> 64) as u64, min);
+            (bitmap, min, max) = (0, id, id);
+        }
+        bitmap |= 1 << (id - min);
+    }
+    if bitmap != 0 {
+        send(bitmap as u64, (bitmap >> 64) as u64, min);
+    }
+}
+
+/// The CPUs of a cpumask: the bits set in `mask` below `nbits`, lowest first.
+pub fn mask_cpus(mask: &[u64], nbits: u32) -> impl Iterator<Item = u32> + '_ {
+    mask.iter().enumerate().flat_map(move |(w, &bits)| {
+        (0..64u32).filter_map(move |b| {
+            let cpu = w as u32 * 64 + b;
+            (bits & (1 << b) != 0 && cpu < nbits).then_some(cpu)
+        })
+    })
+}
+
+/// KVM's PV send-IPI over any hypercall (`hypercall(args)`, the backend's or a model's): the
+/// CPUs of `mask` as APIC IDs (`apic_id`), batched by [`ipi_batches`], one `KVM_HC_SEND_IPI`
+/// each. 1 when every CPU was sent to; 0 when the host refused the first hypercall (nothing
+/// was sent: the caller sends through the local APIC). A host that refuses a later batch,
+/// having taken earlier ones, is counted (`ipi-refused`) and the rest still sent: sending
+/// everything again would interrupt the CPUs reached twice.
+pub fn send_ipi_with(
+    mask: &[u64],
+    nbits: u32,
+    vector: u32,
+    apic_id: impl Fn(u32) -> u32,
+    mut hypercall: impl FnMut([u64; 5]) -> i64,
+) -> u64 {
+    let icr = ipi_icr(vector);
+    let (mut sent, mut refused_first) = (0u32, false);
+    ipi_batches(mask_cpus(mask, nbits).map(apic_id), |lo, hi, min| {
+        if refused_first {
+            return;
+        }
+        count(Count::IpiHypercalls);
+        let r = hypercall([KVM_HC_SEND_IPI, lo, hi, u64::from(min), icr]);
+        if r < 0 {
+            count(Count::IpiRefused);
+            refused_first = sent == 0;
+        } else {
+            count_n(Count::IpiVcpusReached, r as u64);
+        }
+        sent += 1;
+    });
+    u64::from(sent > 0 && !refused_first)
+}
+
+/// `irq.send_ipi(mask, nbits, vector)`: KVM's PV send-IPI ([`send_ipi_with`] over the
+/// backend's hypercall). Linux's `kvm_send_ipi_mask`.
+///
+/// # Safety
+///
+/// Ring 0, interrupts off; `mask` is readable for `nbits` bits.
+unsafe extern "C" fn send_ipi(mask: *const u64, nbits: u32, vector: u32) -> u64 {
+    let Some(k) = kernel() else { return 0 };
+    // SAFETY: the caller's mask, readable for `nbits` bits (rounded up to whole words).
+    let mask = unsafe { core::slice::from_raw_parts(mask, nbits.div_ceil(64) as usize) };
+    let hypercall = hypercall_pick(KVM.vmmcall.load(Ordering::Relaxed));
+    send_ipi_with(
+        mask,
+        nbits,
+        vector,
+        // SAFETY: a kernel helper; the mask names possible CPUs.
+        |cpu| unsafe { (k.apic_id)(cpu) },
+        // SAFETY: KVM is present (the backend started); the hypercall only sends IPIs.
+        |[nr, a0, a1, a2, a3]| unsafe { hypercall(nr, a0, a1, a2, a3) },
+    )
 }
 
 /// Whether preempted vCPUs' TLB flushes are left to the host.
@@ -649,8 +793,12 @@ impl Driver for Kvm {
         let pv = cfg!(pvops_builtin) && k.is_some_and(|k| wants_pv_locks(features, hints, &k));
         STATE.pv_locks.store(pv, Ordering::Relaxed);
         let mwait = platform.cpuid(1, 0).ecx & (1 << 3) != 0;
-        let flush = k.is_some_and(|k| wants_pv_tlb_flush(features, hints, mwait, &k));
+        // (built in only: only the kernel's flush_tlb_multi adapter asks it)
+        let flush = cfg!(pvops_builtin)
+            && k.is_some_and(|k| wants_pv_tlb_flush(features, hints, mwait, &k));
         STATE.pv_tlb_flush.store(flush, Ordering::Relaxed);
+        let ipi = k.is_some_and(|k| wants_pv_ipi(features, &k));
+        STATE.pv_ipi.store(ipi, Ordering::Relaxed);
         for c in &STATE.counts {
             c.store(0, Ordering::Relaxed);
         }
@@ -709,6 +857,9 @@ impl Backend for Kvm {
         if pv_tlb_flush() {
             ops.mmu.flush_tlb_defer = Impl::call(flush_tlb_defer);
         }
+        if pv_ipi() {
+            ops.irq.send_ipi = Impl::call(send_ipi);
+        }
         // (only ever set built in: the unlock calls the kernel's slow path)
         if pv_locks() {
             #[cfg(pvops_builtin)]
@@ -763,6 +914,12 @@ impl Backend for Kvm {
         }
         if pv_tlb_flush() {
             each("tlb-flushes-deferred", deferred);
+        }
+        if pv_ipi() {
+            let [hypercalls, reached, refused] = ipi_counts();
+            each("ipi-hypercalls", hypercalls);
+            each("ipi-vcpus-reached", reached);
+            each("ipi-refused", refused);
         }
     }
 

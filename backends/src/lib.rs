@@ -188,8 +188,8 @@ pub trait Platform {
         None
     }
 
-    /// What KVM's paravirt spinlock ops need of the kernel (`None`: a module, which cannot take
-    /// over the kernel's locks).
+    /// What KVM's paravirt spinlock ops, PV TLB flush and PV send-IPI need of the kernel
+    /// (`None`: unknown; they stay native's).
     fn kvm_kernel(&self) -> Option<kvm::KvmKernel> {
         None
     }

@@ -292,6 +292,16 @@ extern "C" fn nothing_kick(_cpu: u32) {}
 extern "C" fn never_defer(_cpu: u32) -> u64 {
     0
 }
+/// Hardware sends IPIs through the local APIC alone: the caller writes the ICR.
+extern "C" fn never_send_ipi(_mask: *const u64, _nbits: u32, _vector: u32) -> u64 {
+    0
+}
+
+/// `xor eax, eax`: the inline form of an op whose native answer is 0.
+const ZERO: Inline = Inline {
+    bytes: &[0x31, 0xc0],
+    clobbers: pvops::ops::Clobbers::RAX.union(pvops::ops::Clobbers::FLAGS),
+};
 
 /// The TSC rate sched_clock and the timer scale by.
 static TSC: TscScale = TscScale::new();
@@ -553,6 +563,8 @@ pub const OPS: BackendOps = BackendOps {
         irq_enable: imp::irq_enable,
         safe_halt: imp::safe_halt,
         halt: imp::halt,
+        // none sent: the caller writes the local APIC's ICR
+        send_ipi: Impl::inline(never_send_ipi, ZERO),
     },
     mmu: MmuImpls {
         read_cr2: imp::read_cr2,
@@ -580,14 +592,8 @@ pub const OPS: BackendOps = BackendOps {
         make_p4d: imp::identity,
         pgd_val: imp::identity,
         make_pgd: imp::identity,
-        // `xor eax, eax`: none taken over
-        flush_tlb_defer: Impl::inline(
-            never_defer,
-            Inline {
-                bytes: &[0x31, 0xc0],
-                clobbers: pvops::ops::Clobbers::RAX.union(pvops::ops::Clobbers::FLAGS),
-            },
-        ),
+        // none taken over
+        flush_tlb_defer: Impl::inline(never_defer, ZERO),
     },
     lock: LockImpls {
         queued_spin_unlock: imp::queued_spin_unlock,

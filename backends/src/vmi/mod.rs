@@ -140,8 +140,9 @@ fn route(op: Op) -> Route {
         | Op::PgdVal
         | Op::MakePgd => Route::Native,
         // nor for the lock ops: a VMI guest's locks are bare hardware's; nor for taking over
-        // another vCPU's TLB flush
-        Op::QueuedSpinUnlock
+        // another vCPU's TLB flush, nor for IPIs (its local APIC is the hardware's model)
+        Op::SendIpi
+        | Op::QueuedSpinUnlock
         | Op::LockWait
         | Op::LockKick
         | Op::VcpuIsPreempted

@@ -740,5 +740,7 @@ pub fn ops() -> BackendOps {
     ops.lock.queued_spin_unlock = Impl::call(native::OPS.lock.queued_spin_unlock.func);
     ops.lock.vcpu_is_preempted = Impl::call(native::OPS.lock.vcpu_is_preempted.func);
     ops.mmu.flush_tlb_defer = Impl::call(native::OPS.mmu.flush_tlb_defer.func);
+    // IPIs are event channels the kernel bound (xen_send_IPI_mask): none sent here
+    ops.irq.send_ipi = Impl::call(native::OPS.irq.send_ipi.func);
     ops
 }

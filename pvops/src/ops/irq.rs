@@ -1,5 +1,5 @@
-//! IRQ group: call-site wrappers for [`IrqOps`](super::IrqOps). All callee-save: a patched
-//! inline site costs what the bare instruction costs.
+//! IRQ group: call-site wrappers for [`IrqOps`](super::IrqOps). All callee-save but
+//! [`send_ipi`]: a patched inline site costs what the bare instruction costs.
 
 use super::Op;
 use crate::pv_site;
@@ -70,4 +70,25 @@ pub unsafe fn safe_halt() {
 pub unsafe fn halt() {
     // SAFETY: forwarded contract; callee-save operands.
     unsafe { pv_site!(Op::Halt; lateout("rax") _) };
+}
+
+/// NMI's vector number: [`send_ipi`] with it sends an NMI, not a fixed interrupt.
+pub const NMI_VECTOR: u32 = 2;
+
+/// Send `vector` to the CPUs of `mask` (a cpumask of `nbits` bits) the backend's way; `false`
+/// when the backend sent nothing and the caller must send them itself (through the local APIC).
+///
+/// # Safety
+///
+/// Ring 0, interrupts off; `mask` is readable for `nbits` bits and names only online CPUs;
+/// `vector` is one the kernel handles (or [`NMI_VECTOR`]).
+#[inline(always)]
+pub unsafe fn send_ipi(mask: *const u64, nbits: u32, vector: u32) -> bool {
+    let sent: u64;
+    // SAFETY: forwarded contract; C operands.
+    unsafe {
+        pv_site!(Op::SendIpi; in("rdi") mask, in("esi") nbits, in("edx") vector,
+                 lateout("rax") sent, clobber_abi("C"))
+    };
+    sent & 1 != 0
 }

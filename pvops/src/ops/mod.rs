@@ -172,7 +172,7 @@ impl<S> Impl<S> {
 pub enum Group {
     /// Privileged CPU instructions: CPUID, control registers, MSRs, descriptor tables.
     Cpu,
-    /// The interrupt flag and halting.
+    /// The interrupt flag, halting and IPIs.
     Irq,
     /// Page faults' CR2, page-table roots, TLB flushes and page-table writes.
     Mmu,
@@ -451,7 +451,8 @@ define_ops! {
         /// choice directly. Ring 0 (a hypervisor refuses calls from user mode).
         hypercall => Hypercall: fn(nr: u64, a0: u64, a1: u64, a2: u64, a3: u64) -> i64, C, site 6;
     }
-    /// Interrupt-flag ops. All callee-save (they sit on the hottest paths). Context: any.
+    /// Interrupt ops: the flag and halting, all callee-save (they sit on the hottest paths),
+    /// and sending IPIs. Context: any.
     irq: IrqOps, IrqImpls => Irq {
         /// `save_fl() -> flags`: the current RFLAGS; only bit 9 (IF) is meaningful.
         save_fl => SaveFl: fn() -> u64, CalleeSave, site 6;
@@ -465,6 +466,12 @@ define_ops! {
         safe_halt => SafeHalt: fn(), CalleeSave, site 6;
         /// `halt()`: halt with the interrupt flag as it is.
         halt => Halt: fn(), CalleeSave, site 6;
+        /// `send_ipi(mask, nbits, vector) -> sent`: send `vector` to every CPU whose bit is set
+        /// in the bitmap `mask` (`nbits` bits, little-endian u64 words: Linux's cpumask), with
+        /// one hypercall per cluster of APIC IDs where the backend can (KVM's PV send-IPI), and
+        /// say so (1). 0: nothing was sent, the caller sends them through the local APIC
+        /// (native). `vector` 2 is an NMI. Interrupts off.
+        send_ipi => SendIpi: fn(mask: *const u64, nbits: u32, vector: u32) -> u64, C, site 6;
     }
     /// MMU ops. Ring 0; TLB and CR3 ops with preemption off.
     mmu: MmuOps, MmuImpls => Mmu {
