@@ -270,6 +270,16 @@ fn requests() {
     );
     assert!(Request::parse("qemu", &BACKENDS).is_err());
     assert!(Request::parse("KVM", &BACKENDS).is_err());
+    // the rest of the README's bad-input table for names: empty is auto, surrounding space
+    // is dropped; two names, a stray character, a long name are unknown
+    assert_eq!(Request::parse("", &BACKENDS), Ok(Request::Auto));
+    assert_eq!(
+        Request::parse(" kvm ", &BACKENDS),
+        Ok(Request::Backend(pvops_host_tests::ids::KVM))
+    );
+    for bad in ["Native", "kvm,xen", "kvm xen", "kvm;", "kvm\0", &"k".repeat(300)] {
+        assert!(Request::parse(bad, &BACKENDS).is_err(), "{bad:?}");
+    }
 
     let d = detect(&models::kvm().source());
     // native can always be forced
