@@ -277,7 +277,14 @@ fn requests() {
         Request::parse(" kvm ", &BACKENDS),
         Ok(Request::Backend(pvops_host_tests::ids::KVM))
     );
-    for bad in ["Native", "kvm,xen", "kvm xen", "kvm;", "kvm\0", &"k".repeat(300)] {
+    for bad in [
+        "Native",
+        "kvm,xen",
+        "kvm xen",
+        "kvm;",
+        "kvm\0",
+        &"k".repeat(300),
+    ] {
         assert!(Request::parse(bad, &BACKENDS).is_err(), "{bad:?}");
     }
 

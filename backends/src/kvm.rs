@@ -902,6 +902,10 @@ impl Backend for Kvm {
         }
     }
 
+    fn sends_ipis(&self) -> bool {
+        pv_ipi()
+    }
+
     fn counters(&self, each: &mut dyn FnMut(&'static str, u64)) {
         let [waits, halts, kicks, preempted, deferred] = lock_counts();
         if pv_locks() {

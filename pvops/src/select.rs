@@ -78,6 +78,14 @@ pub trait Backend: Sync {
         Err("this backend's ops are not checked against the kernel's own yet")
     }
 
+    /// Whether `irq.send_ipi` sends IPIs (a hypervisor's PV send-IPI), so that the kernel's APIC
+    /// callbacks should call it; false by default (none sent: the local APIC does). Said by the
+    /// backend rather than inferred from its table (a function's address is not an identity
+    /// across crates).
+    fn sends_ipis(&self) -> bool {
+        false
+    }
+
     /// What the backend counted of its work since it started (name, count), for the report:
     /// none by default.
     fn counters(&self, each: &mut dyn FnMut(&'static str, u64)) {
