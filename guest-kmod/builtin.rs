@@ -30,7 +30,9 @@
 //! (native, or KVM's paravirt spinlocks around the kernel's paravirt slow path), the I/O delay,
 //! and how other CPUs' TLBs are flushed. Members whose signature differs from their op's (the MSR
 //! accessors, `cpuid`, the page-table notifications) are reached through the adapters of
-//! [`crate::adapters`]. The rest is left to Linux, with the reason.
+//! [`crate::adapters`]. The rest is left to Linux, with the reason. Where the backend sends IPIs
+//! itself (KVM's PV send-IPI), the APIC driver's `send_IPI_mask` callbacks become the shim's,
+//! which call `irq.send_ipi` ([`take_ipis`], at the initcall); they change hands with the sites.
 
 use core::cell::UnsafeCell;
 use core::ffi::{c_int, c_void};
@@ -166,6 +168,9 @@ struct Census {
     take_backs: u32,
     /// The kernel's clocks (`pv_sched_clock`, `pv_steal_clock`), by [`KernelClock`].
     clocks: [ClockHold; 2],
+    /// Whether the APIC driver's `send_IPI_mask` callbacks are pvops's (taken at the
+    /// initcall, [`take_ipis`]), or why not.
+    ipis: Result<(), &'static str>,
 }
 
 /// One of the kernel's clocks: what Linux had in it when pvops took it, or why pvops did not.
@@ -244,6 +249,7 @@ static CENSUS: Slot = Slot(UnsafeCell::new(Census {
         linux_fn: 0,
         why: None,
     }; 2],
+    ipis: Err("not taken yet"),
 }));
 
 /// The census.
@@ -681,6 +687,36 @@ fn may_take_steal_clock(c: &Census) -> Result<(), &'static str> {
     Ok(())
 }
 
+/// At the initcall: whether the kernel's IPIs go through pvops (the APIC driver's
+/// `send_IPI_mask` and `send_IPI_mask_allbutself` become the shim's, which call `irq.send_ipi`
+/// and Linux's own callbacks for what it does not send), where the backend sends IPIs itself
+/// (KVM's PV send-IPI).
+fn take_ipis(c: &Census) -> Result<(), &'static str> {
+    let (Some(ch), true) = (c.chosen, c.late) else {
+        return Err(c.refused.unwrap_or("no backend started at boot"));
+    };
+    if !ch.backend.sends_ipis() {
+        return Err("the backend sends no IPIs of its own: Linux's APIC driver does");
+    }
+    // SAFETY: the initcall (init data is still there); the shim keeps Linux's callbacks.
+    match unsafe { shim::pvops_shim_ipi_install(Some(crate::platform::send_ipi)) } {
+        0 => Ok(()),
+        _ => Err("the kernel has no APIC driver with send_IPI_mask callbacks"),
+    }
+}
+
+/// Whether the kernel's IPIs are `holder`'s: the shim's callbacks in the APIC driver, sending
+/// through pvops or handed back to Linux's.
+fn ipis_read_back(holder: Holder) -> bool {
+    // SAFETY: reads the APIC driver's callbacks and a flag.
+    let found = unsafe { shim::pvops_shim_ipi_holder() };
+    found
+        == match holder {
+            Holder::Pvops => 0,
+            Holder::Linux => 1,
+        }
+}
+
 /// The census as text: the totals, then one line per member with sites.
 struct Report<'a>(&'a Census, u32);
 
@@ -704,6 +740,10 @@ impl fmt::Display for Report<'_> {
                 },
                 _ => writeln!(f, "{} pvops", k.name())?,
             }
+        }
+        match c.ipis {
+            Ok(()) => writeln!(f, "apic.send_IPI_mask pvops")?,
+            Err(why) => writeln!(f, "apic.send_IPI_mask linux why=\"{why}\"")?,
         }
         for m in c.members().iter().filter(|m| m.sites > 0) {
             let linux = m.sites - m.inline - m.direct;
@@ -754,6 +794,12 @@ pub(crate) fn readback() -> u32 {
     }
     let may = may_take_steal_clock(c);
     c.clocks[KernelClock::Steal as usize].take(KernelClock::Steal, may);
+    c.ipis = take_ipis(c);
+    let mut bad = bad;
+    if c.ipis.is_ok() && !ipis_read_back(Holder::Pvops) {
+        pr_err!("kernel: the APIC driver's send_IPI_mask callbacks are not pvops's\n");
+        bad += 1;
+    }
     let (t, i, d) = c.totals();
     if c.refused.is_none() {
         pr_info!(
@@ -964,6 +1010,10 @@ unsafe extern "C" fn run_hand(data: *mut c_void) -> c_int {
             )
         };
     }
+    if h.c.ipis.is_ok() {
+        // SAFETY: a flag the shim's APIC callbacks read; no other CPU runs.
+        unsafe { shim::pvops_shim_ipi_to_linux(c_int::from(h.to == Holder::Linux)) };
+    }
     if let Some(ops) = h.c.ops {
         for m in h.c.members() {
             if let Served::Yes { .. } = m.served {
@@ -1056,6 +1106,10 @@ pub(crate) extern "C" fn pvops_kernel_hand(to_linux: c_int) -> c_int {
             pr_err!("kernel: {} is not {}'s\n", k.name(), to.name());
             bad += 1;
         }
+    }
+    if c.ipis.is_ok() && !ipis_read_back(to) {
+        pr_err!("kernel: the kernel's IPIs are not {}'s\n", to.name());
+        bad += 1;
     }
     let linux_steal = c.clocks[KernelClock::Steal as usize].linux_fn;
     if linux_steal != 0 {

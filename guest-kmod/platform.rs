@@ -88,7 +88,8 @@ impl pvops_backends::Platform for KernelPlatform {
         })
     }
 
-    #[cfg(not(MODULE))]
+    /// In a module too (the backend gates what a module cannot take over itself: the lock
+    /// group and the TLB flush), for the APIC IDs of PV send-IPI.
     fn kvm_kernel(&self) -> Option<pvops_backends::kvm::KvmKernel> {
         // SAFETY: plain reads of the kernel's state (`nopvspin`, the possible mask).
         let (nopvspin, possible_cpus) = unsafe {
@@ -184,4 +185,16 @@ extern "C" fn kernel_value(op: pvops::Op, value: u64) -> u64 {
     };
     // SAFETY: the kernel's conversion, pure, callable in any context.
     unsafe { shim::pvops_shim_value(which, value) }
+}
+
+/// `irq.send_ipi` as the shim calls it (the kernel's APIC callbacks, built in; the module's
+/// self-test): through a call site of its own, which pvops patches like all of its sites.
+///
+/// # Safety
+///
+/// The op's contract: interrupts off, `mask` a cpumask of `nbits` bits naming online CPUs.
+pub(crate) unsafe extern "C" fn send_ipi(mask: *const usize, nbits: u32, vector: u32) -> u64 {
+    // SAFETY: forwarded contract (the kernel's bindings give an unsigned long as a usize, 64
+    // bits on x86-64).
+    u64::from(unsafe { pvops::ops::irq::send_ipi(mask.cast(), nbits, vector) })
 }

@@ -216,6 +216,19 @@ pub(crate) fn selftest(backend: &dyn Backend, ops: &BackendOps) -> SelfTest {
 
     t.check("lock-ops", lock_ops_round_trip());
 
+    // PV send-IPI, where the backend sends IPIs itself (KVM's hypercall).
+    if !backend.sends_ipis() {
+        t.na(
+            "send-ipi",
+            "the backend sends no IPIs of its own: the local APIC does",
+        );
+    } else {
+        match send_ipi_round_trip() {
+            Ok(held) => t.check("send-ipi", held),
+            Err(why) => t.na("send-ipi", why),
+        }
+    }
+
     // The adapters kernel sites of Linux's MSR and CPUID members call (built in only), against
     // the bare instructions.
     #[cfg(MODULE)]
@@ -324,6 +337,28 @@ pub(crate) fn selftest(backend: &dyn Backend, ops: &BackendOps) -> SelfTest {
         checks: t.0,
         hypercall,
     }
+}
+
+/// A reschedule IPI to every other online CPU through this module's `irq.send_ipi` site: each
+/// of them must count it (its irq_stat) within a second, and the host must say it reached as
+/// many vCPUs (KVM's counters; the one backend with an `irq.send_ipi` of its own).
+fn send_ipi_round_trip() -> Result<bool, &'static str> {
+    let reached0 = pvops_backends::kvm::ipi_counts()[1];
+    let mut targets = 0;
+    // SAFETY: the shim's self-test; `send_ipi` is the op's entry for the shim.
+    let took =
+        unsafe { shim::pvops_shim_selftest_ipi(Some(crate::platform::send_ipi), &mut targets) };
+    let reached = pvops_backends::kvm::ipi_counts()[1] - reached0;
+    if targets == 0 {
+        return Err("one CPU online: no other to send to");
+    }
+    pr_info!(
+        "self-test: send-ipi: {} of {} CPUs took the reschedule IPI; the host reached {} vCPUs\n",
+        took.max(0),
+        targets,
+        reached
+    );
+    Ok(took == targets as i32 && reached >= u64::from(targets))
 }
 
 /// The Accessed bit of a page-table entry.

@@ -46,6 +46,10 @@
 #include <asm/smp.h>
 #include <asm/tlbflush.h>
 #include <asm/qspinlock.h>
+#include <asm/apic.h>
+#include <asm/hardirq.h>
+#include <asm/irq_vectors.h>
+#include <linux/cpu.h>
 
 #include "shim.h"
 
@@ -398,29 +402,89 @@ int pvops_shim_native_flush_tlb_multi(void)
 	return pv_ops.mmu.flush_tlb_multi == native_flush_tlb_multi;
 }
 
-/* What KVM's paravirt spinlock ops need (pvops_backends::kvm::KvmKernel). */
-int pvops_shim_nopvspin(void)
+/*
+ * PV send-IPI through the kernel's APIC callbacks (built in): send_IPI_mask and
+ * send_IPI_mask_allbutself go to pvops's irq.send_ipi (send), and to Linux's own callbacks,
+ * kept, when it sends nothing or once the kernel's sites are handed back to Linux (ipi_to_linux,
+ * flipped under stop_machine: the callbacks themselves are static calls, which cannot be
+ * re-patched there).
+ */
+static void (*linux_send_IPI_mask)(const struct cpumask *mask, int vector);
+static void (*linux_send_IPI_mask_allbutself)(const struct cpumask *mask, int vector);
+static u64 (*pvops_send)(const unsigned long *mask, unsigned int nbits, unsigned int vector);
+static bool ipi_to_linux;
+/* the allbutself mask, one per CPU (interrupts are off while it is used) */
+static DEFINE_PER_CPU(struct cpumask, pvops_ipi_mask);
+
+static void pvops_send_IPI_mask(const struct cpumask *mask, int vector)
 {
-#ifdef CONFIG_PARAVIRT_SPINLOCKS
-	return nopvspin;
-#else
-	return 1;
-#endif
+	unsigned long flags;
+	u64 sent;
+
+	if (READ_ONCE(ipi_to_linux)) {
+		linux_send_IPI_mask(mask, vector);
+		return;
+	}
+	local_irq_save(flags);
+	sent = pvops_send(cpumask_bits(mask), nr_cpu_ids, vector);
+	local_irq_restore(flags);
+	if (!sent)
+		linux_send_IPI_mask(mask, vector);
 }
 
-unsigned int pvops_shim_possible_cpus(void)
+static void pvops_send_IPI_mask_allbutself(const struct cpumask *mask, int vector)
 {
-	return num_possible_cpus();
+	struct cpumask *others;
+	unsigned long flags;
+	u64 sent;
+
+	if (READ_ONCE(ipi_to_linux)) {
+		linux_send_IPI_mask_allbutself(mask, vector);
+		return;
+	}
+	local_irq_save(flags);
+	others = this_cpu_ptr(&pvops_ipi_mask);
+	cpumask_copy(others, mask);
+	__cpumask_clear_cpu(smp_processor_id(), others);
+	sent = cpumask_empty(others) || pvops_send(cpumask_bits(others), nr_cpu_ids, vector);
+	local_irq_restore(flags);
+	if (!sent)
+		linux_send_IPI_mask_allbutself(mask, vector);
 }
 
-int pvops_shim_in_nmi(void)
+/* At the initcall: the two callbacks become pvops's (Linux's kept); 0, or -errno. */
+int pvops_shim_ipi_install(u64 (*send)(const unsigned long *mask, unsigned int nbits,
+				       unsigned int vector))
 {
-	return in_nmi() != 0;
+	if (!apic || !apic->send_IPI_mask || !apic->send_IPI_mask_allbutself)
+		return -ENODEV;
+	linux_send_IPI_mask = apic->send_IPI_mask;
+	linux_send_IPI_mask_allbutself = apic->send_IPI_mask_allbutself;
+	pvops_send = send;
+	/* apic_update_callback() without its boot-time override record (init data: the APIC
+	 * driver is chosen long before initcalls, and never again) */
+	apic->send_IPI_mask = pvops_send_IPI_mask;
+	static_call_update(apic_call_send_IPI_mask, pvops_send_IPI_mask);
+	apic->send_IPI_mask_allbutself = pvops_send_IPI_mask_allbutself;
+	static_call_update(apic_call_send_IPI_mask_allbutself, pvops_send_IPI_mask_allbutself);
+	pr_info("pvops: APIC send_IPI_mask and send_IPI_mask_allbutself through pvops\n");
+	return 0;
 }
 
-u32 pvops_shim_apic_id(u32 cpu)
+/* Under stop_machine (the hand-back): whose IPIs the callbacks send. */
+void pvops_shim_ipi_to_linux(int to_linux)
 {
-	return per_cpu(x86_cpu_to_apicid, cpu);
+	WRITE_ONCE(ipi_to_linux, to_linux);
+}
+
+/* Who sends the kernel's IPIs: 0 pvops, 1 Linux (through pvops's callbacks, handed back), -1
+ * Linux's callbacks alone (pvops's are not in the APIC driver). */
+int pvops_shim_ipi_holder(void)
+{
+	if (apic->send_IPI_mask != pvops_send_IPI_mask ||
+	    apic->send_IPI_mask_allbutself != pvops_send_IPI_mask_allbutself)
+		return -1;
+	return READ_ONCE(ipi_to_linux) ? 1 : 0;
 }
 
 /* Whether every possible CPU is online (none can come up later with state not read yet). */
@@ -560,6 +624,81 @@ void pvops_shim_debugfs_remove(void)
 	kvfree(bench_json);
 	bench_json = NULL;
 	bench_len = 0;
+}
+
+/* What KVM's ops need of the kernel (pvops_backends::kvm::KvmKernel). A module takes over no
+ * lock: nopvspin reads as given there. */
+int pvops_shim_nopvspin(void)
+{
+#if defined(CONFIG_PARAVIRT_SPINLOCKS) && !defined(MODULE)
+	return nopvspin;
+#else
+	return 1;
+#endif
+}
+
+unsigned int pvops_shim_possible_cpus(void)
+{
+	return num_possible_cpus();
+}
+
+int pvops_shim_in_nmi(void)
+{
+	return in_nmi() != 0;
+}
+
+u32 pvops_shim_apic_id(u32 cpu)
+{
+	return per_cpu(x86_cpu_to_apicid, cpu);
+}
+
+/*
+ * The module's send-IPI self-test: a reschedule IPI (harmless: the scheduler looks for work) to
+ * every other online CPU through send() (pvops's irq.send_ipi), then up to a second for each of
+ * them to count one more in its irq_stat. Returns how many did, with the number sent to in
+ * *targets; -1 when send() sent nothing (the backend leaves IPIs to the local APIC).
+ */
+int pvops_shim_selftest_ipi(u64 (*send)(const unsigned long *mask, unsigned int nbits,
+					unsigned int vector),
+			    unsigned int *targets)
+{
+	struct cpumask *mask;
+	unsigned int *before;
+	unsigned long flags;
+	int cpu, i, took = 0;
+	u64 sent;
+
+	*targets = 0;
+	mask = kzalloc(cpumask_size(), GFP_KERNEL);
+	before = kcalloc(nr_cpu_ids, sizeof(*before), GFP_KERNEL);
+	if (!mask || !before) {
+		kfree(mask);
+		kfree(before);
+		return -ENOMEM;
+	}
+	cpus_read_lock();
+	preempt_disable();
+	cpumask_copy(mask, cpu_online_mask);
+	__cpumask_clear_cpu(smp_processor_id(), mask);
+	*targets = cpumask_weight(mask);
+	for_each_cpu(cpu, mask)
+		before[cpu] = READ_ONCE(per_cpu(irq_stat, cpu).irq_resched_count);
+	local_irq_save(flags);
+	sent = *targets ? send(cpumask_bits(mask), nr_cpu_ids, RESCHEDULE_VECTOR) : 0;
+	local_irq_restore(flags);
+	preempt_enable();
+	for (i = 0; sent && i < 1000; i++) {
+		took = 0;
+		for_each_cpu(cpu, mask)
+			took += READ_ONCE(per_cpu(irq_stat, cpu).irq_resched_count) != before[cpu];
+		if (took == *targets)
+			break;
+		mdelay(1);
+	}
+	cpus_read_unlock();
+	kfree(mask);
+	kfree(before);
+	return sent ? took : -1;
 }
 
 /* Privileged accesses backends need to set up, the kernel's safe way (see backends' Platform). */

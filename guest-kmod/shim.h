@@ -69,19 +69,19 @@ enum pvops_linux_abi {
 	PVOPS_ABI_OP(RESTORE_FL, 16, 6, 0x201),
 	PVOPS_ABI_OP(IRQ_DISABLE, 17, 6, 0x201),
 	PVOPS_ABI_OP(IRQ_ENABLE, 18, 6, 0x201),
-	PVOPS_ABI_OP(READ_CR2, 21, 6, 0x201),
-	PVOPS_ABI_OP(WRITE_CR2, 22, 6, 0x201),
-	PVOPS_ABI_OP(READ_CR3, 23, 6, 0x201),
-	PVOPS_ABI_OP(WRITE_CR3, 24, 6, 0x201),
-	PVOPS_ABI_OP(FLUSH_TLB_USER, 25, 6, 0x201),
-	PVOPS_ABI_OP(FLUSH_TLB_ONE_USER, 27, 6, 0x201),
-	PVOPS_ABI_OP(SET_PTE, 28, 6, 0x201),
-	PVOPS_ABI_OP(ALLOC_PT, 31, 6, 0x3ff),
-	PVOPS_ABI_OP(LAZY_MODE_ENTER, 33, 6, 0x3ff),
-	PVOPS_ABI_OP(LAZY_MODE_LEAVE, 34, 6, 0x3ff),
-	PVOPS_ABI_OP(SCHED_CLOCK, 50, 6, 0x3ff),
-	PVOPS_ABI_OP(STEAL_CLOCK, 51, 6, 0x3ff),
-	PVOPS_ABI_OP(TSC_KHZ, 52, 6, 0x3ff),
+	PVOPS_ABI_OP(READ_CR2, 22, 6, 0x201),
+	PVOPS_ABI_OP(WRITE_CR2, 23, 6, 0x201),
+	PVOPS_ABI_OP(READ_CR3, 24, 6, 0x201),
+	PVOPS_ABI_OP(WRITE_CR3, 25, 6, 0x201),
+	PVOPS_ABI_OP(FLUSH_TLB_USER, 26, 6, 0x201),
+	PVOPS_ABI_OP(FLUSH_TLB_ONE_USER, 28, 6, 0x201),
+	PVOPS_ABI_OP(SET_PTE, 29, 6, 0x201),
+	PVOPS_ABI_OP(ALLOC_PT, 32, 6, 0x3ff),
+	PVOPS_ABI_OP(LAZY_MODE_ENTER, 34, 6, 0x3ff),
+	PVOPS_ABI_OP(LAZY_MODE_LEAVE, 35, 6, 0x3ff),
+	PVOPS_ABI_OP(SCHED_CLOCK, 51, 6, 0x3ff),
+	PVOPS_ABI_OP(STEAL_CLOCK, 52, 6, 0x3ff),
+	PVOPS_ABI_OP(TSC_KHZ, 53, 6, 0x3ff),
 };
 /* C's own view of one constant (bench.rs checks it at run time too). */
 u32 pvops_linux_abi(enum pvops_linux_abi which);
@@ -163,6 +163,14 @@ u64 pvops_shim_ktime_ns(void);
 u64 pvops_shim_ktime_real_ns(void);
 void pvops_shim_mdelay(unsigned int ms);
 int pvops_shim_boot_subarch(u32 *subarch, u64 *data);
+/* What KVM's ops need of the kernel (pvops_backends::kvm::KvmKernel). */
+int pvops_shim_nopvspin(void);
+unsigned int pvops_shim_possible_cpus(void);
+int pvops_shim_in_nmi(void);
+u32 pvops_shim_apic_id(u32 cpu);
+int pvops_shim_selftest_ipi(u64 (*send)(const unsigned long *mask, unsigned int nbits,
+					unsigned int vector),
+			    unsigned int *targets);
 
 /*
  * Built into the kernel only (not in the module): pvops as the kernel's paravirt layer
@@ -188,10 +196,10 @@ int pvops_shim_all_cpus_online(void);
 int pvops_shim_native_spin_unlock(void);
 int pvops_shim_native_vcpu_is_preempted(void);
 int pvops_shim_cpu_online(unsigned int cpu);
-int pvops_shim_nopvspin(void);
-unsigned int pvops_shim_possible_cpus(void);
-int pvops_shim_in_nmi(void);
-u32 pvops_shim_apic_id(u32 cpu);
+int pvops_shim_ipi_install(u64 (*send)(const unsigned long *mask, unsigned int nbits,
+				       unsigned int vector));
+void pvops_shim_ipi_to_linux(int to_linux);
+int pvops_shim_ipi_holder(void);
 /* What Linux's cpu.io_delay does on this boot (pvops::linux::LinuxIoDelay). */
 enum pvops_io_delay {
 	PVOPS_IO_DELAY_PORT80,
