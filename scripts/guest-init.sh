@@ -153,6 +153,91 @@ pv_spinlocks_ok() { # COUNTERS-LINE: waits, halts and kicks counted, every CPU's
 	c=0
 	while [ $c -lt "$ncpu" ]; do [ "$(cat /tmp/lk.done.$c 2>/dev/null)" = $LK_FILES ] || return 1; c=$((c + 1)); done
 }
+PV_IPI_MIN=100
+pv_ipi_ok() { # APIC-LINE COUNTERS-LINE: the APIC driver's callbacks pvops's, the kernel's IPIs
+	# sent by hypercall (at least PV_IPI_MIN: the self-test sends one, the workload, the TLB test
+	# and the hand-backs' stop_machine thousands), each reaching a vCPU, none refused
+	has "$1" '^apic.send_IPI_mask pvops' || return 1
+	ipi_count() { echo "$2" | tr ' ' '\n' | sed -n "s/^$1=//p"; }
+	calls=$(ipi_count ipi-hypercalls "$2") reached=$(ipi_count ipi-vcpus-reached "$2") refused=$(ipi_count ipi-refused "$2")
+	[ "${calls:-0}" -ge $PV_IPI_MIN ] && [ "${reached:-0}" -ge "$calls" ] && [ "${refused:-1}" = 0 ]
+}
+# The soak (rig_soak=CYCLES, scripts/soak): CYCLES loads and unloads of the module while a load
+# (processes, pipes, page faults) runs on every CPU, alternating auto and native where both run
+# (auto alone in a Xen PV domain). Every cycle must load with its self-test passed, unload with
+# every site restored byte-exact, release what the backend registered (rig_release=, auto's
+# cycles), remove /sys/kernel/pvops and log no fault. The kernel memory a leak would grow
+# (unreclaimable slab, vmalloc, page tables, kernel stacks; caches dropped, the load stopped) is
+# read after a warm-up of a tenth of the cycles (the first loads fill the kernel's caches) and at
+# the end: it may grow by SOAK_SLACK_KB at most (a page a cycle would be 3.6 MB over 900
+# cycles). The kernel must stay untainted.
+SOAK_SLACK_KB=256
+mem_kb() { # the kernel memory a leak would grow: "TOTAL SUnreclaim VmallocUsed PageTables KernelStack" (kB)
+	sync; echo 3 > /proc/sys/vm/drop_caches
+	awk '/^(SUnreclaim|VmallocUsed|PageTables|KernelStack):/ { s += $2; p = p " " $2 } END { print s p }' /proc/meminfo
+}
+soak_load() { # start|stop: the load on every CPU
+	if [ "$1" = stop ]; then touch /tmp/sk.stop; wait; return; fi
+	rm -f /tmp/sk.stop
+	c=0
+	while [ $c -lt "$ncpu" ]; do
+		taskset -c $c sh -c "
+			n=\$(cat /tmp/sk.load.$c 2>/dev/null || echo 0)
+			while [ ! -e /tmp/sk.stop ]; do
+				echo \$n | cat | wc -c > /dev/null
+				dd if=/dev/zero of=/tmp/sk.buf.$c bs=4k count=64 2>/dev/null
+				rm -f /tmp/sk.buf.$c
+				n=\$((n + 1))
+			done
+			echo \$n > /tmp/sk.load.$c" &
+		c=$((c + 1))
+	done
+}
+soak_cycles() { # FROM TO: cycles FROM..TO-1, stopping at the first that does not hold (sk_err)
+	sk_n=$1
+	while [ $sk_n -lt "$2" ] && [ -z "$sk_err" ]; do
+		b=auto
+		[ -n "$(arg rig_pv)" ] || [ $((sk_n % 2)) = 0 ] || b=native
+		if ! out=$(insmod $ko backend=$b 2>&1); then
+			sk_err="cycle $sk_n: insmod backend=$b: $out $(dmesg | grep pvops_guest: | tail -1)"; break
+		fi
+		st=$(cat /sys/kernel/pvops/selftest 2>&1)
+		if ! rmmod pvops_guest 2>/tmp/sk.err; then sk_err="cycle $sk_n ($b): rmmod: $(cat /tmp/sk.err)"; break; fi
+		log=$(dmesg -c)
+		if ! has "$st" '^ok'; then sk_err="cycle $sk_n ($b): self-test $st"; break; fi
+		if ! has "$log" "pvops_guest: unload: $t sites restored byte-exact"; then
+			sk_err="cycle $sk_n ($b): not restored: $(echo "$log" | grep 'unload:' | head -2)"; break
+		fi
+		if [ $b = auto ] && [ -n "$release" ] && ! has -E "$(echo "$log" | grep 'unload: backend')" "$release"; then
+			sk_err="cycle $sk_n: not released as /$release/: $(echo "$log" | grep 'unload: backend')"; break
+		fi
+		if [ -d /sys/kernel/pvops ]; then sk_err="cycle $sk_n ($b): /sys/kernel/pvops left behind"; break; fi
+		if has -E "$log" "$FAULTS"; then sk_err="cycle $sk_n ($b): $(echo "$log" | grep -E "$FAULTS" | head -1)"; break; fi
+		sk_n=$((sk_n + 1))
+		[ $((sk_n % 100)) != 0 ] || echo "RIG-SOAK cycles=$sk_n uptime=$(cut -d' ' -f1 /proc/uptime)"
+	done
+}
+soak() { # CYCLES
+	mkdir -p /tmp && rm -f /tmp/sk.*
+	ncpu=$(nproc) sk_err="" sk_t0=$(cut -d' ' -f1 /proc/uptime)
+	warm=$(($1 / 10)); [ $warm -ge 1 ] || warm=1
+	dmesg -c > /dev/null # each cycle's log is read, and scanned for faults, on its own
+	soak_load start; soak_cycles 0 $warm; soak_load stop
+	sk_mem0=$(mem_kb)
+	soak_load start; soak_cycles $warm "$1"; soak_load stop
+	sk_mem1=$(mem_kb)
+	sk_t1=$(cut -d' ' -f1 /proc/uptime)
+	sk_loads=$(cat /tmp/sk.load.* 2>/dev/null | tr '\n' ' ')
+	sk_tainted=$(cat /proc/sys/kernel/tainted)
+	sk_grew=$((${sk_mem1%% *} - ${sk_mem0%% *}))
+	sk_detail="$sk_n of $1 cycles${sk_err:+ (stopped: $sk_err)} from ${sk_t0}s to ${sk_t1}s; load rounds per CPU: ${sk_loads}; kernel memory after $warm warm-up cycles and at the end (total SUnreclaim VmallocUsed PageTables KernelStack, kB): $sk_mem0 / $sk_mem1, grew $sk_grew kB; tainted=$sk_tainted"
+	echo "RIG-SOAK-RESULT cycles=$sk_n of=$1 t0=$sk_t0 t1=$sk_t1 warm=$warm mem0=${sk_mem0%% *} mem1=${sk_mem1%% *} grew=$sk_grew"
+}
+soak_ok() { # CYCLES: every cycle held, every CPU's load ran, nothing leaked, nothing tainted
+	[ "$sk_n" = "$1" ] && [ -z "$sk_err" ] || return 1
+	[ "$(echo $sk_loads | wc -w)" = "$ncpu" ] && ! echo " $sk_loads" | grep -q ' 0' || return 1
+	[ $sk_grew -le $SOAK_SLACK_KB ] && [ $((sk_tainted & ~TAINT_BY_DESIGN)) = 0 ]
+}
 # Hand-back at run time (built in): every kernel site pvops patched goes back to the bytes
 # Linux's own pv layer computed for it, with pv_ops, and comes back: HB_ROUNDS round trips
 # through /sys/kernel/pvops/kernel_holder (each one under stop_machine, read back byte for byte
@@ -161,6 +246,13 @@ HB_ROUNDS=100
 handback() {
 	rm -f /tmp/hb.*
 	hb_before=$(cat /sys/kernel/pvops/kernel_holder 2>&1)
+	# a holder nobody is: refused (-EINVAL), nothing changed
+	if echo bogus 2>/tmp/hb.err > /sys/kernel/pvops/kernel_holder; then
+		hb_bogus="bogus accepted"
+	else
+		hb_bogus="bogus refused: $(cat /tmp/hb.err)"
+	fi
+	[ "$(cat /sys/kernel/pvops/kernel_holder 2>&1)" = "$hb_before" ] || hb_bogus="$hb_bogus, holder changed"
 	ncpu=$(nproc)
 	c=0
 	while [ $c -lt "$ncpu" ]; do
@@ -192,10 +284,12 @@ handback() {
 	wait
 	hb_after=$(cat /sys/kernel/pvops/kernel_holder 2>&1)
 	hb_loads=$(cat /tmp/hb.load.* 2>/dev/null | tr '\n' ' ')
-	hb_detail="$hb_trips round trips ($hb_err), load rounds per CPU: ${hb_loads}; holder before: '$hb_before', after: '$hb_after'; $(dmesg | grep 'pvops_guest: kernel: .* now \|pvops_guest: kernel: not\|pvops_guest: kernel: nothing' | tail -1)"
+	hb_detail="$hb_bogus; $hb_trips round trips ($hb_err), load rounds per CPU: ${hb_loads}; holder before: '$hb_before', after: '$hb_after'; $(dmesg | grep 'pvops_guest: kernel: .* now \|pvops_guest: kernel: not\|pvops_guest: kernel: nothing' | tail -1)"
 }
 handback_ok() { # PATCHED: pvops patched kernel sites, so every round trip held and every CPU's
-	# load ran; else (none patched) the hand-back is refused and nothing changes
+	# load ran; else (none patched) the hand-back is refused and nothing changes. Either way a
+	# holder nobody is was refused first.
+	has -E "$hb_bogus" '^bogus refused: .*Invalid argument$' || return 1
 	if [ -n "$1" ] && [ "$1" -gt 0 ]; then
 		[ "$hb_trips" = $HB_ROUNDS ] && [ -z "$hb_err" ] || return 1
 		# every site pvops wrote: those that outlive boot, and those in the freed init text
@@ -362,6 +456,14 @@ if grep -q 'rig_mode=builtin' /proc/cmdline; then
 	else
 		na pv-spinlocks "$counters: the backend's lock group is native here"
 	fi
+	ipi_line=$(grep '^apic.send_IPI_mask ' /sys/kernel/pvops/kernel 2>&1)
+	if ! has "$counters" ' ipi-hypercalls='; then
+		na pv-ipi "$ipi_line: the backend sends no IPIs of its own"
+	elif [ "$(nproc)" -lt 3 ]; then
+		na pv-ipi "$(nproc) vCPUs: every IPI has one target, which Linux sends through the APIC's single-target callback (as its own KVM guest does), never send_IPI_mask"
+	else
+		check pv-ipi "$ipi_line; $counters" -- pv_ipi_ok "$ipi_line" "$counters"
+	fi
 	fault_scan
 	finish "RIG-RESULT backend=$backend sites=$p/$t kernel-sites=$kp/$kt builtin"
 fi
@@ -369,6 +471,27 @@ fi
 # 1. A refused parameter patches nothing and leaves nothing loaded.
 out=$(insmod $ko backend=bogus 2>&1); rc=$?
 check refuse-unknown-name "$(last_dmesg)" -- refused $rc "$out" 'Invalid argument' "unknown backend 'bogus'"
+
+# 1b. Near misses are refused the same way, nothing loaded: the wrong case, two names, a stray
+#     character, 300 characters. Past the kernel's 1024-byte limit for a string parameter the
+#     kernel itself refuses it (-ENOSPC, "string parameter too long") before the module runs.
+bn_ok=1 bn_detail=""
+for b in KVM Native kvm,xen 'kvm;' "$(head -c 300 /dev/zero | tr '\0' k)"; do
+	out=$(insmod $ko backend="$b" 2>&1); rc=$?
+	if refused $rc "$out" 'Invalid argument' "unknown backend"; then
+		bn_detail="$bn_detail $(echo "$b" | cut -c1-12)(${#b}):refused"
+	else
+		bn_ok=0 bn_detail="$bn_detail [$(echo "$b" | cut -c1-12)(${#b}): rc=$rc $out]"
+	fi
+done
+out=$(insmod $ko backend="$(head -c 2000 /dev/zero | tr '\0' k)" 2>&1); rc=$?
+if [ "$rc" != 0 ] && ! loaded && has "$out" 'No space left on device' &&
+	dmesg | tail -3 | grep -q 'string parameter too long'; then
+	bn_detail="$bn_detail 2000:too-long"
+else
+	bn_ok=0 bn_detail="$bn_detail [2000 chars: rc=$rc $out]"
+fi
+check refuse-bad-names "$bn_detail" -- [ $bn_ok = 1 ]
 
 # 2. A backend whose hypervisor is absent (or that this build lacks) is refused with -ENODEV:
 #    every backend the module names in its modinfo (`backends`), but native (step 5) and the
@@ -429,4 +552,8 @@ else
 fi
 rmmod pvops_guest
 fault_scan
+if [ -n "$(arg rig_soak)" ]; then
+	soak "$(arg rig_soak)"
+	check soak "$sk_detail" -- soak_ok "$(arg rig_soak)"
+fi
 finish "RIG-RESULT backend=$backend sites=$p/$t"
