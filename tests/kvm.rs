@@ -138,8 +138,12 @@ fn model(host: bool) -> ModelKvm {
     }
 }
 
+/// The tests that start the backend (one global state) take turns.
+static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn kvm_backend() {
+    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
     // 1. The kernel registered kvmclock: the backend reads the record and never writes the MSR.
     let m = model(true);
     // the kernel's record, shared with the backend by address (written below only through
@@ -621,4 +625,75 @@ fn kvm_pv_send_ipi_reaches_each_cpu_of_the_mask_once() {
         !kvm::wants_pv_ipi(kvm::KVM_FEATURE_PV_SEND_IPI, &k(1)),
         "one vCPU"
     );
+}
+
+/// Fault injection on the backend's start with the most steps (the kernel has no kvmclock: the
+/// backend registers its own record): each fallible platform call fails in turn (an MSR that
+/// faults, memory the kernel cannot translate). Every start either refuses with a message or
+/// survives the fault (the wall clock or a CPU's steal record is optional) with a clock that
+/// runs; either way, once it is refused or stopped, no record of the backend's stays
+/// registered with the host.
+#[test]
+fn kvm_start_fails_cleanly_at_each_step() {
+    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    let (mut refused, mut survived) = (Vec::new(), Vec::new());
+    for n in 0.. {
+        let m = model(true);
+        let d = detect(&m.cpuid.source());
+        let f = pvops_host_tests::Faulty::new(&m, n);
+        let started = pvops_host_tests::start(pvops_host_tests::ids::KVM, &d, &f);
+        f.disarm();
+        let Some(what) = f.failed() else {
+            // past the last fallible call: the start with nothing failing
+            let b = started.expect("kvm starts when nothing fails");
+            assert!(kvm::owns_clock());
+            assert_eq!(b.id(), pvops_host_tests::ids::KVM);
+            pvops_backends::stop(pvops_host_tests::ids::KVM, &m);
+            break;
+        };
+        match started {
+            Err(e) => {
+                assert!(!e.to_string().is_empty(), "step {n} ({what}): a message");
+                refused.push(format!("{n}:{what}: {e}"));
+            }
+            Ok(b) => {
+                let sched = b.ops().table().timer.sched_clock;
+                // SAFETY: the started backend's function, as the table calls it.
+                let (t0, t1) = unsafe {
+                    (sched(), {
+                        std::thread::sleep(std::time::Duration::from_millis(2));
+                        sched()
+                    })
+                };
+                assert!(t1 > t0, "step {n} ({what}): started, so its clock runs");
+                survived.push(format!("{n}:{what}"));
+                pvops_backends::stop(pvops_host_tests::ids::KVM, &m);
+            }
+        }
+        let own = m
+            .msrs
+            .borrow()
+            .get(&MSR_KVM_SYSTEM_TIME_NEW)
+            .copied()
+            .unwrap_or(0);
+        assert_eq!(
+            own & 1,
+            0,
+            "step {n} ({what}): the backend's record stays registered"
+        );
+        assert!(
+            !kvm::owns_clock(),
+            "step {n} ({what}): the backend still owns a clock"
+        );
+    }
+    // the registration's own steps refuse; the optional ones (wall clock, steal records) pass
+    assert!(
+        refused.len() >= 2,
+        "the own record's translation and registration each refuse: {refused:?}"
+    );
+    assert!(
+        !survived.is_empty(),
+        "the wall clock and steal time are optional: {survived:?}"
+    );
+    println!("refused: {refused:?}\nsurvived: {survived:?}");
 }

@@ -637,3 +637,130 @@ impl Pages {
         unsafe { std::alloc::dealloc(va as *mut u8, PAGE) };
     }
 }
+
+/// Fault injection for backends' start paths: passes every call to `inner`, except that the
+/// `fail_at`-th fallible one (counting from 0: `rdmsr`, `wrmsr`, `rdmsr_on_cpu`,
+/// `phys_to_virt`, `virt_to_phys`, `alloc_page`) fails, as the kernel's would (an MSR that
+/// faults, memory that is not RAM, no free page). [`Faulty::disarm`] stops failing (for the
+/// teardown after a start that survived its fault).
+pub struct Faulty<'a> {
+    inner: &'a dyn pvops_backends::Platform,
+    fail_at: usize,
+    calls: std::cell::Cell<usize>,
+    armed: std::cell::Cell<bool>,
+    failed: std::cell::Cell<Option<&'static str>>,
+}
+
+impl<'a> Faulty<'a> {
+    /// `inner` with its `fail_at`-th fallible call failing.
+    pub fn new(inner: &'a dyn pvops_backends::Platform, fail_at: usize) -> Self {
+        Faulty {
+            inner,
+            fail_at,
+            calls: Default::default(),
+            armed: std::cell::Cell::new(true),
+            failed: Default::default(),
+        }
+    }
+
+    /// Which call failed (`None`: the start made fewer than `fail_at + 1` fallible calls).
+    pub fn failed(&self) -> Option<&'static str> {
+        self.failed.get()
+    }
+
+    /// Fail nothing from now on.
+    pub fn disarm(&self) {
+        self.armed.set(false);
+    }
+
+    fn fails(&self, what: &'static str) -> bool {
+        let n = self.calls.get();
+        self.calls.set(n + 1);
+        let fail = self.armed.get() && n == self.fail_at;
+        if fail {
+            self.failed.set(Some(what));
+        }
+        fail
+    }
+}
+
+impl pvops_backends::Platform for Faulty<'_> {
+    fn tsc_khz(&self) -> u64 {
+        self.inner.tsc_khz()
+    }
+    fn clock_ns(&self) -> Option<u64> {
+        self.inner.clock_ns()
+    }
+    fn cpuid(&self, leaf: u32, subleaf: u32) -> pvops::ops::CpuidResult {
+        self.inner.cpuid(leaf, subleaf)
+    }
+    fn rdmsr(&self, msr: u32) -> Option<u64> {
+        if self.fails("rdmsr") {
+            return None;
+        }
+        self.inner.rdmsr(msr)
+    }
+    fn wrmsr(&self, msr: u32, value: u64) -> bool {
+        !self.fails("wrmsr") && self.inner.wrmsr(msr, value)
+    }
+    fn rdmsr_on_cpu(&self, cpu: u32, msr: u32) -> Option<u64> {
+        if self.fails("rdmsr_on_cpu") {
+            return None;
+        }
+        self.inner.rdmsr_on_cpu(cpu, msr)
+    }
+    fn kernel_kvmclock(&self) -> Option<bool> {
+        self.inner.kernel_kvmclock()
+    }
+    fn kernel_pvclock_cpu0(&self) -> Option<usize> {
+        self.inner.kernel_pvclock_cpu0()
+    }
+    fn xen_pv(&self) -> bool {
+        self.inner.xen_pv()
+    }
+    fn xen_pv_kernel(&self) -> Option<pvops_backends::xen::pv::XenPvKernel> {
+        self.inner.xen_pv_kernel()
+    }
+    fn kvm_kernel(&self) -> Option<pvops_backends::kvm::KvmKernel> {
+        self.inner.kvm_kernel()
+    }
+    fn boot_subarch(&self) -> Option<(u32, u64)> {
+        self.inner.boot_subarch()
+    }
+    fn hypercall_model(&self) -> Option<pvops_backends::hypercall::HypercallFn> {
+        self.inner.hypercall_model()
+    }
+    fn privileged(&self) -> bool {
+        self.inner.privileged()
+    }
+    fn xen_vcpu_id(&self, cpu: u32) -> Option<u32> {
+        self.inner.xen_vcpu_id(cpu)
+    }
+    fn alloc_page(&self) -> Option<usize> {
+        if self.fails("alloc_page") {
+            return None;
+        }
+        self.inner.alloc_page()
+    }
+    fn free_page(&self, va: usize) {
+        self.inner.free_page(va)
+    }
+    fn nr_cpus(&self) -> u32 {
+        self.inner.nr_cpus()
+    }
+    fn phys_to_virt(&self, pa: u64) -> Option<usize> {
+        if self.fails("phys_to_virt") {
+            return None;
+        }
+        self.inner.phys_to_virt(pa)
+    }
+    fn virt_to_phys(&self, va: usize) -> Option<u64> {
+        if self.fails("virt_to_phys") {
+            return None;
+        }
+        self.inner.virt_to_phys(va)
+    }
+    fn write_code(&self, addr: usize, bytes: &[u8]) -> bool {
+        self.inner.write_code(addr, bytes)
+    }
+}
