@@ -60,6 +60,8 @@ struct Host {
     /// The registered time area per vCPU.
     areas: Vec<(u64, u64)>,
     calls: Vec<Call>,
+    /// This hypercall (counting from 0) fails with -EINVAL, whatever it is.
+    fail_call: Option<usize>,
 }
 
 impl Host {
@@ -73,11 +75,15 @@ impl Host {
             runstate: Some([5_000, 111, 7_000, 222]),
             areas: Vec::new(),
             calls: Vec::new(),
+            fail_call: None,
         }
     }
 
     fn service(&mut self, nr: u64, a: [u64; 4]) -> i64 {
         self.calls.push((nr, a));
+        if self.fail_call == Some(self.calls.len() - 1) {
+            return EINVAL;
+        }
         match (nr, a[0]) {
             (HYPERVISOR_XEN_VERSION, XENVER_VERSION) => VERSION,
             (HYPERVISOR_XEN_VERSION, XENVER_GET_FEATURES) => {
@@ -253,8 +259,12 @@ fn check_clock(b: &dyn pvops::Backend, start_before: u64, start_after: u64) {
     assert_eq!(unsafe { (ops.timer.wall_clock)() }, 0, "HVM: unknown");
 }
 
+/// The tests that start the backend (one global state, one modelled host) take turns.
+static TURN: Mutex<()> = Mutex::new(());
+
 #[test]
 fn xen_hvm_backend() {
+    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
     let g = guest(None);
     let d = detection(&g);
     assert_eq!(
@@ -410,4 +420,79 @@ fn xen_hvm_backend() {
 
     // SAFETY: from Box::into_raw above; the backend is stopped and forgot it.
     drop(unsafe { Box::from_raw(kernel_area) });
+}
+
+/// Fault injection on the backend's start: each hypercall it makes fails in turn (-EINVAL from
+/// the host), then each fallible platform call (the time area's page). Every start refuses with
+/// a message or survives (steal time is optional) with a clock that runs; once refused or
+/// stopped, no time area stays registered with the host and every page it took is back.
+#[test]
+fn xen_hvm_start_fails_cleanly_at_each_step() {
+    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    let mut seen = Vec::new();
+    for n in 0.. {
+        new_host(|h| h.fail_call = Some(n));
+        let g = guest(None);
+        let started = start(&g);
+        let failed = with_host(|h| h.calls.get(n).map(|c| c.0));
+        let Some(nr) = failed else {
+            started.expect("xen starts when nothing fails");
+            pvops_backends::stop(ids::XEN, &g);
+            break;
+        };
+        seen.push(format!("hypercall {n} ({nr}): {}", outcome(started, &g)));
+        assert!(
+            with_host(|h| h.areas.is_empty()),
+            "hypercall {n}: a time area stays registered"
+        );
+        let (given, freed) = (
+            g.pages.given.lock().unwrap().len(),
+            g.pages.freed.lock().unwrap().len(),
+        );
+        assert_eq!(given, freed, "hypercall {n}: a page is not back");
+    }
+    for n in 0.. {
+        new_host(|_| {});
+        let g = guest(None);
+        let f = pvops_host_tests::Faulty::new(&g, n);
+        let started = pvops_host_tests::start(ids::XEN, &detection(&g), &f);
+        f.disarm();
+        let Some(what) = f.failed() else {
+            started.expect("xen starts when nothing fails");
+            pvops_backends::stop(ids::XEN, &g);
+            break;
+        };
+        seen.push(format!(
+            "platform call {n} ({what}): {}",
+            outcome(started, &g)
+        ));
+        assert!(
+            with_host(|h| h.areas.is_empty()),
+            "call {n} ({what}): a time area stays registered"
+        );
+    }
+    assert!(seen.iter().any(|s| s.contains("refused")), "{seen:?}");
+    println!("{seen:#?}");
+}
+
+/// What a start under a fault came to: refused (with its message) or running (its clock checked,
+/// then stopped).
+fn outcome(started: Result<&'static dyn pvops::Backend, StartError>, g: &Guest) -> String {
+    match started {
+        Err(e) => {
+            let why = e.to_string();
+            assert!(!why.is_empty());
+            format!("refused: {why}")
+        }
+        Ok(b) => {
+            let sched = b.ops().table().timer.sched_clock;
+            // SAFETY: the started backend's function, as the table calls it.
+            let t0 = unsafe { sched() };
+            std::thread::sleep(std::time::Duration::from_millis(2));
+            // SAFETY: as above.
+            assert!(unsafe { sched() } > t0, "started, so its clock runs");
+            pvops_backends::stop(ids::XEN, g);
+            "survived".into()
+        }
+    }
 }
