@@ -832,3 +832,40 @@ fn ring_slot_status_is_published_after_its_arguments() {
     );
     pvops_backends::stop(pvops_host_tests::ids::LGUEST, &g);
 }
+
+/// Fault injection on the backend's start: each fallible platform call (the `lguest_data` page,
+/// its translation, …) fails in turn. Every start refuses with a message or runs; once refused
+/// or stopped, no `lguest_data` stays registered with the host and every page is back.
+#[test]
+fn start_fails_cleanly_at_each_platform_call() {
+    let _t = turn();
+    let d = detect(&models::tcg().source());
+    let mut seen = Vec::new();
+    for n in 0.. {
+        new_host(1_000_000);
+        let g = guest(GOOD);
+        let f = pvops_host_tests::Faulty::new(&g, n);
+        let started = pvops_host_tests::start(pvops_host_tests::ids::LGUEST, &d, &f);
+        f.disarm();
+        let Some(what) = f.failed() else {
+            started.expect("lguest starts when nothing fails");
+            pvops_backends::stop(pvops_host_tests::ids::LGUEST, &g);
+            break;
+        };
+        match started {
+            Err(e) => seen.push(format!("{n} ({what}): refused: {e}")),
+            Ok(_) => {
+                seen.push(format!("{n} ({what}): survived"));
+                pvops_backends::stop(pvops_host_tests::ids::LGUEST, &g);
+            }
+        }
+        assert_eq!(host().data, 0, "{n} ({what}): lguest_data stays registered");
+        assert_eq!(
+            g.pages.given.lock().unwrap().len(),
+            g.pages.freed.lock().unwrap().len(),
+            "{n} ({what}): a page is not back"
+        );
+    }
+    assert!(!seen.is_empty(), "the start makes fallible calls");
+    println!("{seen:#?}");
+}
