@@ -640,8 +640,8 @@ impl Pages {
 
 /// Fault injection for backends' start paths: passes every call to `inner`, except that the
 /// `fail_at`-th fallible one (counting from 0: `rdmsr`, `wrmsr`, `rdmsr_on_cpu`,
-/// `phys_to_virt`, `virt_to_phys`, `alloc_page`) fails, as the kernel's would (an MSR that
-/// faults, memory that is not RAM, no free page). [`Faulty::disarm`] stops failing (for the
+/// `phys_to_virt`, `virt_to_phys`, `alloc_page`, `write_code`) fails, as the kernel's would (an
+/// MSR that faults, memory that is not RAM, no free page, no writable alias of the text). [`Faulty::disarm`] stops failing (for the
 /// teardown after a start that survived its fault).
 pub struct Faulty<'a> {
     inner: &'a dyn pvops_backends::Platform,
@@ -761,6 +761,6 @@ impl pvops_backends::Platform for Faulty<'_> {
         self.inner.virt_to_phys(va)
     }
     fn write_code(&self, addr: usize, bytes: &[u8]) -> bool {
-        self.inner.write_code(addr, bytes)
+        !self.fails("write_code") && self.inner.write_code(addr, bytes)
     }
 }

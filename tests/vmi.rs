@@ -649,4 +649,39 @@ fn backend_runs_the_rom_copied_into_its_arena() {
     );
     assert_eq!(arena_bytes(), pristine, "arena wiped");
     assert_eq!(vmi::entry(call::CPUID), 0);
+
+    // Fault injection: each fallible platform call of the start fails in turn (the option-ROM
+    // area's translation, each write into the arena): refused with a message, or running;
+    // once refused or stopped, the arena is int3 again and no ROM routine is known.
+    let detection = pvops::detect(&pvops::arch::NativeCpuid);
+    let mut seen = Vec::new();
+    for n in 0.. {
+        let f = pvops_host_tests::Faulty::new(&m, n);
+        let started = pvops_host_tests::start(pvops_host_tests::ids::VMI, &detection, &f);
+        f.disarm();
+        let Some(what) = f.failed() else {
+            started.expect("vmi starts when nothing fails");
+            pvops_backends::stop(pvops_host_tests::ids::VMI, &m);
+            break;
+        };
+        match started {
+            Err(e) => seen.push(format!("{n} ({what}): refused: {e}")),
+            Ok(_) => {
+                seen.push(format!("{n} ({what}): survived"));
+                pvops_backends::stop(pvops_host_tests::ids::VMI, &m);
+            }
+        }
+        assert_eq!(
+            arena_bytes(),
+            pristine,
+            "{n} ({what}): the arena is not wiped"
+        );
+        assert_eq!(
+            vmi::entry(call::CPUID),
+            0,
+            "{n} ({what}): a routine is still known"
+        );
+    }
+    assert!(seen.iter().any(|s| s.contains("write_code")), "{seen:?}");
+    println!("{seen:#?}");
 }
