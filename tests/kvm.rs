@@ -561,46 +561,30 @@ fn kvm_pv_send_ipi_reaches_each_cpu_of_the_mask_once() {
             }
         }
     }
-    // A host that refuses the first hypercall: nothing was sent, the caller sends them all.
-    let all = [!0u64; 1];
-    let mut calls = 0;
-    let refused = kvm::send_ipi_with(
-        &all,
-        64,
-        0xfd,
-        |c| c * 97,
-        |_| {
-            calls += 1;
-            -kvm::KVM_ENOSYS
-        },
-    );
-    assert_eq!(
-        (refused, calls),
-        (0, 1),
-        "refused at once: not sent, no more hypercalls"
-    );
-    // One that refuses a later one: the earlier batches were delivered, so it is not sent again.
-    let mut calls = 0;
-    let partial = kvm::send_ipi_with(
-        &all,
-        64,
-        0xfd,
-        |c| c * 97,
-        |_| {
-            calls += 1;
-            if calls == 3 {
-                -kvm::KVM_ENOSYS
-            } else {
-                1
-            }
-        },
-    );
-    // (IDs 97 apart: two to a 128-ID window, 32 windows)
-    assert_eq!(
-        (partial, calls),
-        (1, 32),
-        "refused later: the rest still sent"
-    );
+    // A host that refuses hypercall `k` (from 1): what the op answers, after how many calls.
+    let refusing = |k: u32| {
+        let mut calls = 0;
+        let sent = kvm::send_ipi_with(
+            &[!0u64],
+            64,
+            0xfd,
+            |c| c * 97,
+            |_| {
+                calls += 1;
+                if calls == k {
+                    -kvm::KVM_ENOSYS
+                } else {
+                    1
+                }
+            },
+        );
+        (sent, calls)
+    };
+    // refused at once: nothing was sent, the caller sends them all, no more hypercalls
+    assert_eq!(refusing(1), (0, 1), "refused at once");
+    // refused later: the earlier batches were delivered, so it is not sent again; the rest is
+    // still sent (IDs 97 apart: two to a 128-ID window, 32 windows)
+    assert_eq!(refusing(3), (1, 32), "refused later: the rest still sent");
     // An empty mask makes no hypercall and sends nothing.
     assert_eq!(
         kvm::send_ipi_with(&[0], 64, 0xfd, |c| c, |_| unreachable!()),
