@@ -295,14 +295,20 @@ pub fn ipi_batches(apic_ids: impl IntoIterator<Item = u32>, mut send: impl FnMut
     }
 }
 
-/// The CPUs of a cpumask: the bits set in `mask` below `nbits`, lowest first.
+/// The CPUs of a cpumask: the bits set in `mask` below `nbits`, lowest first (one step per set
+/// bit, not per bit: it runs on every IPI the kernel sends).
 pub fn mask_cpus(mask: &[u64], nbits: u32) -> impl Iterator<Item = u32> + '_ {
-    mask.iter().enumerate().flat_map(move |(w, &bits)| {
-        (0..64u32).filter_map(move |b| {
-            let cpu = w as u32 * 64 + b;
-            (bits & (1 << b) != 0 && cpu < nbits).then_some(cpu)
+    mask.iter()
+        .enumerate()
+        .flat_map(|(w, &word)| {
+            let mut bits = word;
+            core::iter::from_fn(move || {
+                let b = (bits != 0).then(|| bits.trailing_zeros())?;
+                bits &= bits - 1;
+                Some(w as u32 * 64 + b)
+            })
         })
-    })
+        .take_while(move |&cpu| cpu < nbits)
 }
 
 /// KVM's PV send-IPI over any hypercall (`hypercall(args)`, the backend's or a model's): the
