@@ -15,11 +15,27 @@ CLIPPY_DRIVER ?= /usr/bin/clippy-driver
 BINDGEN ?= /var/cache/pvops/tools/bin/bindgen
 PWD := $(CURDIR)
 
+KBUILD = $(MAKE) -C $(KDIR) M=$(PWD) RUSTC=$(RUSTC) CLIPPY_DRIVER=$(CLIPPY_DRIVER) \
+	BINDGEN=$(BINDGEN) PYTHON3=python3 $(if $(CLIPPY),CLIPPY=$(CLIPPY))
+# The kernel build the objects here were made against: Kbuild names that kernel's generated
+# headers relative to its folder, so its command lines do not change with KDIR and nothing
+# would be rebuilt for another kernel build (a module whose struct module size is the other
+# kernel's, refused at insmod). A changed KDIR cleans first.
+KDIR_STAMP := $(PWD)/.pvops-kdir
+
 all: modules
 
-modules clean:
+modules:
 	cargo fetch --locked --quiet
-	$(MAKE) -C $(KDIR) M=$(PWD) RUSTC=$(RUSTC) CLIPPY_DRIVER=$(CLIPPY_DRIVER) BINDGEN=$(BINDGEN) \
-		PYTHON3=python3 $(if $(CLIPPY),CLIPPY=$(CLIPPY)) $@
+	@k=$$(realpath $(KDIR)); \
+	if [ -f $(KDIR_STAMP) ] && [ "$$(cat $(KDIR_STAMP))" != "$$k" ]; then \
+		echo "KDIR is now $$k (was $$(cat $(KDIR_STAMP))): cleaning the objects first"; \
+		$(KBUILD) clean >/dev/null && rm -rf $(PWD)/guest-kmod/crates; \
+	fi; echo "$$k" > $(KDIR_STAMP)
+	$(KBUILD) modules
+
+clean:
+	$(KBUILD) clean
+	rm -rf $(PWD)/guest-kmod/crates $(KDIR_STAMP)
 
 .PHONY: all modules clean
