@@ -30,7 +30,7 @@ modules:
 	@k=$$(realpath $(KDIR)); \
 	if [ -f $(KDIR_STAMP) ] && [ "$$(cat $(KDIR_STAMP))" != "$$k" ]; then \
 		echo "KDIR is now $$k (was $$(cat $(KDIR_STAMP))): cleaning the objects first"; \
-		$(KBUILD) clean >/dev/null && rm -rf $(PWD)/guest-kmod/crates; \
+		$(MAKE) --no-print-directory clean >/dev/null; \
 	fi; echo "$$k" > $(KDIR_STAMP)
 	$(KBUILD) modules
 
