@@ -574,9 +574,10 @@ if [ -n "$(arg rig_debug)" ]; then
 	echo scan > /sys/kernel/debug/kmemleak
 	if kl=$(cat /sys/kernel/debug/kmemleak 2>&1); then
 		kl_n=$(printf '%s\n' "$kl" | grep -c '^unreferenced object')
+		kl_detail="$kl_n objects unreferenced since before the first load: $(printf '%s' "$kl" | head -20 | tr '\n' ' ')"
 	else
-		kl_n="no kmemleak ($kl): the"
+		kl_n=unreadable kl_detail="no kmemleak report: $kl"
 	fi
-	check kmemleak "$kl_n objects unreferenced since before the first load (kmemleak): $(printf '%s' "$kl" | head -20 | tr '\n' ' ')" -- [ "$kl_n" = 0 ]
+	check kmemleak "$kl_detail" -- [ "$kl_n" = 0 ]
 fi
 finish "RIG-RESULT backend=$backend sites=$p/$t"
