@@ -264,6 +264,7 @@ fn patch_this_process() {
 
     // Run the patched sites.
     run_user_ops(khz);
+    switching(&p, khz);
 
     // A second apply is refused (sites no longer hold their original bytes) and writes nothing.
     let mut text2 = MprotectText::default();
@@ -283,6 +284,40 @@ fn patch_this_process() {
     run_user_ops(khz);
 
     refusals(&p);
+}
+
+/// A live switch between two patch sets of the same sites (here native's, and native's with
+/// every inline withheld, so every site changes): straight from one set's bytes to the other's
+/// and back, refused with nothing written where a site holds neither or the sets are of other
+/// sites. `p` is applied on entry and on return.
+fn switching(p: &Patcher, khz: u64) {
+    let calls = NATIVE.ops().calls_only();
+    let q = Patcher::new(SiteTable::of_executable(), PV_OPS.addr(), &calls).unwrap();
+    let patched = snapshot(p);
+    let mut text = MprotectText::default();
+    let report = q.switch_from(p, &mut text).expect("switch succeeds");
+    assert_eq!((report.inline, report.indirect), (0, 0), "{report:?}");
+    q.verify(&text, true).expect("sites hold the other set's bytes");
+    assert!(p.verify(&text, true).is_err(), "no longer the first set's");
+    run_user_ops(khz);
+
+    // Switching again from `p` is refused: the sites hold `q`'s bytes.
+    let mut t = MprotectText::default();
+    assert!(matches!(
+        q.switch_from(p, &mut t),
+        Err(PatchError::Mismatch { .. })
+    ));
+    assert_eq!(t.written, 0);
+
+    // A set for another table is refused before any site is read.
+    let other = Patcher::new(SiteTable::of_executable(), PV_OPS.addr() + 8, &calls).unwrap();
+    assert_eq!(other.switch_from(&q, &mut t).err(), Some(PatchError::OtherSites));
+    assert_eq!(t.written, 0);
+
+    // And back, byte for byte.
+    p.switch_from(&q, &mut text).expect("switch back succeeds");
+    assert_eq!(snapshot(p), patched, "switching back restores the first set's bytes");
+    run_user_ops(khz);
 }
 
 /// A site changed behind the engine's back makes the whole set fail with nothing written.

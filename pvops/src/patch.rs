@@ -140,6 +140,8 @@ pub enum PatchError {
         /// Index of the second record.
         second: usize,
     },
+    /// A switch between two patch sets that are not of the same sites and table.
+    OtherSites,
     /// A site does not hold the bytes the engine expects there.
     Mismatch {
         /// Record index.
@@ -161,6 +163,9 @@ impl fmt::Display for PatchError {
             }
             PatchError::Overlap { first, second } => {
                 write!(f, "sites {first} and {second} overlap")
+            }
+            PatchError::OtherSites => {
+                f.write_str("the two patch sets are not of the same sites and table")
             }
             PatchError::Mismatch {
                 index,
@@ -304,6 +309,30 @@ impl<'a> Patcher<'a> {
     /// Put every site's original bytes back; all or nothing.
     pub fn revert(&self, text: &mut dyn Text) -> Result<PatchReport, PatchError> {
         self.transition(State::Patched, State::Original, text)?;
+        Ok(self.plan())
+    }
+
+    /// Rewrite every site from what `from` (another backend's patch set of the same sites and
+    /// table) wrote there to this set's bytes, without passing through the original bytes: a
+    /// live switch of backend. All or nothing, as [`Patcher::apply`]; undone by switching
+    /// back (`from.switch_from(self, ..)`) or by [`Patcher::revert`] on this set.
+    pub fn switch_from(
+        &self,
+        from: &Patcher<'_>,
+        text: &mut dyn Text,
+    ) -> Result<PatchReport, PatchError> {
+        if !self.sites.same(&from.sites) || self.table_addr != from.table_addr {
+            return Err(PatchError::OtherSites);
+        }
+        from.check(State::Patched, text)?;
+        for site in self.sites() {
+            let (old, new) = (from.decide(&site).1, self.decide(&site).1);
+            if new != old {
+                // SAFETY: `check` verified this site holds exactly the bytes `from` wrote (or
+                // left) there; the caller's `Text` serialises execution.
+                unsafe { text.write(site.addr, new.as_slice()) };
+            }
+        }
         Ok(self.plan())
     }
 

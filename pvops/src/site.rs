@@ -123,6 +123,12 @@ impl SiteTable {
         }
     }
 
+    /// Whether `other` is this very table (the same records, not equal ones: records hold
+    /// addresses relative to themselves).
+    pub fn same(&self, other: &SiteTable) -> bool {
+        core::ptr::eq(self.records, other.records)
+    }
+
     /// The number of records.
     pub fn len(&self) -> usize {
         self.records.len()
