@@ -599,7 +599,7 @@ static WALL: WallBuf = WallBuf(core::cell::UnsafeCell::new(PvclockWallClock {
 
 /// kvmclock nanoseconds since the backend was set up.
 pub extern "C" fn sched_clock() -> u64 {
-    STATE.clock.since_start()
+    crate::time::handed_out(STATE.clock.since_start())
 }
 
 extern "C" fn tsc_khz() -> u64 {

@@ -308,7 +308,7 @@ static TSC: TscScale = TscScale::new();
 
 /// Nanoseconds from TSC cycles (0 until [`Native::start`] gave the frequency). No division.
 pub extern "C" fn sched_clock() -> u64 {
-    TSC.ns(arch::rdtsc_ordered())
+    crate::time::handed_out(TSC.ns(arch::rdtsc_ordered()))
 }
 
 extern "C" fn steal_clock(_cpu: u32) -> u64 {

@@ -1,5 +1,6 @@
 //! What every backend's time ops share: the version-seqlock read of a record a host updates,
-//! the TSC-to-nanoseconds scale, and the clamp that keeps a clock monotonic.
+//! the TSC-to-nanoseconds scale, the clamp that keeps a clock monotonic, and the base that
+//! carries `sched_clock` across a live switch of backend.
 
 use core::sync::atomic::{compiler_fence, AtomicU64, Ordering};
 
@@ -99,6 +100,26 @@ impl Monotonic {
     }
 }
 
+/// What every backend's `sched_clock` adds to its own reading. Each backend counts from its own
+/// zero (KVM's, Xen's and lguest's from their start, native's and VMI's from the TSC's), so a
+/// live switch would step the clock callers see back or forward; [`continue_clock`] moves this
+/// base at the switch so the new backend's readings carry on from the old one's. 0 until the
+/// first switch.
+static CLOCK_BASE: AtomicU64 = AtomicU64::new(0);
+
+/// A backend's own `sched_clock` reading `own` as callers see it (with the switch base).
+pub fn handed_out(own: u64) -> u64 {
+    own.wrapping_add(CLOCK_BASE.load(Ordering::Relaxed))
+}
+
+/// At a live switch, with every other CPU parked: `old` is the old backend's `sched_clock`
+/// and `new` the new one's, read just after (both as handed out). From here on the new
+/// backend's readings are moved so that this instant reads `old`: the clock neither steps
+/// back nor jumps.
+pub fn continue_clock(old: u64, new: u64) {
+    CLOCK_BASE.fetch_add(old.wrapping_sub(new), Ordering::Relaxed);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -136,6 +157,20 @@ mod tests {
         s.set(3_000_000); // 3 GHz: one second of cycles is a second, to the nanosecond
         assert!(s.ns(3_000_000_000).abs_diff(1_000_000_000) <= 1);
         assert!(s.ns(u64::MAX) > 0, "no overflow: 128-bit product");
+    }
+
+    #[test]
+    fn a_switch_carries_the_clock_on() {
+        // the old backend has handed out 5 s; the new one counts from its start, 2 ms ago
+        let old = handed_out(5_000_000_000);
+        let new = handed_out(2_000_000);
+        continue_clock(old, new);
+        assert_eq!(handed_out(2_000_000), old, "the switch instant reads the old clock");
+        assert_eq!(handed_out(3_000_000), old + 1_000_000, "and runs on at the new one's rate");
+        // and back to a backend whose clock is far ahead (native's, since the TSC's reset)
+        let old = handed_out(3_000_000);
+        continue_clock(old, handed_out(900_000_000_000));
+        assert_eq!(handed_out(900_000_000_000), old);
     }
 
     #[test]

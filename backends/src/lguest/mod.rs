@@ -459,10 +459,12 @@ fn clock_ns() -> u64 {
 /// Nanoseconds since the backend started, never going back (the host re-anchors `time` on
 /// every exit; a host clock stepped back is absorbed).
 pub extern "C" fn sched_clock() -> u64 {
-    STATE
-        .last
-        .clamp(clock_ns())
-        .saturating_sub(STATE.start_ns.load(Ordering::Relaxed))
+    crate::time::handed_out(
+        STATE
+            .last
+            .clamp(clock_ns())
+            .saturating_sub(STATE.start_ns.load(Ordering::Relaxed)),
+    )
 }
 
 extern "C" fn wall_clock() -> u64 {

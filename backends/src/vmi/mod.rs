@@ -242,7 +242,7 @@ extern "C" fn lazy_mode_leave() {
 
 /// `sched_clock`: GetCycleCounter(AVAILABLE) in ns.
 pub extern "C" fn sched_clock() -> u64 {
-    TSC.ns(call1(call::GET_CYCLE_COUNTER, VMI_CYCLES_AVAILABLE))
+    crate::time::handed_out(TSC.ns(call1(call::GET_CYCLE_COUNTER, VMI_CYCLES_AVAILABLE)))
 }
 
 /// `steal_clock`: GetCycleCounter(STOLEN) of the calling vCPU in ns (VMI reads no other

@@ -143,7 +143,7 @@ unsafe fn register_time_area(vcpu: u64, va: u64) -> i64 {
 
 /// Xen system time since the backend was set up.
 pub extern "C" fn sched_clock() -> u64 {
-    STATE.clock.since_start()
+    crate::time::handed_out(STATE.clock.since_start())
 }
 
 extern "C" fn tsc_khz() -> u64 {
