@@ -368,7 +368,8 @@ fn xen_hvm_backend() {
     assert_eq!(*g.pages.freed.lock().unwrap(), vec![page]);
     assert_eq!(pvops_backends::stop(ids::XEN, &g), "nothing registered");
 
-    // 4. The host refuses the NULL area (QEMU): the page stays allocated, never reused.
+    // 4. The host refuses the NULL area (QEMU): the page stays allocated, never freed while the
+    //    host may write it, and registered again by the next start.
     new_host(|h| h.refuse_unregister = true);
     let g = guest(None);
     start(&g).expect("xen starts");
@@ -377,6 +378,32 @@ fn xen_hvm_backend() {
         "own time area kept: the host refused to unregister it (its page stays allocated)"
     );
     assert!(g.pages.freed.lock().unwrap().is_empty(), "the page is kept");
+    // started again (a live switch back to Xen): the kept page is registered again, no other
+    start(&g).expect("xen starts again");
+    let given = g.pages.given.lock().unwrap().clone();
+    assert_eq!(given.len(), 1, "no second page");
+    assert_eq!(with_host(|h| h.areas.clone()), vec![(0, given[0] as u64)]);
+    assert_eq!(
+        pvops_backends::stop(ids::XEN, &g),
+        "own time area kept: the host refused to unregister it (its page stays allocated)"
+    );
+    // a host that never fills it this time: the old record does not pass for its answer
+    with_host(|h| h.silent = true);
+    assert_eq!(
+        start(&g).err(),
+        Some(StartError::Xen(XenError::ClockUnavailable))
+    );
+    // a host that lets go of it at last: the kept page is unregistered and freed
+    with_host(|h| {
+        h.silent = false;
+        h.refuse_unregister = false;
+    });
+    start(&g).expect("xen starts again");
+    assert_eq!(
+        pvops_backends::stop(ids::XEN, &g),
+        "own time area unregistered"
+    );
+    assert_eq!(*g.pages.freed.lock().unwrap(), given, "freed once let go");
 
     // 5. The host refuses the registration: refused, the page freed.
     new_host(|h| h.refuse_register = true);

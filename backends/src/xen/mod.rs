@@ -85,6 +85,10 @@ static STATE: State = State {
 
 /// The page holding the backend's own time area (0: none).
 static OWN_PAGE: AtomicU64 = AtomicU64::new(0);
+/// A time area the host refused to unregister at a stop: it may still be written, so it is
+/// never freed, but the next start (a live switch back to Xen) registers it again rather than
+/// keeping a second page.
+static KEPT_PAGE: AtomicU64 = AtomicU64::new(0);
 
 /// A Xen hypercall through the function chosen at init.
 ///
@@ -366,13 +370,24 @@ impl Driver for Xen {
             None => {
                 let vcpu0 = vcpu_id(0).ok_or(XenError::ClockUnavailable)?;
                 // A page of its own, not module memory: it may have to outlive the module.
-                let page = platform.alloc_page().ok_or(XenError::ClockUnavailable)?;
+                let kept = KEPT_PAGE.swap(0, Ordering::Relaxed) as usize;
+                let page = match kept {
+                    0 => platform.alloc_page().ok_or(XenError::ClockUnavailable)?,
+                    kept => kept,
+                };
                 let own = page as *mut PvclockVcpuTimeInfo;
+                // SAFETY: the page is ours (fresh, or kept from an earlier start); its old
+                // record must not pass for the host's answer to this registration.
+                unsafe { own.write_volatile(PvclockVcpuTimeInfo::default()) };
                 // SAFETY: registers the page for vCPU 0 (Xen translates the virtual address); it
                 // stays allocated until teardown unregisters it, or for good if that is refused.
                 let rc = unsafe { register_time_area(vcpu0, page as u64) };
                 if rc != 0 {
-                    platform.free_page(page);
+                    match kept {
+                        0 => platform.free_page(page),
+                        // still registered from before: kept
+                        _ => KEPT_PAGE.store(page as u64, Ordering::Relaxed),
+                    }
                     return Err(XenError::ClockUnavailable);
                 }
                 STATE.own_area.store(vcpu0 as u32, Ordering::Relaxed);
@@ -408,7 +423,9 @@ impl Driver for Xen {
             platform.free_page(page);
             "own time area unregistered"
         } else {
-            // The host keeps writing into the page: it must never be reused.
+            // The host keeps writing into the page: it must never be freed (a later start
+            // registers it again).
+            KEPT_PAGE.store(page as u64, Ordering::Relaxed);
             "own time area kept: the host refused to unregister it (its page stays allocated)"
         }
     }
