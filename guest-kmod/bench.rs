@@ -240,8 +240,9 @@ pub(crate) struct State {
 
 /// Where [`State`] is published for the benchmark.
 struct Slot(UnsafeCell<Option<State>>);
-// SAFETY: written by init before the debugfs file exists and by exit after it is gone; read by
-// pvops_bench_run, which shim.c serialises with a mutex and debugfs keeps within the file's life.
+// SAFETY: written by init before the debugfs file exists, by a live switch under shim.c's
+// bench_lock and by exit after the file is gone; read by pvops_bench_run, which shim.c
+// serialises with the same lock and debugfs keeps within the file's life.
 unsafe impl Sync for Slot {}
 /// The module's state while the debugfs file exists.
 static STATE: Slot = Slot(UnsafeCell::new(None));
@@ -250,7 +251,8 @@ static STATE: Slot = Slot(UnsafeCell::new(None));
 ///
 /// # Safety
 ///
-/// No benchmark may be running: call before creating the debugfs file, or after removing it.
+/// No benchmark may be running: call before creating the debugfs file, after removing it, or
+/// holding shim.c's bench_lock (a live switch).
 pub(crate) unsafe fn set_state(s: Option<State>) {
     // SAFETY: forwarded contract.
     unsafe { *STATE.0.get() = s };

@@ -151,7 +151,17 @@ void pvops_shim_sync_core(void)
 	sync_core();
 }
 
-/* The report under /sys/kernel/pvops/: filled once by Rust before the files appear. */
+/*
+ * The lock over the running backend: a benchmark run (/sys/kernel/debug/pvops/bench) and a
+ * live switch (a write to /sys/kernel/pvops/backend) each hold it throughout.
+ */
+static DEFINE_MUTEX(bench_lock);
+
+/*
+ * The report under /sys/kernel/pvops/: filled by Rust before the files appear, and again by a
+ * live switch (under report_lock, so a read sees one report whole).
+ */
+static DEFINE_MUTEX(report_lock);
 static char report_backend[64], report_hypervisor[96], report_sites[96], report_selftest[256];
 /* the self-test's checks, one per line: NAME ok | NAME FAIL | NAME n/a REASON */
 static char report_checks[2048];
@@ -159,21 +169,51 @@ static char report_checks[2048];
 void pvops_shim_set_report(const char *backend, const char *hypervisor, const char *sites,
 			   const char *selftest, const char *checks)
 {
+	mutex_lock(&report_lock);
 	strscpy(report_checks, checks, sizeof(report_checks));
 	strscpy(report_backend, backend, sizeof(report_backend));
 	strscpy(report_hypervisor, hypervisor, sizeof(report_hypervisor));
 	strscpy(report_sites, sites, sizeof(report_sites));
 	strscpy(report_selftest, selftest, sizeof(report_selftest));
+	mutex_unlock(&report_lock);
 }
 
-#define PVOPS_ATTR(name)                                                              \
+#define PVOPS_SHOW(name)                                                              \
 	static ssize_t name##_show(struct kobject *k, struct kobj_attribute *a, char *buf) \
 	{                                                                             \
-		return sysfs_emit(buf, "%s\n", report_##name);                        \
-	}                                                                             \
+		ssize_t n;                                                            \
+		mutex_lock(&report_lock);                                             \
+		n = sysfs_emit(buf, "%s\n", report_##name);                           \
+		mutex_unlock(&report_lock);                                           \
+		return n;                                                             \
+	}
+#define PVOPS_ATTR(name) \
+	PVOPS_SHOW(name)  \
 	static struct kobj_attribute name##_attr = __ATTR_RO(name)
 
-PVOPS_ATTR(backend);
+/* pvops_kmod.rs: a live switch to the backend named in buf (count bytes); 0 or -errno */
+int pvops_switch_backend(const char *buf, size_t count);
+
+/*
+ * /sys/kernel/pvops/backend: the running backend; root writes a backend's name (or auto) to
+ * switch to it live. One switch at a time, none during a benchmark: a write that finds either
+ * running is refused with -EBUSY, changing nothing.
+ */
+static ssize_t backend_store(struct kobject *k, struct kobj_attribute *a, const char *buf,
+			     size_t count)
+{
+	int err;
+
+	if (!mutex_trylock(&bench_lock)) {
+		pr_warn("pvops_guest: switch: a benchmark or another switch is running; nothing changed\n");
+		return -EBUSY;
+	}
+	err = pvops_switch_backend(buf, count);
+	mutex_unlock(&bench_lock);
+	return err ? err : count;
+}
+PVOPS_SHOW(backend)
+static struct kobj_attribute backend_attr = __ATTR_RW_MODE(backend, 0644);
 PVOPS_ATTR(hypervisor);
 PVOPS_ATTR(sites);
 PVOPS_ATTR(selftest);
@@ -566,7 +606,6 @@ void pvops_shim_irq_restore(unsigned long flags)
 }
 
 /* /sys/kernel/debug/pvops/bench: write anything to run the benchmark, read the JSON back. */
-static DEFINE_MUTEX(bench_lock);
 static char *bench_json;
 static size_t bench_len;
 static struct dentry *pvops_debugfs;

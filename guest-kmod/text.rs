@@ -2,12 +2,15 @@
 
 //! The text writer: this module's call sites ([`module_sites`]), read in place
 //! ([`ReadOnlyText`]) and written through a temporary writable alias of their pages
-//! ([`AliasText`]) while `stop_machine` parks the other CPUs ([`transition`]).
+//! ([`AliasText`]) while `stop_machine` parks the other CPUs: patched or reverted
+//! ([`transition`]), or switched from one backend's bytes and table to another's
+//! ([`switch_sites`]).
 
 use core::ffi::{c_int, c_void};
 
+use pvops::ops::PvOps;
 use pvops::site::SiteRecord;
-use pvops::{PatchError, PatchReport, Patcher, SiteTable};
+use pvops::{PatchError, PatchReport, Patcher, SiteTable, PV_OPS};
 
 use crate::shim;
 
@@ -69,16 +72,34 @@ impl pvops::Text for AliasText {
     }
 }
 
-/// One patch or revert, run under stop_machine.
+/// What a [`Job`] does to the sites.
+enum Kind<'a> {
+    /// Original bytes to the patcher's.
+    Apply,
+    /// The patcher's bytes back to the original ones.
+    Revert,
+    /// From `from`'s bytes to the patcher's, installing `table` (the new backend's) in
+    /// [`PV_OPS`] and carrying the clock on.
+    Switch {
+        /// The running backend's patch set.
+        from: &'a Patcher<'a>,
+        /// The new backend's table.
+        table: &'a PvOps,
+    },
+}
+
+/// One patch, revert or switch, run under stop_machine.
 struct Job<'a> {
     /// The sites and what to write into them.
     patcher: &'a Patcher<'a>,
     /// Where to write.
     text: AliasText,
-    /// Revert (restore the original bytes) rather than patch.
-    revert: bool,
+    /// What to do.
+    kind: Kind<'a>,
     /// The engine's answer; `None` if the callback never ran.
     result: Option<Result<PatchReport, PatchError>>,
+    /// A switch: the old backend's clock at the switch.
+    clock: u64,
 }
 
 /// stop_machine callback.
@@ -89,10 +110,24 @@ struct Job<'a> {
 unsafe extern "C" fn run_job(data: *mut c_void) -> c_int {
     // SAFETY: `transition` passes a pointer to its own `Job`, alive until stop_machine returns.
     let job = unsafe { &mut *data.cast::<Job<'_>>() };
-    job.result = Some(if job.revert {
-        job.patcher.revert(&mut job.text)
-    } else {
-        job.patcher.apply(&mut job.text)
+    job.result = Some(match job.kind {
+        Kind::Apply => job.patcher.apply(&mut job.text),
+        Kind::Revert => job.patcher.revert(&mut job.text),
+        Kind::Switch { from, table } => {
+            // SAFETY: sched_clock has no precondition; the old table is still installed.
+            let old = unsafe { (PV_OPS.get().timer.sched_clock)() };
+            let r = job.patcher.switch_from(from, &mut job.text);
+            if r.is_ok() {
+                // SAFETY: every other CPU is parked outside the ops (stop_machine), and the
+                // new backend's functions honour the contracts (started by the caller).
+                unsafe { PV_OPS.install(table) };
+                // SAFETY: as above.
+                let new = unsafe { (table.timer.sched_clock)() };
+                pvops_backends::time::continue_clock(old, new);
+                job.clock = old;
+            }
+            r
+        }
     });
     // SAFETY: serialising this CPU has no precondition; the others serialise on their way
     // out of stop_machine (interrupt return).
@@ -125,8 +160,26 @@ pub(crate) fn transition(
     patcher: &Patcher<'_>,
     revert: bool,
 ) -> Result<PatchReport, TransitionError> {
+    let kind = if revert { Kind::Revert } else { Kind::Apply };
+    run(patcher, kind).map(|(r, _)| r)
+}
+
+/// A live switch, all or nothing, with the other CPUs parked: every site from `from`'s bytes
+/// to `to`'s, and `table` (`to`'s backend's) installed, the clock carried on across. Returns
+/// what `to` patched and the clock's reading at the switch. On error nothing was written and
+/// the old table is still installed.
+pub(crate) fn switch_sites(
+    to: &Patcher<'_>,
+    from: &Patcher<'_>,
+    table: &PvOps,
+) -> Result<(PatchReport, u64), TransitionError> {
+    run(to, Kind::Switch { from, table })
+}
+
+/// Run `kind` on `patcher`'s sites through a writable alias, under stop_machine.
+fn run<'a>(patcher: &'a Patcher<'a>, kind: Kind<'a>) -> Result<(PatchReport, u64), TransitionError> {
     let Some((start, end)) = patcher.span() else {
-        return Ok(PatchReport::default());
+        return Ok((PatchReport::default(), 0));
     };
     let page = start & !0xfff;
     // SAFETY: [start, end) is text of this module (or of the kernel, when built in) holding
@@ -141,8 +194,9 @@ pub(crate) fn transition(
             page,
             alias: alias.cast(),
         },
-        revert,
+        kind,
         result: None,
+        clock: 0,
     };
     // SAFETY: `job` outlives the call; run_job is the matching callback.
     let rc = unsafe {
@@ -151,7 +205,7 @@ pub(crate) fn transition(
     // SAFETY: the alias came from pvops_shim_alias_text and is no longer used.
     unsafe { shim::pvops_shim_unalias_text(alias) };
     match job.result {
-        Some(r) => r.map_err(TransitionError::Patch),
+        Some(r) => r.map(|r| (r, job.clock)).map_err(TransitionError::Patch),
         None => Err(TransitionError::StopMachine(rc)),
     }
 }

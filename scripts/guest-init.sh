@@ -523,9 +523,97 @@ if [ -n "$want_dmesg" ]; then
 fi
 report
 
+# 3b. Live switching (echo NAME > /sys/kernel/pvops/backend, root only). Refused writes change
+#     nothing: not the backend, not a site, no switch line in dmesg. Where a second backend runs
+#     (rig_switch=NAME: native beside the hypervisor's), the module switches to it and back, each
+#     time every site rewritten in one stop_machine, the self-test passing on the new backend
+#     and the clock carrying on (after the switch not behind its reading at it, and less than a
+#     second ahead); a write during a benchmark is refused with -EBUSY.
+switch_to() { # NAME [nobody]: write NAME (as user nobody: su); sw_rc, sw_out (the error text)
+	if [ "${2:-}" = nobody ]; then
+		if ! grep -q '^nobody:' /etc/passwd 2>/dev/null; then
+			mkdir -p /etc
+			echo 'nobody:x:65534:65534:nobody:/:/bin/sh' >> /etc/passwd
+			echo 'nogroup:x:65534:' >> /etc/group
+		fi
+		sw_out=$(su -s /bin/sh -c "echo '$1' > /sys/kernel/pvops/backend" nobody 2>&1); sw_rc=$?
+	else
+		sw_out=$( (echo "$1" > /sys/kernel/pvops/backend) 2>&1); sw_rc=$?
+	fi
+}
+sw_state() { echo "$(cat /sys/kernel/pvops/backend) $(cat /sys/kernel/pvops/sites) $(dmesg | grep -c 'pvops_guest: switch: .* -> ')"; }
+switch_refused() { # WHAT ERROR STATE-BEFORE: the write failed with ERROR and changed nothing
+	if [ "$sw_rc" != 0 ] && has "$sw_out" "$2" && [ "$(sw_state)" = "$3" ]; then
+		sr_detail="$sr_detail $1:refused"
+	else
+		sr_ok=0 sr_detail="$sr_detail [$1: rc=$sw_rc $sw_out; $(last_dmesg)]"
+	fi
+}
+clock_carried() { # FROM TO: the last switch line says FROM -> TO and its clock carried on
+	sw_line=$(dmesg | grep "pvops_guest: switch: $1 -> $2:" | tail -1)
+	echo "$sw_line" | sed -n 's/.*clock \([0-9]*\) ns at the switch, \([0-9]*\) ns after it.*/\1 \2/p' |
+		awk '{ exit !(NF == 2 && $2 >= $1 && $2 - $1 < 1000000000) }'
+}
+switched() { # FROM TO: the write held, sysfs names TO, every site patched, the self-test passed
+	[ "$sw_rc" = 0 ] && [ "$(cat /sys/kernel/pvops/backend)" = "$2" ] &&
+		all_patched "$(cut -d/ -f1 /sys/kernel/pvops/sites)" "$t" &&
+		has "$(cat /sys/kernel/pvops/selftest)" '^ok bytes=verified' && clock_carried "$1" "$2"
+}
+sr_ok=1 sr_detail="" before=$(sw_state)
+switch_to bogus; switch_refused bogus 'Invalid argument' "$before"
+switch_to ''; switch_refused empty 'Invalid argument' "$before"
+switch_to "$(head -c 300 /dev/zero | tr '\0' k)"; switch_refused 300-chars 'Invalid argument' "$before"
+switch_to 'native kvm'; switch_refused two-names 'Invalid argument' "$before"
+switch_to "$expect" nobody
+switch_refused non-root 'Permission denied' "$before"
+[ "$(stat -c %a /sys/kernel/pvops/backend)" = 644 ] || { sr_ok=0 sr_detail="$sr_detail [mode $(stat -c %a /sys/kernel/pvops/backend)]"; }
+for b in $(modinfo -F backends $ko | head -1); do
+	case "$b" in "$expect" | "$(arg rig_switch)") continue ;; native) [ -n "$(arg rig_pv)" ] || continue ;; esac
+	switch_to "$b"; switch_refused "$b" 'No such device' "$before"
+done
+switch_to "$expect"
+if [ "$sw_rc" = 0 ] && [ "$(sw_state)" = "$before" ] && last_dmesg | grep -q "switch: $expect is already the backend"; then
+	sr_detail="$sr_detail $expect:already"
+else
+	sr_ok=0 sr_detail="$sr_detail [$expect again: rc=$sw_rc $sw_out; $(last_dmesg)]"
+fi
+check switch-refused "$sr_detail" -- [ $sr_ok = 1 ]
+if [ -n "$(arg rig_switch)" ]; then
+	other=$(arg rig_switch)
+	switch_to "$other"
+	sw_detail="$(dmesg | grep 'pvops_guest: switch: ' | tail -1); $(cat /sys/kernel/pvops/selftest)"
+	switched "$expect" "$other" && ok1=1 || ok1=0
+	switch_to "$expect"
+	sw_detail="$sw_detail; $(dmesg | grep 'pvops_guest: switch: ' | tail -1); $(cat /sys/kernel/pvops/selftest)"
+	switched "$other" "$expect" && ok2=1 || ok2=0
+	check switch-live "$sw_detail" -- [ "$ok1$ok2" = 11 ]
+	# a write while a benchmark runs is refused: a benchmark started before the write and still
+	# running after it ran during it (a try where it ended first proves nothing and is retried)
+	grep -q ' /sys/kernel/debug ' /proc/mounts || mount -t debugfs debugfs /sys/kernel/debug
+	before=$(sw_state) busy=untried tries=0
+	while [ "$busy" = untried ] && [ $tries -lt 5 ]; do
+		tries=$((tries + 1))
+		(echo run > /sys/kernel/debug/pvops/bench) & bench_pid=$!
+		sleep 0.3
+		switch_to "$other"
+		if kill -0 $bench_pid 2>/dev/null; then
+			if [ "$sw_rc" != 0 ] && has "$sw_out" 'resource busy' && [ "$(sw_state)" = "$before" ]; then
+				busy=refused
+			else
+				busy="not-refused: rc=$sw_rc $sw_out"
+			fi
+		fi
+		wait $bench_pid
+		# a write that went through after the benchmark ended switched: back, for what follows
+		[ "$(cat /sys/kernel/pvops/backend)" = "$expect" ] || switch_to "$expect"
+		before=$(sw_state)
+	done
+	check switch-busy "$busy after $tries tries; $(dmesg | grep 'switch: a benchmark' | tail -1)" -- [ "$busy" = refused ]
+fi
+
 # The benchmark, when asked for (scripts/bench): root-only debugfs file, JSON back.
 if grep -q 'rig_bench=1' /proc/cmdline; then
-	mount -t debugfs debugfs /sys/kernel/debug
+	grep -q ' /sys/kernel/debug ' /proc/mounts || mount -t debugfs debugfs /sys/kernel/debug
 	bench_t0=$(cut -d' ' -f1 /proc/uptime)
 	echo run > /sys/kernel/debug/pvops/bench; rc=$?
 	bench_t1=$(cut -d' ' -f1 /proc/uptime)
