@@ -1,9 +1,10 @@
 // SPDX-License-Identifier: GPL-2.0
 
 //! The kernel as the backends see it: [`KernelPlatform`], the module's implementation of
-//! [`pvops_backends::Platform`], each method one call into shim.c.
+//! [`pvops_backends::Platform`], each method one call into shim.c. The fallible ones can be
+//! made to fail one at a time (`fault=platform:N`, [`crate::faults`]).
 
-use crate::shim;
+use crate::{faults, shim};
 
 /// What the kernel knows that backends need.
 pub(crate) struct KernelPlatform;
@@ -15,17 +16,26 @@ impl pvops_backends::Platform for KernelPlatform {
     }
 
     fn rdmsr(&self, msr: u32) -> Option<u64> {
+        if faults::platform("rdmsr") {
+            return None;
+        }
         let mut v = 0;
         // SAFETY: the kernel's rdmsrl_safe: a fault is caught and reported.
         (unsafe { shim::pvops_shim_rdmsr(msr, &mut v) } == 0).then_some(v)
     }
 
     fn wrmsr(&self, msr: u32, value: u64) -> bool {
+        if faults::platform("wrmsr") {
+            return false;
+        }
         // SAFETY: the kernel's wrmsrl_safe; the backends only write their own registrations.
         unsafe { shim::pvops_shim_wrmsr(msr, value) == 0 }
     }
 
     fn rdmsr_on_cpu(&self, cpu: u32, msr: u32) -> Option<u64> {
+        if faults::platform("rdmsr_on_cpu") {
+            return None;
+        }
         let mut v = 0;
         // SAFETY: the kernel's rdmsrl_safe_on_cpu (an IPI to an online CPU).
         (unsafe { shim::pvops_shim_rdmsr_on_cpu(cpu, msr, &mut v) } == 0).then_some(v)
@@ -107,6 +117,9 @@ impl pvops_backends::Platform for KernelPlatform {
     }
 
     fn alloc_page(&self) -> Option<usize> {
+        if faults::platform("alloc_page") {
+            return None;
+        }
         // SAFETY: the kernel's page allocator.
         let va = unsafe { shim::pvops_shim_alloc_page() };
         (va != 0).then_some(va)
@@ -128,18 +141,27 @@ impl pvops_backends::Platform for KernelPlatform {
     }
 
     fn phys_to_virt(&self, pa: u64) -> Option<usize> {
+        if faults::platform("phys_to_virt") {
+            return None;
+        }
         // SAFETY: pure address arithmetic, with a pfn_valid check.
         let va = unsafe { shim::pvops_shim_phys_to_virt(pa) };
         (va != 0).then_some(va)
     }
 
     fn virt_to_phys(&self, va: usize) -> Option<u64> {
+        if faults::platform("virt_to_phys") {
+            return None;
+        }
         // SAFETY: a page-table lookup of kernel memory the backend owns.
         let pa = unsafe { shim::pvops_shim_virt_to_phys(va) };
         (pa != 0).then_some(pa)
     }
 
     fn write_code(&self, addr: usize, bytes: &[u8]) -> bool {
+        if faults::platform("write_code") {
+            return false;
+        }
         let end = addr + bytes.len();
         // SAFETY: [addr, end) is this module's own text (the VMI backend's arena); the alias
         // is dropped below.

@@ -24,6 +24,7 @@ mod adapters;
 mod bench;
 #[cfg(not(MODULE))]
 mod builtin;
+mod faults;
 mod modinfo;
 mod platform;
 mod selftest;
@@ -85,6 +86,15 @@ pub(crate) fn choose(request: Request) -> Result<Chosen> {
 /// start is refused, never replaced by native, and a selection of `running` itself starts
 /// nothing (`Ok(None)`).
 fn choose_for(request: Request, running: Option<BackendId>) -> Result<Option<Chosen>> {
+    // the backends' probes and start are what `fault=platform:N` counts
+    faults::counting(true, running.is_none());
+    let chosen = probe_and_start(request, running);
+    faults::counting(false, running.is_none());
+    chosen
+}
+
+/// [`choose_for`]'s work.
+fn probe_and_start(request: Request, running: Option<BackendId>) -> Result<Option<Chosen>> {
     let t0 = pvops::arch::rdtsc_ordered();
     let detection = pvops::detect(pvops_backends::cpuid_source(&KernelPlatform));
     let t1 = pvops::arch::rdtsc_ordered();
@@ -211,6 +221,7 @@ impl kernel::Module for PvopsGuest {
             );
             EINVAL
         })?;
+        faults::arm(true).map_err(|_| EINVAL)?;
         // built in, the backend was started at boot, before apply_alternatives (builtin.rs)
         #[cfg(not(MODULE))]
         let early = builtin::take_early();
@@ -319,6 +330,9 @@ fn publish(running: &Running, report: &PatchReport, verified: bool) -> Result {
         ops,
         ..
     } = *running;
+    if faults::hit(faults::Step::Alloc, "an allocation of the report") {
+        return Err(ENOMEM);
+    }
     let st = selftest(backend, &ops);
     let hypervisor = match selection.interface {
         Some(i) => CString::try_from_fmt(fmt!(
@@ -434,6 +448,7 @@ unsafe fn switch(name: &[u8]) -> Result {
             return Err(EINVAL);
         }
     };
+    faults::arm(false).map_err(|_| EINVAL)?;
     // SAFETY: the caller excludes every other access.
     let Some(old) = (unsafe { RUNNING.get() }) else {
         return Err(ENODEV);
@@ -538,7 +553,13 @@ impl Drop for PvopsGuest {
                 Err(e) => pr_err!("unload: sites left patched: {}\n", e),
             }
         } else {
-            pr_info!("unload: nothing was patched\n");
+            match patcher.verify(&ReadOnlyText, false) {
+                Ok(()) => pr_info!(
+                    "unload: nothing was patched; {} sites hold their original bytes\n",
+                    patcher.plan().total
+                ),
+                Err(e) => pr_err!("unload: nothing was patched, yet {}\n", e),
+            }
         }
         // SAFETY: the module is going away; none of its ops can run any more.
         unsafe { PV_OPS.clear() };

@@ -62,6 +62,22 @@ const char *pvops_shim_backend_param(void)
 	return backend;
 }
 
+/*
+ * fault=: a debug knob (faults.rs): one step of a load, or of a live switch, fails as the
+ * kernel's own would. Root may change it at run time (/sys/module/pvops_guest/parameters/fault).
+ */
+static char fault[32];
+module_param_string(fault, fault, sizeof(fault), 0644);
+MODULE_PARM_DESC(fault, "debug: make one step fail: platform:N (a backend's N-th fallible call of the kernel), alias, stop-machine, site, alloc (load only); empty: nothing");
+
+/* A copy of fault= (at most len - 1 bytes and a NUL), taken under the parameters' lock. */
+void pvops_shim_fault_param(char *buf, size_t len)
+{
+	kernel_param_lock(THIS_MODULE);
+	strscpy(buf, fault, len);
+	kernel_param_unlock(THIS_MODULE);
+}
+
 unsigned long pvops_shim_tsc_khz(void)
 {
 	return tsc_khz;

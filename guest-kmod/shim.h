@@ -10,6 +10,7 @@
 #include <linux/types.h>
 
 const char *pvops_shim_backend_param(void);
+void pvops_shim_fault_param(char *buf, size_t len);
 unsigned long pvops_shim_tsc_khz(void);
 void *pvops_shim_alias_text(unsigned long start, unsigned long end);
 void pvops_shim_unalias_text(void *alias);

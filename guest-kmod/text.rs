@@ -12,6 +12,7 @@ use pvops::ops::PvOps;
 use pvops::site::SiteRecord;
 use pvops::{PatchError, PatchReport, Patcher, SiteTable, PV_OPS};
 
+use crate::faults::{self, Step};
 use crate::shim;
 
 extern "C" {
@@ -110,6 +111,18 @@ struct Job<'a> {
 unsafe extern "C" fn run_job(data: *mut c_void) -> c_int {
     // SAFETY: `transition` passes a pointer to its own `Job`, alive until stop_machine returns.
     let job = unsafe { &mut *data.cast::<Job<'_>>() };
+    // fault=site: one byte of the first site changed under the engine, put back after it
+    let tampered = match job.patcher.sites().next() {
+        Some(site) if faults::hit(Step::Site, "a site changed under the engine") => {
+            let mut b = [0u8];
+            pvops::ReadText::read(&job.text, site.addr, &mut b);
+            // SAFETY: a byte of a site, through the alias; stop_machine keeps every other CPU
+            // out of it, and it is put back below before any CPU can run it.
+            unsafe { pvops::Text::write(&mut job.text, site.addr, &[b[0] ^ 0xff]) };
+            Some((site.addr, b[0]))
+        }
+        _ => None,
+    };
     job.result = Some(match job.kind {
         Kind::Apply => job.patcher.apply(&mut job.text),
         Kind::Revert => job.patcher.revert(&mut job.text),
@@ -129,6 +142,10 @@ unsafe extern "C" fn run_job(data: *mut c_void) -> c_int {
             r
         }
     });
+    if let Some((addr, byte)) = tampered {
+        // SAFETY: as above; the engine refused the set, so the site holds the changed byte.
+        unsafe { pvops::Text::write(&mut job.text, addr, &[byte]) };
+    }
     // SAFETY: serialising this CPU has no precondition; the others serialise on their way
     // out of stop_machine (interrupt return).
     unsafe { shim::pvops_shim_sync_core() };
@@ -182,6 +199,9 @@ fn run<'a>(patcher: &'a Patcher<'a>, kind: Kind<'a>) -> Result<(PatchReport, u64
         return Ok((PatchReport::default(), 0));
     };
     let page = start & !0xfff;
+    if faults::hit(Step::Alias, "the text alias") {
+        return Err(TransitionError::NoAlias);
+    }
     // SAFETY: [start, end) is text of this module (or of the kernel, when built in) holding
     // call sites; the alias is dropped below.
     let alias = unsafe { shim::pvops_shim_alias_text(start, end) };
@@ -198,9 +218,13 @@ fn run<'a>(patcher: &'a Patcher<'a>, kind: Kind<'a>) -> Result<(PatchReport, u64
         result: None,
         clock: 0,
     };
-    // SAFETY: `job` outlives the call; run_job is the matching callback.
-    let rc = unsafe {
-        shim::pvops_shim_stop_machine(Some(run_job), core::ptr::addr_of_mut!(job).cast())
+    let rc = if faults::hit(Step::StopMachine, "stop_machine") {
+        -(kernel::bindings::ENOMEM as c_int)
+    } else {
+        // SAFETY: `job` outlives the call; run_job is the matching callback.
+        unsafe {
+            shim::pvops_shim_stop_machine(Some(run_job), core::ptr::addr_of_mut!(job).cast())
+        }
     };
     // SAFETY: the alias came from pvops_shim_alias_text and is no longer used.
     unsafe { shim::pvops_shim_unalias_text(alias) };

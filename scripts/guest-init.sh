@@ -649,6 +649,97 @@ else
 	check load-native "$(cat /sys/kernel/pvops/selftest 2>&1)" -- loaded_as $rc native
 fi
 rmmod pvops_guest
+
+# 6. Fault injection (fault=, guest-kmod/faults.rs): each step of a load made to fail in turn,
+#    then (rig_switch) each step of a live switch. A load whose text alias, stop_machine or site
+#    fails keeps every site indirect and unloads with them verified; one whose report cannot be
+#    allocated is refused (-ENOMEM) with everything undone; the N-th fallible platform call of
+#    the backends' probe and start failing (N = 1, 2, ... until the module says it was not
+#    reached) ends loaded with the self-test passed, or refused with a message and nothing
+#    loaded. A switch that meets any of them is refused with nothing changed. Then the fault scan.
+fi_ok=1 fi_detail=""
+fi_bad() { fi_ok=0 fi_detail="$fi_detail [$1: $2; $(last_dmesg 3 | tr '\n' ' ')]"; }
+for f in alias stop-machine site; do
+	out=$(insmod $ko fault=$f 2>&1); rc=$?
+	st=$(cat /sys/kernel/pvops/sites 2>&1)
+	if [ $rc = 0 ] && has "$st" "^0/$t " && last_dmesg 3 | grep -q 'patching refused, sites stay indirect' &&
+		grep -q '^ok' /sys/kernel/pvops/selftest && rmmod pvops_guest &&
+		last_dmesg 2 | grep -q "nothing was patched; $t sites hold their original bytes"; then
+		fi_detail="$fi_detail $f:indirect"
+	else
+		fi_bad $f "rc=$rc $out sites=$st"; rmmod pvops_guest 2>/dev/null
+	fi
+done
+out=$(insmod $ko fault=alloc 2>&1); rc=$?
+if refused $rc "$out" 'Cannot allocate memory' && last_dmesg 3 | grep -q "unload: $t sites restored byte-exact"; then
+	fi_detail="$fi_detail alloc:undone"
+else
+	fi_bad alloc "rc=$rc $out"; rmmod pvops_guest 2>/dev/null
+fi
+out=$(insmod $ko fault=sideways 2>&1); rc=$?
+refused $rc "$out" 'Invalid argument' 'fault=sideways: not' && fi_detail="$fi_detail sideways:refused" || fi_bad sideways "rc=$rc $out"
+n=1
+while [ $n -le 40 ]; do
+	out=$(insmod $ko fault=platform:$n 2>&1); rc=$?
+	if dmesg | grep -q "platform:$n not reached in this load"; then
+		[ $rc = 0 ] && rmmod pvops_guest
+		fi_detail="$fi_detail platform:$n-not-reached"; break
+	elif [ $rc = 0 ]; then
+		b=$(cat /sys/kernel/pvops/backend)
+		if grep -q '^ok' /sys/kernel/pvops/selftest && rmmod pvops_guest; then
+			fi_detail="$fi_detail platform:$n:$b"
+		else
+			fi_bad platform:$n "loaded as $b, $(cat /sys/kernel/pvops/selftest)"; rmmod pvops_guest 2>/dev/null
+		fi
+	elif ! loaded && last_dmesg | grep -qE 'fails|failed|absent|refused'; then
+		fi_detail="$fi_detail platform:$n:refused"
+	else
+		fi_bad platform:$n "rc=$rc $out"
+	fi
+	n=$((n + 1))
+done
+[ $n -le 40 ] || fi_bad platform "still reached at 40"
+if [ -n "$(arg rig_switch)" ]; then
+	param=/sys/module/pvops_guest/parameters/fault
+	insmod $ko
+	for f in alias stop-machine site; do
+		before=$(sw_state)
+		echo $f > $param; switch_to "$(arg rig_switch)"; echo > $param
+		if [ "$sw_rc" != 0 ] && [ "$(sw_state)" = "$before" ] && last_dmesg | grep -q 'refused:.*runs on, every byte as it was'; then
+			fi_detail="$fi_detail switch-$f:refused"
+		else
+			fi_bad switch-$f "rc=$sw_rc $sw_out"
+		fi
+	done
+	# the hypervisor's backend started by a switch (from native), each fallible call failing
+	switch_to native
+	n=1
+	while [ $n -le 40 ] && [ "$(cat /sys/kernel/pvops/backend)" = native ]; do
+		before=$(sw_state)
+		echo platform:$n > $param; switch_to "$expect"; echo > $param
+		if dmesg | grep -q "platform:$n not reached in this switch"; then
+			fi_detail="$fi_detail switch-platform:$n-not-reached"; break
+		elif [ "$sw_rc" = 0 ] && [ "$(cat /sys/kernel/pvops/backend)" = "$expect" ] && grep -q '^ok' /sys/kernel/pvops/selftest; then
+			fi_detail="$fi_detail switch-platform:$n:$expect"; switch_to native
+		elif [ "$sw_rc" != 0 ] && [ "$(sw_state)" = "$before" ]; then
+			fi_detail="$fi_detail switch-platform:$n:refused"
+		else
+			fi_bad switch-platform:$n "rc=$sw_rc $sw_out"; break
+		fi
+		n=$((n + 1))
+	done
+	[ $n -le 40 ] || fi_bad switch-platform "still reached at 40"
+	rmmod pvops_guest && last_dmesg 2 | grep -q "unload: $t sites restored byte-exact" || fi_bad switch-unload "$(last_dmesg 2)"
+fi
+# runs of N with one outcome, shortened: platform:1:native platform:2:native -> platform:1-2:native
+fi_detail=$(echo "$fi_detail" | tr ' ' '\n' | awk -F: '
+	function out() { if (run) print pre ":" (a == b ? a : a "-" b) ":" what; run = 0 }
+	NF == 3 && $2 ~ /^[0-9]+$/ && run && $1 == pre && $3 == what && $2 == b + 1 { b = $2; next }
+	{ out() }
+	NF == 3 && $2 ~ /^[0-9]+$/ { run = 1; pre = $1; a = b = $2; what = $3; next }
+	{ print }
+	END { out() }' | tr '\n' ' ')
+check fault-injection "$fi_detail" -- [ $fi_ok = 1 ]
 fault_scan
 if [ -n "$(arg rig_soak)" ]; then
 	soak "$(arg rig_soak)"

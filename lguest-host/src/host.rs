@@ -373,6 +373,10 @@ impl Host {
             .map(|pa| format!("{pa:#x}"))
             .collect();
         s += &format!(
+            "; lguest_data held={}",
+            if self.registered() { "yes" } else { "no" }
+        );
+        s += &format!(
             "; lguest_data registered at {}",
             if at.is_empty() {
                 "-".into()
