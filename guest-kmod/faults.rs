@@ -121,7 +121,11 @@ pub(crate) fn platform(what: &str) -> bool {
     let n = CALLS.fetch_add(1, Ordering::Relaxed) + 1;
     let fail = n == AT.load(Ordering::Relaxed);
     if fail {
-        pr_info!("fault injection: fallible platform call {} ({}) fails\n", n, what);
+        pr_info!(
+            "fault injection: fallible platform call {} ({}) fails\n",
+            n,
+            what
+        );
     }
     fail
 }
@@ -129,7 +133,12 @@ pub(crate) fn platform(what: &str) -> bool {
 /// Whether `step` must fail now; it fails once per [`arm`].
 pub(crate) fn hit(step: Step, what: &str) -> bool {
     let fail = STEP
-        .compare_exchange(step as u8, Step::Nothing as u8, Ordering::Relaxed, Ordering::Relaxed)
+        .compare_exchange(
+            step as u8,
+            Step::Nothing as u8,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        )
         .is_ok();
     if fail {
         pr_info!("fault injection: {} fails\n", what);

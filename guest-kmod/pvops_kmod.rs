@@ -458,12 +458,17 @@ unsafe fn switch(name: &[u8]) -> Result {
         return Err(Error::from_errno(-(kernel::bindings::EOPNOTSUPP as c_int)));
     }
     if !old.patched {
-        pr_err!("switch: the sites stayed indirect at load (patching was refused); nothing changed\n");
+        pr_err!(
+            "switch: the sites stayed indirect at load (patching was refused); nothing changed\n"
+        );
         return Err(EPERM);
     }
     let t0 = pvops::arch::rdtsc_ordered();
     let Some(chosen) = choose_for(request, Some(old.selection.backend))? else {
-        pr_info!("switch: {} is already the backend; nothing changed\n", old.selection.backend);
+        pr_info!(
+            "switch: {} is already the backend; nothing changed\n",
+            old.selection.backend
+        );
         return Ok(());
     };
     let new = Running {

@@ -194,7 +194,10 @@ pub(crate) fn switch_sites(
 }
 
 /// Run `kind` on `patcher`'s sites through a writable alias, under stop_machine.
-fn run<'a>(patcher: &'a Patcher<'a>, kind: Kind<'a>) -> Result<(PatchReport, u64), TransitionError> {
+fn run<'a>(
+    patcher: &'a Patcher<'a>,
+    kind: Kind<'a>,
+) -> Result<(PatchReport, u64), TransitionError> {
     let Some((start, end)) = patcher.span() else {
         return Ok((PatchReport::default(), 0));
     };
@@ -222,9 +225,7 @@ fn run<'a>(patcher: &'a Patcher<'a>, kind: Kind<'a>) -> Result<(PatchReport, u64
         -(kernel::bindings::ENOMEM as c_int)
     } else {
         // SAFETY: `job` outlives the call; run_job is the matching callback.
-        unsafe {
-            shim::pvops_shim_stop_machine(Some(run_job), core::ptr::addr_of_mut!(job).cast())
-        }
+        unsafe { shim::pvops_shim_stop_machine(Some(run_job), core::ptr::addr_of_mut!(job).cast()) }
     };
     // SAFETY: the alias came from pvops_shim_alias_text and is no longer used.
     unsafe { shim::pvops_shim_unalias_text(alias) };

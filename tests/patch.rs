@@ -297,7 +297,8 @@ fn switching(p: &Patcher, khz: u64) {
     let mut text = MprotectText::default();
     let report = q.switch_from(p, &mut text).expect("switch succeeds");
     assert_eq!((report.inline, report.indirect), (0, 0), "{report:?}");
-    q.verify(&text, true).expect("sites hold the other set's bytes");
+    q.verify(&text, true)
+        .expect("sites hold the other set's bytes");
     assert!(p.verify(&text, true).is_err(), "no longer the first set's");
     run_user_ops(khz);
 
@@ -311,12 +312,19 @@ fn switching(p: &Patcher, khz: u64) {
 
     // A set for another table is refused before any site is read.
     let other = Patcher::new(SiteTable::of_executable(), PV_OPS.addr() + 8, &calls).unwrap();
-    assert_eq!(other.switch_from(&q, &mut t).err(), Some(PatchError::OtherSites));
+    assert_eq!(
+        other.switch_from(&q, &mut t).err(),
+        Some(PatchError::OtherSites)
+    );
     assert_eq!(t.written, 0);
 
     // And back, byte for byte.
     p.switch_from(&q, &mut text).expect("switch back succeeds");
-    assert_eq!(snapshot(p), patched, "switching back restores the first set's bytes");
+    assert_eq!(
+        snapshot(p),
+        patched,
+        "switching back restores the first set's bytes"
+    );
     run_user_ops(khz);
 }
 

@@ -165,8 +165,16 @@ mod tests {
         let old = handed_out(5_000_000_000);
         let new = handed_out(2_000_000);
         continue_clock(old, new);
-        assert_eq!(handed_out(2_000_000), old, "the switch instant reads the old clock");
-        assert_eq!(handed_out(3_000_000), old + 1_000_000, "and runs on at the new one's rate");
+        assert_eq!(
+            handed_out(2_000_000),
+            old,
+            "the switch instant reads the old clock"
+        );
+        assert_eq!(
+            handed_out(3_000_000),
+            old + 1_000_000,
+            "and runs on at the new one's rate"
+        );
         // and back to a backend whose clock is far ahead (native's, since the TSC's reset)
         let old = handed_out(3_000_000);
         continue_clock(old, handed_out(900_000_000_000));
