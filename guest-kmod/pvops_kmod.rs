@@ -274,6 +274,7 @@ impl kernel::Module for PvopsGuest {
                 (
                     PatchReport {
                         total: patcher.plan().total,
+                        indirect: patcher.plan().total,
                         ..Default::default()
                     },
                     false,

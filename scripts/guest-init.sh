@@ -164,7 +164,8 @@ pv_ipi_ok() { # APIC-LINE COUNTERS-LINE: the APIC driver's callbacks pvops's, th
 }
 # The soak (rig_soak=CYCLES, scripts/soak): CYCLES loads and unloads of the module while a load
 # (processes, pipes, page faults) runs on every CPU, alternating auto and native where both run
-# (auto alone in a Xen PV domain). Every cycle must load with its self-test passed, unload with
+# (auto alone in a Xen PV domain), and where the rig switches (rig_switch), a live switch in
+# each cycle to the other backend (the self-test must pass after it too). Every cycle must load with its self-test passed, unload with
 # every site restored byte-exact, release what the backend registered (rig_release=, auto's
 # cycles), remove /sys/kernel/pvops and log no fault. The kernel memory a leak would grow
 # (unreclaimable slab, vmalloc, page tables, kernel stacks; caches dropped, the load stopped) is
@@ -203,13 +204,24 @@ soak_cycles() { # FROM TO: cycles FROM..TO-1, stopping at the first that does no
 			sk_err="cycle $sk_n: insmod backend=$b: $out $(dmesg | grep pvops_guest: | tail -1)"; break
 		fi
 		st=$(cat /sys/kernel/pvops/selftest 2>&1)
+		last=$b
+		if [ -n "$(arg rig_switch)" ] && has "$st" '^ok'; then
+			# and a live switch: auto's cycles to the other backend, native's to the expected one
+			last=$(arg rig_switch); [ $b = auto ] || last=$expect
+			switch_to "$last"
+			st="$st; after the switch to $last: $(cat /sys/kernel/pvops/backend) $(cat /sys/kernel/pvops/selftest 2>&1)"
+			if [ "$sw_rc" != 0 ] || [ "$(cat /sys/kernel/pvops/backend)" != "$last" ]; then
+				sk_err="cycle $sk_n ($b): switch to $last: rc=$sw_rc $sw_out $(dmesg | grep pvops_guest: | tail -1)"; break
+			fi
+			[ "$last" != "$expect" ] || last=auto
+		fi
 		if ! rmmod pvops_guest 2>/tmp/sk.err; then sk_err="cycle $sk_n ($b): rmmod: $(cat /tmp/sk.err)"; break; fi
 		log=$(dmesg -c)
-		if ! has "$st" '^ok'; then sk_err="cycle $sk_n ($b): self-test $st"; break; fi
+		if has "$st" 'FAIL' || ! has "$st" '^ok'; then sk_err="cycle $sk_n ($b): self-test $st"; break; fi
 		if ! has "$log" "pvops_guest: unload: $t sites restored byte-exact"; then
 			sk_err="cycle $sk_n ($b): not restored: $(echo "$log" | grep 'unload:' | head -2)"; break
 		fi
-		if [ $b = auto ] && [ -n "$release" ] && ! has -E "$(echo "$log" | grep 'unload: backend')" "$release"; then
+		if [ $last = auto ] && [ -n "$release" ] && ! has -E "$(echo "$log" | grep 'unload: backend')" "$release"; then
 			sk_err="cycle $sk_n: not released as /$release/: $(echo "$log" | grep 'unload: backend')"; break
 		fi
 		if [ -d /sys/kernel/pvops ]; then sk_err="cycle $sk_n ($b): /sys/kernel/pvops left behind"; break; fi
@@ -662,7 +674,7 @@ fi_bad() { fi_ok=0 fi_detail="$fi_detail [$1: $2; $(last_dmesg 3 | tr '\n' ' ')]
 for f in alias stop-machine site; do
 	out=$(insmod $ko fault=$f 2>&1); rc=$?
 	st=$(cat /sys/kernel/pvops/sites 2>&1)
-	if [ $rc = 0 ] && has "$st" "^0/$t " && last_dmesg 3 | grep -q 'patching refused, sites stay indirect' &&
+	if [ $rc = 0 ] && has "$st" "^0/$t .* indirect=$t" && last_dmesg 15 | grep -q 'patching refused, sites stay indirect' &&
 		grep -q '^ok' /sys/kernel/pvops/selftest && rmmod pvops_guest &&
 		last_dmesg 2 | grep -q "nothing was patched; $t sites hold their original bytes"; then
 		fi_detail="$fi_detail $f:indirect"
