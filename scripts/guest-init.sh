@@ -431,6 +431,12 @@ if grep -q 'rig_mode=builtin' /proc/cmdline; then
 	# Built into the kernel: the report was made at boot.
 	check no-module-file "" -- [ ! -e $ko ]
 	report
+	# built in, a live switch is refused (not built): nothing changes
+	sw_before="$(cat /sys/kernel/pvops/backend) $(cat /sys/kernel/pvops/sites)"
+	sw_out=$( (echo native > /sys/kernel/pvops/backend) 2>&1); sw_rc=$?
+	check switch-refused "rc=$sw_rc $sw_out; $(last_dmesg)" -- [ "$sw_rc" != 0 -a \
+		"$(has "$sw_out" 'not supported' && echo 1)" = 1 -a \
+		"$(cat /sys/kernel/pvops/backend) $(cat /sys/kernel/pvops/sites)" = "$sw_before" ]
 	# the kernel's own pv call sites (pvops.kernel=on): the census pvops took at boot, and the
 	# sites it wrote (native backend) read back against its plan; every member with its counts
 	kernel_total=$(grep '^total ' /sys/kernel/pvops/kernel 2>/dev/null)
