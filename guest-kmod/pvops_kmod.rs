@@ -1,11 +1,14 @@
 // SPDX-License-Identifier: GPL-2.0
 
 //! pvops guest module: detect → select → fill the table → patch this module's call sites →
-//! report (dmesg and `/sys/kernel/pvops/`); on unload, every site is restored byte for byte.
+//! report (dmesg and `/sys/kernel/pvops/`); a live switch of backend on a write to
+//! `/sys/kernel/pvops/backend` ([`pvops_switch_backend`]); on unload, every site is restored
+//! byte for byte.
 //!
 //! Parameter `backend=` (`auto` or a name of the backend registry, [`pvops_backends::BACKENDS`],
 //! which `modinfo` lists): an unknown name is refused with -EINVAL and a backend whose
-//! hypervisor is absent with -ENODEV; in both cases nothing is installed or patched.
+//! hypervisor is absent with -ENODEV; in both cases nothing is installed or patched. Parameter
+//! `fault=`: a debug knob that makes one step fail ([`faults`]).
 
 use core::cell::UnsafeCell;
 use core::ffi::c_int;
