@@ -346,6 +346,41 @@ fn run(u: &mut Unstructured<'_>) {
                 }
             }
             patcher.verify(&text, true).expect("applied sites verify");
+
+            // a live switch to another backend's set of the same sites (native with every
+            // inline withheld, or with them all): straight there and back, byte for byte
+            let other_ops = if take::<u8>(u).is_multiple_of(2) {
+                pvops_backends::native::OPS.calls_only()
+            } else {
+                pvops_backends::native::OPS
+            };
+            let other = Patcher::new(sites, table_addr, &other_ops).expect("same records");
+            let applied = text.bytes.clone();
+            let writes = text.writes.len();
+            other.switch_from(&patcher, &mut text).expect("switch");
+            other.verify(&text, true).expect("switched sites verify");
+            for &(addr, len) in &text.writes[writes..] {
+                assert!(
+                    valid
+                        .iter()
+                        .any(|s| s.addr == addr && usize::from(s.len) == len),
+                    "a switch's write of {len} at {addr:#x} is not a site"
+                );
+            }
+            // switching again from the first set is refused (writing nothing) unless the two
+            // sets hold the same bytes
+            let same = valid.iter().all(|s| patcher.patched(s).1 == other.patched(s).1);
+            let writes = text.writes.len();
+            match other.switch_from(&patcher, &mut text) {
+                Ok(_) => assert!(same, "switched from bytes that are not there"),
+                Err(PatchError::Mismatch { .. }) => {
+                    assert!(!same);
+                    assert_eq!(text.writes.len(), writes, "a refused switch writes nothing");
+                }
+                Err(e) => panic!("second switch: {e}"),
+            }
+            patcher.switch_from(&other, &mut text).expect("switch back");
+            assert!(text.bytes == applied, "switching back restores every byte");
             let writes = text.writes.len();
             let unchanged = valid
                 .iter()
