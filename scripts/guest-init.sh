@@ -697,7 +697,7 @@ fi
 out=$(insmod $ko fault=sideways 2>&1); rc=$?
 refused $rc "$out" 'Invalid argument' 'fault=sideways: not' && fi_detail="$fi_detail sideways:refused" || fi_bad sideways "rc=$rc $out"
 n=1
-while [ $n -le 40 ]; do
+while [ $n -le 80 ]; do
 	out=$(insmod $ko fault=platform:$n 2>&1); rc=$?
 	if dmesg | grep -q "platform:$n not reached in this load"; then
 		[ $rc = 0 ] && rmmod pvops_guest
@@ -716,7 +716,7 @@ while [ $n -le 40 ]; do
 	fi
 	n=$((n + 1))
 done
-[ $n -le 40 ] || fi_bad platform "still reached at 40"
+[ $n -le 80 ] || fi_bad platform "still reached at 80"
 if [ -n "$(arg rig_switch)" ]; then
 	param=/sys/module/pvops_guest/parameters/fault
 	insmod $ko
@@ -732,7 +732,7 @@ if [ -n "$(arg rig_switch)" ]; then
 	# the hypervisor's backend started by a switch (from native), each fallible call failing
 	switch_to native
 	n=1
-	while [ $n -le 40 ] && [ "$(cat /sys/kernel/pvops/backend)" = native ]; do
+	while [ $n -le 80 ] && [ "$(cat /sys/kernel/pvops/backend)" = native ]; do
 		before=$(sw_state)
 		echo platform:$n > $param; switch_to "$expect"; echo > $param
 		if dmesg | grep -q "platform:$n not reached in this switch"; then
@@ -746,7 +746,7 @@ if [ -n "$(arg rig_switch)" ]; then
 		fi
 		n=$((n + 1))
 	done
-	[ $n -le 40 ] || fi_bad switch-platform "still reached at 40"
+	[ $n -le 80 ] || fi_bad switch-platform "still reached at 80"
 	rmmod pvops_guest && last_dmesg 2 | grep -q "unload: $t sites restored byte-exact" || fi_bad switch-unload "$(last_dmesg 2)"
 fi
 # runs of N with one outcome, shortened: platform:1:native platform:2:native -> platform:1-2:native

@@ -606,6 +606,12 @@ extern "C" fn tsc_khz() -> u64 {
     STATE.clock.tsc_khz()
 }
 
+/// Whether the host's wall clock was read at start (an optional part: without it the wall
+/// clock reads 0, unknown).
+pub fn has_wall_clock() -> bool {
+    STATE.wall_base.load(Ordering::Relaxed) != 0
+}
+
 extern "C" fn wall_clock() -> u64 {
     let base = STATE.wall_base.load(Ordering::Relaxed);
     if base == 0 {
@@ -901,10 +907,11 @@ impl Backend for Kvm {
     }
 
     fn describe(&self) -> &'static str {
-        if owns_clock() {
-            "kvmclock: own record, registered at load (the kernel has none)"
-        } else {
-            "kvmclock: the kernel's record, read back"
+        match (owns_clock(), has_wall_clock()) {
+            (true, true) => "kvmclock: own record, registered at load (the kernel has none)",
+            (false, true) => "kvmclock: the kernel's record, read back",
+            (true, false) => "kvmclock: own record, registered at load (the kernel has none); no wall clock (the host's could not be read at start)",
+            (false, false) => "kvmclock: the kernel's record, read back; no wall clock (the host's could not be read at start)",
         }
     }
 
