@@ -270,8 +270,11 @@ fn start_pv(iface: Interface, platform: &dyn Platform) -> Result<&'static Xen, X
     let kernel = platform
         .xen_pv_kernel()
         .ok_or(XenError::Pv(PvError::NoKernelInfo))?;
+    let Some(direct_map) = platform.phys_to_virt(0) else {
+        return Err(XenError::Pv(PvError::NoDirectMap));
+    };
     let rec = pv::start(kernel).map_err(XenError::Pv)?;
-    pv::set_direct_map(platform.phys_to_virt(0));
+    pv::set_direct_map(Some(direct_map));
     let Some(first) = first_reading(rec, platform) else {
         pv::stop();
         return Err(XenError::ClockUnavailable);

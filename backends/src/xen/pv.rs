@@ -104,6 +104,8 @@ pub enum PvError {
     NoKernelInfo,
     /// The kernel's PV irq code does not show where its `vcpu_info` is.
     VcpuInfoNotFound,
+    /// The kernel's direct map is unknown: `alloc_pt` could not pin page-table pages.
+    NoDirectMap,
 }
 
 impl core::fmt::Display for PvError {
@@ -112,6 +114,9 @@ impl core::fmt::Display for PvError {
             PvError::NoKernelInfo => "the kernel shares nothing about its PV state",
             PvError::VcpuInfoNotFound => {
                 "the kernel's vcpu_info could not be located from its PV irq ops"
+            }
+            PvError::NoDirectMap => {
+                "the kernel's direct map is unknown, so page-table pages could not be pinned"
             }
         })
     }
