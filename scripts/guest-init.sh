@@ -196,6 +196,7 @@ soak_load() { # start|stop: the load on every CPU
 	done
 }
 soak_cycles() { # FROM TO: cycles FROM..TO-1, stopping at the first that does not hold (sk_err)
+	[ -z "$sk_err" ] || return 0 # the warm-up stopped: sk_n stays the cycle it stopped at
 	sk_n=$1
 	while [ $sk_n -lt "$2" ] && [ -z "$sk_err" ]; do
 		b=auto
@@ -217,7 +218,7 @@ soak_cycles() { # FROM TO: cycles FROM..TO-1, stopping at the first that does no
 		fi
 		if ! rmmod pvops_guest 2>/tmp/sk.err; then sk_err="cycle $sk_n ($b): rmmod: $(cat /tmp/sk.err)"; break; fi
 		log=$(dmesg -c)
-		if has "$st" 'FAIL' || ! has "$st" '^ok'; then sk_err="cycle $sk_n ($b): self-test $st"; break; fi
+		if has "$st" 'FAIL' || ! has "$st" '^ok'; then sk_err="cycle $sk_n ($b): self-test $st $(echo "$log" | grep 'self-test:' | head -3)"; break; fi
 		if ! has "$log" "pvops_guest: unload: $t sites restored byte-exact"; then
 			sk_err="cycle $sk_n ($b): not restored: $(echo "$log" | grep 'unload:' | head -2)"; break
 		fi
