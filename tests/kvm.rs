@@ -681,3 +681,130 @@ fn kvm_start_fails_cleanly_at_each_step() {
     );
     println!("refused: {refused:?}\nsurvived: {survived:?}");
 }
+
+/// A host where KVM keeps one kvmclock record per vCPU and the records are not stable: each
+/// CPU's record on its own timeline (CPU `c` at `(c + 1) × 10^6` s), so a reading shows whose
+/// record it came from. Each CPU must read its own: another vCPU's record is valid only with
+/// that vCPU's TSC (a nested guest's vCPUs were seen with the reader's TSC behind another
+/// record's timestamp: a clock frozen for 20 ms).
+struct PerCpuClocks {
+    inner: ModelKvm,
+    records: Vec<*mut PvclockVcpuTimeInfo>,
+}
+
+/// The host CPU this thread runs on (TSC_AUX is the same number: Linux writes it).
+fn this_cpu() -> usize {
+    // SAFETY: sched_getcpu takes no arguments.
+    let cpu = unsafe { libc::sched_getcpu() };
+    usize::try_from(cpu).expect("sched_getcpu")
+}
+
+/// Run this thread on `cpu` alone.
+fn pin(cpu: usize) {
+    // SAFETY: an all-zero cpu_set_t is an empty set; CPU_SET and sched_setaffinity get it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set),
+            0,
+            "pin to CPU {cpu}"
+        );
+    }
+    assert_eq!(this_cpu(), cpu);
+}
+
+impl Platform for PerCpuClocks {
+    fn tsc_khz(&self) -> u64 {
+        0
+    }
+    fn cpuid(&self, leaf: u32, sub: u32) -> CpuidResult {
+        self.inner.cpuid(leaf, sub)
+    }
+    fn rdmsr(&self, msr: u32) -> Option<u64> {
+        match msr {
+            MSR_KVM_SYSTEM_TIME_NEW => Some(self.records[this_cpu()] as u64 | 1),
+            _ => self.inner.rdmsr(msr),
+        }
+    }
+    fn wrmsr(&self, msr: u32, value: u64) -> bool {
+        self.inner.wrmsr(msr, value)
+    }
+    fn rdmsr_on_cpu(&self, cpu: u32, msr: u32) -> Option<u64> {
+        match msr {
+            MSR_KVM_SYSTEM_TIME_NEW => Some(*self.records.get(cpu as usize)? as u64 | 1),
+            _ => self.inner.rdmsr_on_cpu(cpu, msr),
+        }
+    }
+    fn nr_cpus(&self) -> u32 {
+        self.records.len() as u32
+    }
+    fn phys_to_virt(&self, pa: u64) -> Option<usize> {
+        self.inner.phys_to_virt(pa)
+    }
+    fn virt_to_phys(&self, va: usize) -> Option<u64> {
+        self.inner.virt_to_phys(va)
+    }
+}
+
+#[test]
+fn kvm_each_cpu_reads_its_own_clock_record() {
+    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    let ext = pvops::arch::raw_cpuid(0x8000_0001, 0).edx;
+    assert!(
+        ext & (1 << 27) != 0,
+        "the test needs rdtscp (as the backend's per-CPU path does)"
+    );
+    // SAFETY: sysconf takes a constant.
+    let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    let cpus = usize::try_from(cpus)
+        .expect("CPUs")
+        .min(pvops_backends::MAX_CPUS);
+    assert!(cpus >= 2, "the test needs two CPUs to read two records");
+    let mut inner = model(true);
+    // rdtscp, as on every CPU KVM runs on
+    inner.cpuid.leaf(0x8000_0000, [0x8000_0001, 0, 0, 0]);
+    inner.cpuid.leaf(0x8000_0001, [0, 0, 0, 1 << 27]);
+    const APART: u64 = 1_000_000 * 1_000_000_000;
+    let records = (0..cpus)
+        .map(|c| {
+            let rec: *mut PvclockVcpuTimeInfo = Box::into_raw(Box::default());
+            fill(rec);
+            // SAFETY: just allocated; the backend is not started yet.
+            unsafe {
+                (*rec).system_time = (c as u64 + 1) * APART;
+                (*rec).flags = 0;
+            }
+            rec
+        })
+        .collect();
+    let m = PerCpuClocks { inner, records };
+    let d = detect(&m.inner.cpuid.source());
+    pin(0);
+    let b = pvops_host_tests::start(pvops_host_tests::ids::KVM, &d, &m).expect("kvm starts");
+    let ops = b.ops().table();
+    let wall_base = u64::from(WALL_SEC) * 1_000_000_000 + u64::from(WALL_NSEC);
+    // in CPU order, so the clamp (the records are not stable) never lifts a reading into the
+    // next band
+    for c in 0..cpus {
+        pin(c);
+        // SAFETY: the table's functions, called as the table would.
+        let (wall, sched) = unsafe { ((ops.timer.wall_clock)(), (ops.timer.sched_clock)()) };
+        let on = wall - wall_base;
+        let band = (c as u64 + 1) * APART;
+        assert!(
+            (band..band + APART / 1000).contains(&on),
+            "CPU {c} read {on} ns: not its own record ({band} ns on)"
+        );
+        // since the start on CPU 0's record
+        assert!(
+            (band - APART..band - APART + APART / 1000).contains(&sched),
+            "CPU {c}: sched_clock {sched} ns"
+        );
+    }
+    pvops_backends::stop(pvops_host_tests::ids::KVM, &m);
+    for rec in m.records {
+        // SAFETY: from Box::into_raw above; the backend was stopped and forgot it.
+        drop(unsafe { Box::from_raw(rec) });
+    }
+}

@@ -141,8 +141,17 @@ static_assertions::const_assert_eq!(core::mem::offset_of!(KvmStealTime, preempte
 
 /// What the backend found and set up; the table's functions read it.
 struct State {
-    /// kvmclock: the kernel's record, or the backend's own.
+    /// kvmclock: the kernel's record of the CPU that started the backend, or the backend's own.
     clock: Clock,
+    /// Each CPU's kvmclock record (the kernel's), null where none was read. A CPU reads its
+    /// own: KVM keeps one per vCPU, and another vCPU's is valid with this one's TSC only while
+    /// the records are stable (seen frozen for 20 ms with 4 vCPUs of a nested guest on one
+    /// CPU: this TSC behind the other record's timestamp).
+    clocks: [AtomicPtr<PvclockVcpuTimeInfo>; MAX_CPUS],
+    /// The MSR the kernel's records were read from (0: the backend's own record, one for all).
+    kernel_msr: AtomicU64,
+    /// The CPU has `rdtscp`, which tells a reader its CPU number (else all read `clock`'s).
+    rdtscp: AtomicBool,
     /// Wall time at system_time 0, in ns (read once at setup).
     wall_base: AtomicU64,
     /// Each CPU's steal-time record (the kernel's), null where none was found.
@@ -165,6 +174,9 @@ struct State {
 
 static STATE: State = State {
     clock: Clock::new(),
+    clocks: [const { AtomicPtr::new(core::ptr::null_mut()) }; MAX_CPUS],
+    kernel_msr: AtomicU64::new(0),
+    rdtscp: AtomicBool::new(false),
     wall_base: AtomicU64::new(0),
     steal: [const { AtomicPtr::new(core::ptr::null_mut()) }; MAX_CPUS],
     steal_last: [const { Monotonic::new() }; MAX_CPUS],
@@ -597,9 +609,36 @@ static WALL: WallBuf = WallBuf(core::cell::UnsafeCell::new(PvclockWallClock {
     nsec: 0,
 }));
 
-/// kvmclock nanoseconds since the backend was set up.
+/// The kvmclock record of the CPU this runs on, if one was read for it. (A reader moved to
+/// another CPU right after may read this one's record with that CPU's TSC, as a reader always
+/// did before: the clamp of a clock that is not stable keeps that monotonic.)
+fn this_cpu_record() -> Option<*mut PvclockVcpuTimeInfo> {
+    if !STATE.rdtscp.load(Ordering::Relaxed) {
+        return None;
+    }
+    let cpu = (arch::rdtscp().1 & 0xfff) as usize;
+    let rec = STATE.clocks.get(cpu)?.load(Ordering::Acquire);
+    (!rec.is_null()).then_some(rec)
+}
+
+/// kvmclock nanoseconds since the backend was set up, from this CPU's record.
 pub extern "C" fn sched_clock() -> u64 {
-    crate::time::handed_out(STATE.clock.since_start())
+    let ns = match this_cpu_record() {
+        // SAFETY: the kernel's record of this CPU: registered while the CPU is possible, in
+        // memory the kernel never frees.
+        Some(rec) => unsafe { STATE.clock.since_start_on(rec) },
+        None => STATE.clock.since_start(),
+    };
+    crate::time::handed_out(ns)
+}
+
+/// kvmclock nanoseconds (the record's timeline), from this CPU's record.
+fn clock_now() -> u64 {
+    match this_cpu_record() {
+        // SAFETY: as in `sched_clock`.
+        Some(rec) => unsafe { STATE.clock.now_on(rec) },
+        None => STATE.clock.now(),
+    }
 }
 
 extern "C" fn tsc_khz() -> u64 {
@@ -617,7 +656,7 @@ extern "C" fn wall_clock() -> u64 {
     if base == 0 {
         return 0;
     }
-    base + STATE.clock.now()
+    base + clock_now()
 }
 
 /// `cpu`'s steal-time record (the kernel's), if one was read for it.
@@ -642,6 +681,24 @@ pub extern "C" fn steal_clock(cpu: u32) -> u64 {
         || unsafe { core::ptr::addr_of!((*rec).steal).read_volatile() },
     );
     last.clamp(read.unwrap_or(0))
+}
+
+/// kvmclock: the kernel's record of every CPU that has one registered now on `msr` (read back,
+/// never registered by the backend).
+fn read_clock_records(platform: &dyn Platform) {
+    let msr = STATE.kernel_msr.load(Ordering::Relaxed) as u32;
+    if msr == 0 {
+        return;
+    }
+    for cpu in 0..platform.nr_cpus().min(MAX_CPUS as u32) {
+        let rec = platform
+            .rdmsr_on_cpu(cpu, msr)
+            .filter(|v| v & 1 != 0)
+            .and_then(|v| platform.phys_to_virt(v & !1));
+        if let Some(va) = rec {
+            STATE.clocks[cpu as usize].store(va as *mut _, Ordering::Release);
+        }
+    }
 }
 
 /// Steal time: the kernel's record of every CPU that has one registered now (read back, never
@@ -748,9 +805,12 @@ impl Driver for Kvm {
             _ => platform.rdmsr(msr).filter(|v| v & 1 != 0),
         };
         let rec = match registered {
-            Some(v) => platform
-                .phys_to_virt(v & !1)
-                .ok_or(KvmError::ClockUnavailable)? as *mut _,
+            Some(v) => {
+                STATE.kernel_msr.store(u64::from(msr), Ordering::Relaxed);
+                platform
+                    .phys_to_virt(v & !1)
+                    .ok_or(KvmError::ClockUnavailable)? as *mut _
+            }
             None => {
                 let own = OWN_RECORD.0.get();
                 // A stale record (from an earlier registration) must not pass for a live one.
@@ -795,6 +855,11 @@ impl Driver for Kvm {
             }
         }
 
+        // each CPU's own record, where the CPU can tell its number
+        let rdtscp = platform.cpuid(0x8000_0000, 0).eax >= 0x8000_0001
+            && platform.cpuid(0x8000_0001, 0).edx & (1 << 27) != 0;
+        STATE.rdtscp.store(rdtscp, Ordering::Relaxed);
+        read_clock_records(platform);
         read_steal_records(platform);
 
         // The paravirt spinlock ops, built in, with Linux's gating (the kernel's own choice,
@@ -823,6 +888,7 @@ impl Driver for Kvm {
     /// The kernel's steal-time record of every CPU online now (the boot CPU's alone, when the
     /// backend starts at boot).
     fn refresh_cpus(platform: &dyn Platform) {
+        read_clock_records(platform);
         read_steal_records(platform);
     }
 
@@ -838,6 +904,10 @@ impl Driver for Kvm {
             "own kvmclock record could NOT be unregistered"
         };
         STATE.clock.stop();
+        STATE.kernel_msr.store(0, Ordering::Relaxed);
+        for c in &STATE.clocks {
+            c.store(core::ptr::null_mut(), Ordering::Relaxed);
+        }
         for s in &STATE.steal {
             s.store(core::ptr::null_mut(), Ordering::Relaxed);
         }

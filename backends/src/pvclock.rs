@@ -208,6 +208,18 @@ impl Clock {
             return 0;
         }
         // SAFETY: `start`'s contract keeps the record registered and mapped until `stop`.
+        unsafe { self.now_on(rec) }
+    }
+
+    /// [`Clock::now`] from `rec`, another record on the same timeline: where the host keeps one
+    /// record per vCPU (kvmclock), the reading CPU's own, which is the only one its TSC may be
+    /// applied to unless the records are stable (KVM's ABI). Same stable test and clamp.
+    ///
+    /// # Safety
+    ///
+    /// `rec` is a record the host keeps updating, registered and mapped for the whole call.
+    pub unsafe fn now_on(&self, rec: *const PvclockVcpuTimeInfo) -> u64 {
+        // SAFETY: the caller's contract.
         match unsafe { read(rec, arch::rdtsc_ordered) } {
             Ok(r)
                 if self.stable.load(Ordering::Relaxed) && r.flags & PVCLOCK_TSC_STABLE_BIT != 0 =>
@@ -223,6 +235,16 @@ impl Clock {
     pub fn since_start(&self) -> u64 {
         self.now()
             .saturating_sub(self.offset.load(Ordering::Relaxed))
+    }
+
+    /// [`Clock::since_start`] from `rec`, as [`Clock::now_on`].
+    ///
+    /// # Safety
+    ///
+    /// As for [`Clock::now_on`].
+    pub unsafe fn since_start_on(&self, rec: *const PvclockVcpuTimeInfo) -> u64 {
+        // SAFETY: the caller's contract.
+        unsafe { self.now_on(rec) }.saturating_sub(self.offset.load(Ordering::Relaxed))
     }
 
     /// The TSC frequency the record implies, in kHz.

@@ -56,6 +56,21 @@ pub fn rdtsc_ordered() -> u64 {
     (u64::from(hi) << 32) | u64::from(lo)
 }
 
+/// Read the time-stamp counter and TSC_AUX together (`rdtscp`): Linux keeps the CPU's number
+/// in TSC_AUX's low 12 bits (and its node above), so the pair says which CPU's TSC this is.
+/// Only where CPUID 0x8000_0001 EDX bit 27 says the instruction exists.
+#[inline(always)]
+pub fn rdtscp() -> (u64, u32) {
+    let (lo, hi, aux): (u32, u32, u32);
+    // SAFETY: RDTSCP reads the TSC and TSC_AUX only (allowed in every ring, as RDTSC); callers
+    // check the CPUID bit first.
+    unsafe {
+        core::arch::asm!("rdtscp", out("eax") lo, out("edx") hi, out("ecx") aux,
+                         options(nostack, preserves_flags, nomem))
+    };
+    ((u64::from(hi) << 32) | u64::from(lo), aux)
+}
+
 /// A reading of `sample` and of the reference clock `now` at (nearly) the same instant: the
 /// clock value is the midpoint of two reads around `sample`, from the tightest of up to eight
 /// tries (a preemption or interrupt between the reads widens the bracket and is thrown away);

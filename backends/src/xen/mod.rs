@@ -162,14 +162,10 @@ extern "C" fn wall_clock() -> u64 {
     }
 }
 
-/// The CPU this runs on, from TSC_AUX (Linux stores the CPU number in its low 12 bits).
+/// The CPU this runs on, from TSC_AUX (Linux stores the CPU number in its low 12 bits; every
+/// CPU Xen HVM runs on has `rdtscp`).
 fn this_cpu() -> usize {
-    let aux: u32;
-    // SAFETY: RDTSCP only reads the TSC and TSC_AUX.
-    unsafe {
-        core::arch::asm!("rdtscp", out("eax") _, out("edx") _, out("ecx") aux, options(nostack, nomem))
-    };
-    (aux & 0xfff) as usize
+    (arch::rdtscp().1 & 0xfff) as usize
 }
 
 fn vcpu_id(cpu: usize) -> Option<u64> {
