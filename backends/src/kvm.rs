@@ -977,11 +977,14 @@ impl Backend for Kvm {
     }
 
     fn describe(&self) -> &'static str {
-        match (owns_clock(), has_wall_clock()) {
-            (true, true) => "kvmclock: own record, registered at load (the kernel has none)",
-            (false, true) => "kvmclock: the kernel's record, read back",
-            (true, false) => "kvmclock: own record, registered at load (the kernel has none); no wall clock (the host's could not be read at start)",
-            (false, false) => "kvmclock: the kernel's record, read back; no wall clock (the host's could not be read at start)",
+        let per_cpu = STATE.rdtscp.load(Ordering::Relaxed);
+        match (owns_clock(), per_cpu, has_wall_clock()) {
+            (true, _, true) => "kvmclock: own record, registered at load (the kernel has none)",
+            (true, _, false) => "kvmclock: own record, registered at load (the kernel has none); no wall clock (the host's could not be read at start)",
+            (false, true, true) => "kvmclock: the kernel's records, read back, each CPU its own",
+            (false, true, false) => "kvmclock: the kernel's records, read back, each CPU its own; no wall clock (the host's could not be read at start)",
+            (false, false, true) => "kvmclock: the kernel's record of the loading CPU, read back, for every CPU (no rdtscp to tell them apart)",
+            (false, false, false) => "kvmclock: the kernel's record of the loading CPU, read back, for every CPU (no rdtscp to tell them apart); no wall clock (the host's could not be read at start)",
         }
     }
 
