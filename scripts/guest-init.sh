@@ -414,6 +414,8 @@ report() { # read /sys/kernel/pvops and check it: the expected backend, every si
 	p=${sites%%/*}; t=${sites#*/}; t=${t%% *}
 	check all-sites-patched "$sites" -- all_patched "$p" "$t"
 	keep_selftest
+	# a failure's detail adds the self-test's own lines (what each failing check measured)
+	has "$selftest" '^ok' || selftest="$selftest $(dmesg | grep 'pvops_guest: self-test:' | tail -4)"
 	check selftest "$selftest" -- has "$selftest" '^ok bytes=verified'
 	report_line=$(dmesg | grep 'pvops_guest: backend=' | tail -1)
 	check dmesg-report "$report_line" -- has "$report_line" "backend=$expect .*sites=$p/$t"
