@@ -30,6 +30,8 @@ struct ModelKvm {
     /// How many CPUs are up (registered their steal record): a kernel with the backend built in
     /// starts it with the boot CPU alone.
     up: std::cell::Cell<u32>,
+    /// What the platform says of the kernel's own kvmclock (`None`: unknown).
+    kernel_clock: Option<bool>,
 }
 
 /// The record's scale: abi-kvm.md's worked example, 2 445 406 kHz (not 1 GHz, so that a
@@ -107,6 +109,9 @@ impl Platform for ModelKvm {
     fn nr_cpus(&self) -> u32 {
         2
     }
+    fn kernel_kvmclock(&self) -> Option<bool> {
+        self.kernel_clock
+    }
     /// Guest-physical is host-virtual (identity) for the records this process allocates; the
     /// model has no low memory (no option-ROM area: the VMI probe finds nothing mapped).
     fn phys_to_virt(&self, pa: u64) -> Option<usize> {
@@ -135,6 +140,7 @@ fn model(host: bool) -> ModelKvm {
         host,
         steal,
         up: std::cell::Cell::new(2),
+        kernel_clock: None,
     }
 }
 
@@ -807,4 +813,53 @@ fn kvm_each_cpu_reads_its_own_clock_record() {
         // SAFETY: from Box::into_raw above; the backend was stopped and forgot it.
         drop(unsafe { Box::from_raw(rec) });
     }
+}
+
+/// Fault injection where the kernel runs kvmclock: whatever call fails, the backend never
+/// writes the kernel's registration (a failed read of the MSR once made it register a record
+/// of its own over the kernel's, and unregister it at unload: the kernel's clock on that CPU
+/// then stood still; found by fault=platform:N on the kvm rig).
+#[test]
+fn kvm_start_never_writes_the_kernels_clock_at_any_fault() {
+    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    let kernel_rec: *mut PvclockVcpuTimeInfo = Box::into_raw(Box::default());
+    fill(kernel_rec);
+    let (mut refused, mut survived) = (Vec::new(), Vec::new());
+    for n in 0.. {
+        let mut m = model(true);
+        m.kernel_clock = Some(true);
+        m.msrs
+            .borrow_mut()
+            .insert(MSR_KVM_SYSTEM_TIME_NEW, kernel_rec as u64 | 1);
+        let d = detect(&m.cpuid.source());
+        let f = pvops_host_tests::Faulty::new(&m, n);
+        let started = pvops_host_tests::start(pvops_host_tests::ids::KVM, &d, &f);
+        f.disarm();
+        let what = f.failed();
+        match started {
+            Ok(_) => {
+                assert!(!kvm::owns_clock(), "step {n} ({what:?}): own record");
+                survived.push(n);
+                pvops_backends::stop(pvops_host_tests::ids::KVM, &m);
+            }
+            Err(e) => refused.push(format!("{n}:{what:?}: {e}")),
+        }
+        assert!(
+            m.writes
+                .borrow()
+                .iter()
+                .all(|&(msr, _)| msr != MSR_KVM_SYSTEM_TIME_NEW),
+            "step {n} ({what:?}): the kernel's clock registration was written"
+        );
+        if what.is_none() {
+            break;
+        }
+    }
+    assert!(
+        !refused.is_empty(),
+        "the MSR read and its translation refuse"
+    );
+    println!("refused: {refused:?}\nsurvived: {survived:?}");
+    // SAFETY: from Box::into_raw above; every backend started was stopped.
+    drop(unsafe { Box::from_raw(kernel_rec) });
 }

@@ -800,9 +800,18 @@ impl Driver for Kvm {
         // The kernel's record, if it registered one (bit 0 = enabled). Firmware registers a record
         // too (SeaBIOS: GPA 0xe8380) and a kernel booted with no-kvmclock leaves it in place: that
         // one is not the kernel's, and the backend registers its own instead.
+        // Where the kernel runs kvmclock, its registration must be read back or the start
+        // refused: registering a record of the backend's own would take the host's updates from
+        // the kernel's record on this CPU, and unregistering it at unload would stop them.
         let registered = match platform.kernel_kvmclock() {
             Some(false) => None,
-            _ => platform.rdmsr(msr).filter(|v| v & 1 != 0),
+            Some(true) => Some(
+                platform
+                    .rdmsr(msr)
+                    .filter(|v| v & 1 != 0)
+                    .ok_or(KvmError::ClockUnavailable)?,
+            ),
+            None => platform.rdmsr(msr).filter(|v| v & 1 != 0),
         };
         let rec = match registered {
             Some(v) => {
