@@ -41,6 +41,15 @@ impl pvops_backends::Platform for KernelPlatform {
         (unsafe { shim::pvops_shim_rdmsr_on_cpu(cpu, msr, &mut v) } == 0).then_some(v)
     }
 
+    fn wrmsr_on_cpu(&self, cpu: u32, msr: u32, value: u64) -> bool {
+        if faults::platform("wrmsr_on_cpu") {
+            return false;
+        }
+        // SAFETY: the kernel's wrmsrl_safe_on_cpu (an IPI to an online CPU); the backends only
+        // write their own registrations.
+        unsafe { shim::pvops_shim_wrmsr_on_cpu(cpu, msr, value) == 0 }
+    }
+
     fn clock_ns(&self) -> Option<u64> {
         // SAFETY: reads the kernel's monotonic clock.
         Some(unsafe { shim::pvops_shim_ktime_ns() })

@@ -774,6 +774,13 @@ int pvops_shim_rdmsr_on_cpu(unsigned int cpu, u32 msr, u64 *val)
 	return rdmsrl_safe_on_cpu(cpu, msr, val);
 }
 
+int pvops_shim_wrmsr_on_cpu(unsigned int cpu, u32 msr, u64 val)
+{
+	if (cpu >= nr_cpu_ids || !cpu_online(cpu))
+		return -ENODEV;
+	return wrmsrl_safe_on_cpu(cpu, msr, val);
+}
+
 unsigned int pvops_shim_nr_cpus(void)
 {
 	return nr_cpu_ids;

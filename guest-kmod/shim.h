@@ -123,6 +123,7 @@ void pvops_shim_debugfs_remove(void);
 int pvops_shim_rdmsr(u32 msr, u64 *val);
 int pvops_shim_wrmsr(u32 msr, u64 val);
 int pvops_shim_rdmsr_on_cpu(unsigned int cpu, u32 msr, u64 *val);
+int pvops_shim_wrmsr_on_cpu(unsigned int cpu, u32 msr, u64 val);
 unsigned int pvops_shim_nr_cpus(void);
 unsigned long pvops_shim_phys_to_virt(u64 pa);
 u64 pvops_shim_virt_to_phys(unsigned long va);

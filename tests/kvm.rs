@@ -32,6 +32,9 @@ struct ModelKvm {
     up: std::cell::Cell<u32>,
     /// What the platform says of the kernel's own kvmclock (`None`: unknown).
     kernel_clock: Option<bool>,
+    /// Each vCPU's MSRs as last written (the MSRs are per vCPU: `wrmsr` writes the host CPU
+    /// the test runs on, `wrmsr_on_cpu` the one named).
+    per_cpu: RefCell<HashMap<(u32, u32), u64>>,
 }
 
 /// The record's scale: abi-kvm.md's worked example, 2 445 406 kHz (not 1 GHz, so that a
@@ -77,6 +80,10 @@ impl Platform for ModelKvm {
         Some(self.msrs.borrow().get(&msr).copied().unwrap_or(0))
     }
     fn wrmsr(&self, msr: u32, value: u64) -> bool {
+        self.wrmsr_on_cpu(this_cpu() as u32, msr, value)
+    }
+    fn wrmsr_on_cpu(&self, cpu: u32, msr: u32, value: u64) -> bool {
+        self.per_cpu.borrow_mut().insert((cpu, msr), value);
         self.writes.borrow_mut().push((msr, value));
         if !self.host {
             return true; // TCG: accepted and dropped
@@ -141,6 +148,7 @@ fn model(host: bool) -> ModelKvm {
         steal,
         up: std::cell::Cell::new(2),
         kernel_clock: None,
+        per_cpu: RefCell::default(),
     }
 }
 
@@ -862,4 +870,32 @@ fn kvm_start_never_writes_the_kernels_clock_at_any_fault() {
     println!("refused: {refused:?}\nsurvived: {survived:?}");
     // SAFETY: from Box::into_raw above; every backend started was stopped.
     drop(unsafe { Box::from_raw(kernel_rec) });
+}
+
+/// Without kvmclock in the kernel the backend registers a record of its own: on one vCPU (the
+/// MSR is per vCPU), and unregisters it on that same vCPU whichever CPU runs the unload. (It
+/// once unregistered on the CPU running `stop`: the loading CPU's registration stayed, and the
+/// host went on writing into the module's memory after it was freed: page tables and the next
+/// module's relocations corrupted on the kvm-noclock rig.)
+#[test]
+fn kvm_own_record_is_unregistered_on_the_cpu_it_was_registered_on() {
+    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    let m = model(true);
+    let d = detect(&m.cpuid.source());
+    pin(1);
+    pvops_host_tests::start(pvops_host_tests::ids::KVM, &d, &m).expect("kvm starts");
+    assert!(kvm::owns_clock());
+    pin(0);
+    pvops_backends::stop(pvops_host_tests::ids::KVM, &m);
+    let left: Vec<_> = m
+        .per_cpu
+        .borrow()
+        .iter()
+        .filter(|&(&(_, msr), &v)| msr == MSR_KVM_SYSTEM_TIME_NEW && v & 1 != 0)
+        .map(|(&(cpu, _), &v)| (cpu, v))
+        .collect();
+    assert!(
+        left.is_empty(),
+        "registrations left after stop (cpu, value): {left:x?}"
+    );
 }

@@ -709,6 +709,9 @@ impl pvops_backends::Platform for Faulty<'_> {
         }
         self.inner.rdmsr_on_cpu(cpu, msr)
     }
+    fn wrmsr_on_cpu(&self, cpu: u32, msr: u32, value: u64) -> bool {
+        !self.fails("wrmsr_on_cpu") && self.inner.wrmsr_on_cpu(cpu, msr, value)
+    }
     fn kernel_kvmclock(&self) -> Option<bool> {
         self.inner.kernel_kvmclock()
     }

@@ -8,8 +8,10 @@
 //!   CPU. The backend reads the MSRs back and uses those records; it never writes them (that
 //!   would redirect the host's updates and freeze the kernel's own clock). Only when the
 //!   kernel runs without kvmclock (`no-kvmclock`) does the backend register a record of its own
-//!   (on the CPU that loads it; with the TSC-stable flag any CPU may read it), and it
-//!   unregisters that record at teardown.
+//!   (on CPU 0, [`OWN_RECORD_CPU`]; with the TSC-stable flag any CPU may read it), and it
+//!   unregisters that record at teardown, on the same CPU: the MSR is per vCPU, and a
+//!   registration left on another vCPU would have the host write into the module's memory
+//!   after it is freed.
 //! - **Hypercalls** fill `cpu.hypercall`: `vmcall` on Intel and others, `vmmcall` on AMD and
 //!   Hygon, chosen once from the CPU vendor: the slot holds the matching function, so every
 //!   patched site calls it directly and no site ever executes the wrong instruction.
@@ -580,6 +582,10 @@ unsafe extern "C" fn pv_queued_spin_unlock(lock: *mut u8) {
     )
 }
 
+/// The CPU the backend's own record is registered on, and unregistered on, whichever CPU runs
+/// `start` and `stop` (CPU 0: the boot CPU, never taken offline).
+pub const OWN_RECORD_CPU: u32 = 0;
+
 /// A record of the backend's own, for kernels booted without kvmclock: 64-byte aligned so the
 /// 32 bytes never cross a page.
 #[repr(C, align(64))]
@@ -828,7 +834,7 @@ impl Driver for Kvm {
                 let pa = platform
                     .virt_to_phys(own as usize)
                     .ok_or(KvmError::ClockUnavailable)?;
-                if !platform.wrmsr(msr, pa | 1) {
+                if !platform.wrmsr_on_cpu(OWN_RECORD_CPU, msr, pa | 1) {
                     return Err(KvmError::ClockUnavailable);
                 }
                 STATE.own_msr.store(u64::from(msr), Ordering::Relaxed);
@@ -907,7 +913,7 @@ impl Driver for Kvm {
         let msr = STATE.own_msr.swap(0, Ordering::Relaxed);
         let released = if msr == 0 {
             "nothing registered"
-        } else if platform.wrmsr(msr as u32, 0) {
+        } else if platform.wrmsr_on_cpu(OWN_RECORD_CPU, msr as u32, 0) {
             "own kvmclock record unregistered"
         } else {
             "own kvmclock record could NOT be unregistered"

@@ -166,6 +166,12 @@ pub trait Platform {
         None
     }
 
+    /// Write an MSR on CPU `cpu` (`false`: no such CPU online, or it faulted): a per-CPU
+    /// registration made and withdrawn on the same CPU whichever CPU runs the caller.
+    fn wrmsr_on_cpu(&self, _cpu: u32, _msr: u32, _value: u64) -> bool {
+        false
+    }
+
     /// Whether the kernel itself runs kvmclock (`None`: unknown, judge by the MSR alone). A
     /// registration the kernel does not own (the firmware's, left behind) must not be used.
     fn kernel_kvmclock(&self) -> Option<bool> {
