@@ -609,9 +609,12 @@ if [ -n "$(arg rig_switch)" ]; then
 	switched "$other" "$expect" && ok2=1 || ok2=0
 	check switch-live "$sw_detail" -- [ "$ok1$ok2" = 11 ]
 	# a write while a benchmark runs is refused: a benchmark started before the write and still
-	# running after it ran during it (a try where it ended first proves nothing and is retried)
+	# running after it ran during it (a try where it ended first proves nothing and is retried).
+	# Not on the nested rigs (rig_busy=na): there the benchmark beside the switches hung the L2
+	# guest, silently, in 3 of 15 first boots (README, "Known problems").
 	grep -q ' /sys/kernel/debug ' /proc/mounts || mount -t debugfs debugfs /sys/kernel/debug
 	before=$(sw_state) busy=untried tries=0
+	[ "$(arg rig_busy)" != na ] || tries=5
 	while [ "$busy" = untried ] && [ $tries -lt 5 ]; do
 		tries=$((tries + 1))
 		(echo run > /sys/kernel/debug/pvops/bench) & bench_pid=$!
@@ -629,7 +632,11 @@ if [ -n "$(arg rig_switch)" ]; then
 		[ "$(cat /sys/kernel/pvops/backend)" = "$expect" ] || switch_to "$expect"
 		before=$(sw_state)
 	done
-	check switch-busy "$busy after $tries tries; $(dmesg | grep 'switch: a benchmark' | tail -1)" -- [ "$busy" = refused ]
+	if [ "$(arg rig_busy)" = na ]; then
+		na switch-busy "nested rig: a benchmark beside a switch hung the L2 guest (Known problems); tried on vmi and lguest"
+	else
+		check switch-busy "$busy after $tries tries; $(dmesg | grep 'switch: a benchmark' | tail -1)" -- [ "$busy" = refused ]
+	fi
 fi
 
 # The benchmark, when asked for (scripts/bench): root-only debugfs file, JSON back.
