@@ -689,38 +689,33 @@ pub extern "C" fn steal_clock(cpu: u32) -> u64 {
     last.clamp(read.unwrap_or(0))
 }
 
-/// kvmclock: the kernel's record of every CPU that has one registered now on `msr` (read back,
-/// never registered by the backend).
-fn read_clock_records(platform: &dyn Platform) {
-    let msr = STATE.kernel_msr.load(Ordering::Relaxed) as u32;
-    if msr == 0 {
-        return;
-    }
+/// The kernel's per-CPU record registered on `msr` of every CPU that has one now (bit 0 of the
+/// MSR set; the address is the MSR's value with its low `flags` bits cleared) into `into`: read
+/// back, never registered by the backend.
+fn read_kernel_records<T>(platform: &dyn Platform, msr: u32, flags: u64, into: &[AtomicPtr<T>]) {
     for cpu in 0..platform.nr_cpus().min(MAX_CPUS as u32) {
         let rec = platform
             .rdmsr_on_cpu(cpu, msr)
             .filter(|v| v & 1 != 0)
-            .and_then(|v| platform.phys_to_virt(v & !1));
+            .and_then(|v| platform.phys_to_virt(v & !flags));
         if let Some(va) = rec {
-            STATE.clocks[cpu as usize].store(va as *mut _, Ordering::Release);
+            into[cpu as usize].store(va as *mut T, Ordering::Release);
         }
     }
 }
 
-/// Steal time: the kernel's record of every CPU that has one registered now (read back, never
-/// registered by the backend), where KVM offers steal time.
-fn read_steal_records(platform: &dyn Platform) {
-    if features() & KVM_FEATURE_STEAL_TIME == 0 {
-        return;
+/// kvmclock: each CPU's record (the kernel's), where the backend reads the kernel's.
+fn read_clock_records(platform: &dyn Platform) {
+    let msr = STATE.kernel_msr.load(Ordering::Relaxed) as u32;
+    if msr != 0 {
+        read_kernel_records(platform, msr, 1, &STATE.clocks);
     }
-    for cpu in 0..platform.nr_cpus().min(MAX_CPUS as u32) {
-        let rec = platform
-            .rdmsr_on_cpu(cpu, MSR_KVM_STEAL_TIME)
-            .filter(|v| v & 1 != 0)
-            .and_then(|v| platform.phys_to_virt(v & !0x3f));
-        if let Some(va) = rec {
-            STATE.steal[cpu as usize].store(va as *mut _, Ordering::Release);
-        }
+}
+
+/// Steal time: each CPU's record (the kernel's), where KVM offers steal time.
+fn read_steal_records(platform: &dyn Platform) {
+    if features() & KVM_FEATURE_STEAL_TIME != 0 {
+        read_kernel_records(platform, MSR_KVM_STEAL_TIME, 0x3f, &STATE.steal);
     }
 }
 
