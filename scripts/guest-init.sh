@@ -610,11 +610,11 @@ if [ -n "$(arg rig_switch)" ]; then
 	check switch-live "$sw_detail" -- [ "$ok1$ok2" = 11 ]
 	# a write while a benchmark runs is refused: a benchmark started before the write and still
 	# running after it ran during it (a try where it ended first proves nothing and is retried).
-	# Not on the nested rigs (rig_busy=na): there the benchmark beside the switches hung the L2
+	# Not on the nested rigs (rig_nested=1): there the benchmark beside the switches hung the L2
 	# guest, silently, in 3 of 15 first boots (README, "Known problems").
 	grep -q ' /sys/kernel/debug ' /proc/mounts || mount -t debugfs debugfs /sys/kernel/debug
 	before=$(sw_state) busy=untried tries=0
-	[ "$(arg rig_busy)" != na ] || tries=5
+	[ -z "$(arg rig_nested)" ] || tries=5
 	while [ "$busy" = untried ] && [ $tries -lt 5 ]; do
 		tries=$((tries + 1))
 		(echo run > /sys/kernel/debug/pvops/bench) & bench_pid=$!
@@ -632,7 +632,7 @@ if [ -n "$(arg rig_switch)" ]; then
 		[ "$(cat /sys/kernel/pvops/backend)" = "$expect" ] || switch_to "$expect"
 		before=$(sw_state)
 	done
-	if [ "$(arg rig_busy)" = na ]; then
+	if [ -n "$(arg rig_nested)" ]; then
 		na switch-busy "nested rig: a benchmark beside a switch hung the L2 guest (Known problems); tried on vmi and lguest"
 	else
 		check switch-busy "$busy after $tries tries; $(dmesg | grep 'switch: a benchmark' | tail -1)" -- [ "$busy" = refused ]
@@ -740,8 +740,11 @@ if [ -n "$(arg rig_switch)" ]; then
 		fi
 	done
 	# the hypervisor's backend started by a switch (from native), each fallible call failing
+	# (not on the nested rigs, rig_nested=1: some 90 switches there hang the guest now and
+	# then; the same starts are walked by the loads above and by the host tests)
 	switch_to native
 	n=1
+	[ -z "$(arg rig_nested)" ] || { n=81; fi_detail="$fi_detail switch-platform:not-walked-nested"; }
 	while [ $n -le 80 ] && [ "$(cat /sys/kernel/pvops/backend)" = native ]; do
 		before=$(sw_state)
 		echo platform:$n > $param; switch_to "$expect"; echo > $param
@@ -756,7 +759,7 @@ if [ -n "$(arg rig_switch)" ]; then
 		fi
 		n=$((n + 1))
 	done
-	[ $n -le 80 ] || fi_bad switch-platform "still reached at 80"
+	[ $n -le 80 ] || [ -n "$(arg rig_nested)" ] || fi_bad switch-platform "still reached at 80"
 	rmmod pvops_guest && last_dmesg 2 | grep -q "unload: $t sites restored byte-exact" || fi_bad switch-unload "$(last_dmesg 2)"
 fi
 # runs of N with one outcome, shortened: platform:1:native platform:2:native -> platform:1-2:native
