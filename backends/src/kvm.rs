@@ -629,19 +629,14 @@ fn this_cpu_record() -> Option<*mut PvclockVcpuTimeInfo> {
 
 /// kvmclock nanoseconds since the backend was set up, from this CPU's record.
 pub extern "C" fn sched_clock() -> u64 {
-    let ns = match this_cpu_record() {
-        // SAFETY: the kernel's record of this CPU: registered while the CPU is possible, in
-        // memory the kernel never frees.
-        Some(rec) => unsafe { STATE.clock.since_start_on(rec) },
-        None => STATE.clock.since_start(),
-    };
-    crate::time::handed_out(ns)
+    crate::time::handed_out(STATE.clock.since_start_at(clock_now()))
 }
 
 /// kvmclock nanoseconds (the record's timeline), from this CPU's record.
 fn clock_now() -> u64 {
     match this_cpu_record() {
-        // SAFETY: as in `sched_clock`.
+        // SAFETY: the kernel's record of this CPU: registered while the CPU is possible, in
+        // memory the kernel never frees.
         Some(rec) => unsafe { STATE.clock.now_on(rec) },
         None => STATE.clock.now(),
     }

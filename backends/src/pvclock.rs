@@ -233,18 +233,13 @@ impl Clock {
 
     /// Nanoseconds since [`Clock::start`].
     pub fn since_start(&self) -> u64 {
-        self.now()
-            .saturating_sub(self.offset.load(Ordering::Relaxed))
+        self.since_start_at(self.now())
     }
 
-    /// [`Clock::since_start`] from `rec`, as [`Clock::now_on`].
-    ///
-    /// # Safety
-    ///
-    /// As for [`Clock::now_on`].
-    pub unsafe fn since_start_on(&self, rec: *const PvclockVcpuTimeInfo) -> u64 {
-        // SAFETY: the caller's contract.
-        unsafe { self.now_on(rec) }.saturating_sub(self.offset.load(Ordering::Relaxed))
+    /// Nanoseconds since [`Clock::start`] at `ns`, a reading of this clock's timeline (from
+    /// [`Clock::now`] or [`Clock::now_on`]).
+    pub fn since_start_at(&self, ns: u64) -> u64 {
+        ns.saturating_sub(self.offset.load(Ordering::Relaxed))
     }
 
     /// The TSC frequency the record implies, in kHz.
