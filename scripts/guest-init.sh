@@ -16,6 +16,7 @@ arg() { tr ' ' '\n' < /proc/cmdline | sed -n "s/^$1=//p" | tail -1; }
 expect=$(arg rig_expect)
 detail=$(arg rig_detail)
 release=$(arg rig_release)
+nested=$(arg rig_nested) # a nested rig: few live switches (README, "Known problems")
 want_hypercall=$(arg rig_hypercall)
 want_dmesg=$(arg rig_dmesg)
 ko=/pvops_guest.ko
@@ -613,28 +614,27 @@ if [ -n "$(arg rig_switch)" ]; then
 	# Not on the nested rigs (rig_nested=1): there the benchmark beside the switches hung the L2
 	# guest, silently, in 3 of 15 first boots (README, "Known problems").
 	grep -q ' /sys/kernel/debug ' /proc/mounts || mount -t debugfs debugfs /sys/kernel/debug
-	before=$(sw_state) busy=untried tries=0
-	[ -z "$(arg rig_nested)" ] || tries=5
-	while [ "$busy" = untried ] && [ $tries -lt 5 ]; do
-		tries=$((tries + 1))
-		(echo run > /sys/kernel/debug/pvops/bench) & bench_pid=$!
-		sleep 0.3
-		switch_to "$other"
-		if kill -0 $bench_pid 2>/dev/null; then
-			if [ "$sw_rc" != 0 ] && has "$sw_out" 'resource busy' && [ "$(sw_state)" = "$before" ]; then
-				busy=refused
-			else
-				busy="not-refused: rc=$sw_rc $sw_out"
-			fi
-		fi
-		wait $bench_pid
-		# a write that went through after the benchmark ended switched: back, for what follows
-		[ "$(cat /sys/kernel/pvops/backend)" = "$expect" ] || switch_to "$expect"
-		before=$(sw_state)
-	done
-	if [ -n "$(arg rig_nested)" ]; then
+	if [ -n "$nested" ]; then
 		na switch-busy "nested rig: a benchmark beside a switch hung the L2 guest (Known problems); tried on vmi and lguest"
 	else
+		before=$(sw_state) busy=untried tries=0
+		while [ "$busy" = untried ] && [ $tries -lt 5 ]; do
+			tries=$((tries + 1))
+			(echo run > /sys/kernel/debug/pvops/bench) & bench_pid=$!
+			sleep 0.3
+			switch_to "$other"
+			if kill -0 $bench_pid 2>/dev/null; then
+				if [ "$sw_rc" != 0 ] && has "$sw_out" 'resource busy' && [ "$(sw_state)" = "$before" ]; then
+					busy=refused
+				else
+					busy="not-refused: rc=$sw_rc $sw_out"
+				fi
+			fi
+			wait $bench_pid
+			# a write that went through after the benchmark ended switched: back, for what follows
+			[ "$(cat /sys/kernel/pvops/backend)" = "$expect" ] || switch_to "$expect"
+			before=$(sw_state)
+		done
 		check switch-busy "$busy after $tries tries; $(dmesg | grep 'switch: a benchmark' | tail -1)" -- [ "$busy" = refused ]
 	fi
 fi
@@ -743,23 +743,26 @@ if [ -n "$(arg rig_switch)" ]; then
 	# (not on the nested rigs, rig_nested=1: some 90 switches there hang the guest now and
 	# then; the same starts are walked by the loads above and by the host tests)
 	switch_to native
-	n=1
-	[ -z "$(arg rig_nested)" ] || { n=81; fi_detail="$fi_detail switch-platform:not-walked-nested"; }
-	while [ $n -le 80 ] && [ "$(cat /sys/kernel/pvops/backend)" = native ]; do
-		before=$(sw_state)
-		echo platform:$n > $param; switch_to "$expect"; echo > $param
-		if dmesg | grep -q "platform:$n not reached in this switch"; then
-			fi_detail="$fi_detail switch-platform:$n-not-reached"; break
-		elif [ "$sw_rc" = 0 ] && [ "$(cat /sys/kernel/pvops/backend)" = "$expect" ] && grep -q '^ok' /sys/kernel/pvops/selftest; then
-			fi_detail="$fi_detail switch-platform:$n:$expect"; switch_to native
-		elif [ "$sw_rc" != 0 ] && [ "$(sw_state)" = "$before" ]; then
-			fi_detail="$fi_detail switch-platform:$n:refused"
-		else
-			fi_bad switch-platform:$n "rc=$sw_rc $sw_out"; break
-		fi
-		n=$((n + 1))
-	done
-	[ $n -le 80 ] || [ -n "$(arg rig_nested)" ] || fi_bad switch-platform "still reached at 80"
+	if [ -n "$nested" ]; then
+		fi_detail="$fi_detail switch-platform:not-walked-nested"
+	else
+		n=1
+		while [ $n -le 80 ] && [ "$(cat /sys/kernel/pvops/backend)" = native ]; do
+			before=$(sw_state)
+			echo platform:$n > $param; switch_to "$expect"; echo > $param
+			if dmesg | grep -q "platform:$n not reached in this switch"; then
+				fi_detail="$fi_detail switch-platform:$n-not-reached"; break
+			elif [ "$sw_rc" = 0 ] && [ "$(cat /sys/kernel/pvops/backend)" = "$expect" ] && grep -q '^ok' /sys/kernel/pvops/selftest; then
+				fi_detail="$fi_detail switch-platform:$n:$expect"; switch_to native
+			elif [ "$sw_rc" != 0 ] && [ "$(sw_state)" = "$before" ]; then
+				fi_detail="$fi_detail switch-platform:$n:refused"
+			else
+				fi_bad switch-platform:$n "rc=$sw_rc $sw_out"; break
+			fi
+			n=$((n + 1))
+		done
+		[ $n -le 80 ] || fi_bad switch-platform "still reached at 80"
+	fi
 	rmmod pvops_guest && last_dmesg 2 | grep -q "unload: $t sites restored byte-exact" || fi_bad switch-unload "$(last_dmesg 2)"
 fi
 # runs of N with one outcome, shortened: platform:1:native platform:2:native -> platform:1-2:native
