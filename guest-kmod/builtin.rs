@@ -47,7 +47,7 @@ use pvops_backends::describe::Writer;
 
 use crate::adapters;
 use crate::platform::KernelPlatform;
-use crate::text::ReadOnlyText;
+use crate::text::{AlsoSwitched, ReadOnlyText};
 use crate::{choose, param, shim, Chosen};
 
 /// At most this many `pv_ops` members (6.12 with every option has about 90).
@@ -74,6 +74,9 @@ struct Member {
     direct: u32,
     /// What Linux's `pv_ops` held for it before pvops filled it in (served members).
     linux_fn: usize,
+    /// Why the running backend leaves this member, served at boot, to Linux, if it does (a
+    /// live switch to a backend that cannot serve it, [`KernelSwitch`]).
+    given: Option<&'static str>,
 }
 
 /// A kernel site pvops wrote.
@@ -108,7 +111,7 @@ impl Member {
     /// What `holder` has in this member's `pv_ops` slot: for pvops, the backend's function for
     /// the member's op, or the member's adapter where Linux's signature differs.
     fn function(&self, holder: Holder, ops: &BackendOps) -> usize {
-        match (holder, self.served) {
+        match (holder.unless(self.given), self.served) {
             (Holder::Pvops, Served::Yes { op, via, .. }) => pvops_function(op, via, ops),
             (Holder::Linux, _) | (Holder::Pvops, Served::No(_)) => self.linux_fn,
         }
@@ -171,6 +174,13 @@ struct Census {
     /// Whether the APIC driver's `send_IPI_mask` callbacks are pvops's (taken at the
     /// initcall, [`take_ipis`]), or why not.
     ipis: Result<(), &'static str>,
+    /// Why the running backend leaves the IPIs, taken at the initcall, to Linux, if it does.
+    ipis_given: Option<&'static str>,
+    /// What Linux chose at boot that a backend serving the kernel must choose too (kept for
+    /// the backend of a live switch).
+    linux: Option<linux::LinuxChoices>,
+    /// Live switches of backend done at run time.
+    switches: u32,
 }
 
 /// One of the kernel's clocks: what Linux had in it when pvops took it, or why pvops did not.
@@ -180,6 +190,8 @@ struct ClockHold {
     linux_fn: usize,
     /// Why pvops did not take it, if known.
     why: Option<&'static str>,
+    /// Why the running backend leaves it, taken at boot, to Linux, if it does (a live switch).
+    given: Option<&'static str>,
 }
 
 impl ClockHold {
@@ -227,6 +239,7 @@ const NO_SUCH_MEMBER: Member = Member {
     inline: 0,
     direct: 0,
     linux_fn: 0,
+    given: None,
 };
 
 static CENSUS: Slot = Slot(UnsafeCell::new(Census {
@@ -248,8 +261,12 @@ static CENSUS: Slot = Slot(UnsafeCell::new(Census {
     clocks: [ClockHold {
         linux_fn: 0,
         why: None,
+        given: None,
     }; 2],
     ipis: Err("not taken yet"),
+    ipis_given: None,
+    linux: None,
+    switches: 0,
 }));
 
 /// The census.
@@ -308,6 +325,7 @@ pub(crate) unsafe extern "C" fn pvops_kernel_early(start: *mut u8, end: *mut u8)
             inline: 0,
             direct: 0,
             linux_fn: 0,
+            given: None,
         };
         c.n += 1;
     }
@@ -361,15 +379,12 @@ pub(crate) unsafe extern "C" fn pvops_kernel_early(start: *mut u8, end: *mut u8)
         let n = c.n;
         for m in c.members[..n].iter_mut() {
             if let Served::Yes { op, .. } = m.served {
-                let ok = ch
-                    .backend
-                    .serves_kernel(op)
-                    .and_then(|()| linux.agree(op, &ops, &pvops_backends::native::OPS));
-                if let Err(why) = ok {
+                if let Err(why) = may_serve(ch.backend, &ops, &linux, op) {
                     m.served = Served::No(why);
                 }
             }
         }
+        c.linux = Some(linux);
     }
     c.chosen = chosen;
 
@@ -478,6 +493,19 @@ pub(crate) unsafe extern "C" fn pvops_kernel_early(start: *mut u8, end: *mut u8)
             t - i - d
         ),
     }
+}
+
+/// Whether `backend` (with its `ops`) may serve `op` at the kernel's sites, Linux having made
+/// the choices `linux` at boot.
+fn may_serve(
+    backend: &dyn pvops::Backend,
+    ops: &BackendOps,
+    linux: &linux::LinuxChoices,
+    op: Op,
+) -> Result<(), &'static str> {
+    backend
+        .serves_kernel(op)
+        .and_then(|()| linux.agree(op, ops, &pvops_backends::native::OPS))
 }
 
 /// Called by `apply_alternatives()` for each entry of a site pvops flagged: pvops's copy of the
@@ -635,11 +663,10 @@ fn steal_clock(f: usize, cpu: u32) -> u64 {
     f(cpu)
 }
 
-/// Whether the backend's steal clock reads what Linux's (`linux`) does, on every CPU: each
-/// reading lies between two of Linux's, taken just before and after. A record the backend
+/// Whether a backend's steal clock (`ours`) reads what Linux's (`linux`) does, on every CPU:
+/// each reading lies between two of Linux's, taken just before and after. A record the backend
 /// missed reads 0, and Linux, seeing a steal clock go back, would account a huge steal time.
-fn steal_agrees(linux: usize) -> Result<(), (u32, u64, u64, u64)> {
-    let ours = STEAL_FN.load(Ordering::Relaxed);
+fn steal_agrees(linux: usize, ours: usize) -> Result<(), (u32, u64, u64, u64)> {
     // SAFETY: reads nr_cpu_ids.
     for cpu in 0..unsafe { shim::pvops_shim_nr_cpus() } {
         // SAFETY: reads the online mask.
@@ -677,7 +704,9 @@ fn may_take_steal_clock(c: &Census) -> Result<(), &'static str> {
     }
     pvops_backends::refresh_cpus(ch.selection.backend, &KernelPlatform);
     STEAL_FN.store(ops.target(Op::StealClock), Ordering::Relaxed);
-    if let Err((cpu, before, ours, after)) = steal_agrees(KernelClock::Steal.current()) {
+    if let Err((cpu, before, ours, after)) =
+        steal_agrees(KernelClock::Steal.current(), ops.target(Op::StealClock))
+    {
         pr_err!(
             "kernel: pv_steal_clock not taken: CPU {cpu} reads {ours} ns, Linux's {before} \
              to {after} ns\n"
@@ -726,22 +755,31 @@ impl fmt::Display for Report<'_> {
         let (t, i, d) = c.totals();
         writeln!(
             f,
-            "total sites={t} patched={} inline={i} direct={d} linux={} odd={} readback-mismatch={}",
+            "total sites={t} patched={} inline={i} direct={d} linux={} odd={} readback-mismatch={} \
+             backend={} switches={}",
             i + d,
             t - i - d,
             c.odd,
-            self.1
+            self.1,
+            c.chosen.map_or("none", |ch| ch.backend.id().name()),
+            c.switches
         )?;
         for k in KernelClock::ALL {
             match c.clocks[k as usize] {
-                ClockHold { linux_fn: 0, why } => match c.refused.or(why) {
+                ClockHold {
+                    linux_fn: 0, why, ..
+                }
+                | ClockHold {
+                    given: why @ Some(_),
+                    ..
+                } => match c.refused.or(why) {
                     Some(why) => writeln!(f, "{} linux why=\"{why}\"", k.name())?,
                     None => writeln!(f, "{} linux", k.name())?,
                 },
                 _ => writeln!(f, "{} pvops", k.name())?,
             }
         }
-        match c.ipis {
+        match c.ipis.and(c.ipis_given.map_or(Ok(()), Err)) {
             Ok(()) => writeln!(f, "apic.send_IPI_mask pvops")?,
             Err(why) => writeln!(f, "apic.send_IPI_mask linux why=\"{why}\"")?,
         }
@@ -760,10 +798,11 @@ impl fmt::Display for Report<'_> {
                 write!(f, " via=adapter")?;
             }
             if linux > 0 {
-                let why = match (c.refused, m.served) {
-                    (Some(why), _) => why,
-                    (None, Served::No(why)) => why,
-                    (None, Served::Yes { .. }) => "out of reach",
+                let why = match (c.refused, m.served, m.given) {
+                    (Some(why), ..) => why,
+                    (None, Served::No(why), _) => why,
+                    (None, Served::Yes { .. }, Some(why)) => why,
+                    (None, Served::Yes { .. }, None) => "out of reach",
                 };
                 write!(f, " why=\"{why}\"")?;
             }
@@ -856,6 +895,44 @@ pub(crate) unsafe extern "C" fn pvops_kernel_counters(buf: *mut u8, len: usize) 
     out.written()
 }
 
+/// How many of the kernel's clocks and IPIs, besides the sites, are not what `to` (the sites'
+/// holder) gives them, each reported; and whether pvops's steal clock, where it has one, reads
+/// what Linux's does.
+fn others_mismatch(c: &Census, to: Holder) -> u32 {
+    let mut bad = 0;
+    for k in KernelClock::ALL {
+        let hold = c.clocks[k as usize];
+        if hold.linux_fn == 0 {
+            continue;
+        }
+        let to = to.unless(hold.given);
+        if k.current() != k.function(to, hold.linux_fn) {
+            pr_err!("kernel: {} is not {}'s\n", k.name(), to.name());
+            bad += 1;
+        }
+    }
+    if c.ipis.is_ok() && !ipis_read_back(to.unless(c.ipis_given)) {
+        pr_err!(
+            "kernel: the kernel's IPIs are not {}'s\n",
+            to.unless(c.ipis_given).name()
+        );
+        bad += 1;
+    }
+    let steal = c.clocks[KernelClock::Steal as usize];
+    if steal.linux_fn != 0 && steal.given.is_none() {
+        if let Err((cpu, before, ours, after)) =
+            steal_agrees(steal.linux_fn, STEAL_FN.load(Ordering::Relaxed))
+        {
+            pr_err!(
+                "kernel: pvops's steal clock of CPU {cpu} reads {ours} ns, the kernel's {before} \
+                 to {after} ns\n"
+            );
+            bad += 1;
+        }
+    }
+    bad
+}
+
 /// How many sites pvops wrote do not hold `holder`'s bytes (the first one is reported), and
 /// whether every `pv_ops` member pvops serves holds `holder`'s function (a wrong one counts).
 fn mismatches<'a>(c: &'a Census, sites: impl Iterator<Item = &'a Written>, holder: Holder) -> u32 {
@@ -914,6 +991,15 @@ impl Holder {
         match self {
             Holder::Pvops => Holder::Linux,
             Holder::Linux => Holder::Pvops,
+        }
+    }
+
+    /// Who holds something the running backend may leave to Linux (`given`: why it does) while
+    /// the sites are this holder's.
+    fn unless(self, given: Option<&'static str>) -> Holder {
+        match given {
+            Some(_) => Holder::Linux,
+            None => self,
         }
     }
 }
@@ -1011,8 +1097,9 @@ unsafe extern "C" fn run_hand(data: *mut c_void) -> c_int {
         };
     }
     if h.c.ipis.is_ok() {
+        let to = h.to.unless(h.c.ipis_given);
         // SAFETY: a flag the shim's APIC callbacks read; no other CPU runs.
-        unsafe { shim::pvops_shim_ipi_to_linux(c_int::from(h.to == Holder::Linux)) };
+        unsafe { shim::pvops_shim_ipi_to_linux(c_int::from(to == Holder::Linux)) };
     }
     if let Some(ops) = h.c.ops {
         for m in h.c.members() {
@@ -1098,29 +1185,10 @@ pub(crate) extern "C" fn pvops_kernel_hand(to_linux: c_int) -> c_int {
             .filter(|&k| c.clocks[k as usize].linux_fn != 0)
     };
     for k in taken() {
-        k.hand(to, c.clocks[k as usize].linux_fn);
+        let hold = c.clocks[k as usize];
+        k.hand(to.unless(hold.given), hold.linux_fn);
     }
-    let mut bad = mismatches(c, lasting(c), to);
-    for k in taken() {
-        if k.current() != k.function(to, c.clocks[k as usize].linux_fn) {
-            pr_err!("kernel: {} is not {}'s\n", k.name(), to.name());
-            bad += 1;
-        }
-    }
-    if c.ipis.is_ok() && !ipis_read_back(to) {
-        pr_err!("kernel: the kernel's IPIs are not {}'s\n", to.name());
-        bad += 1;
-    }
-    let linux_steal = c.clocks[KernelClock::Steal as usize].linux_fn;
-    if linux_steal != 0 {
-        if let Err((cpu, before, ours, after)) = steal_agrees(linux_steal) {
-            pr_err!(
-                "kernel: pvops's steal clock of CPU {cpu} reads {ours} ns, the kernel's {before} \
-                 to {after} ns\n"
-            );
-            bad += 1;
-        }
-    }
+    let bad = mismatches(c, lasting(c), to) + others_mismatch(c, to);
     c.holder = to;
     match to {
         Holder::Linux => c.hand_backs += 1,
@@ -1141,4 +1209,312 @@ pub(crate) extern "C" fn pvops_kernel_hand(to_linux: c_int) -> c_int {
         to.name()
     );
     0
+}
+
+/// A built-in live switch's share of the kernel (`echo NAME > /sys/kernel/pvops/backend`): every
+/// kernel site pvops wrote goes from the running backend's bytes to the new backend's, or to
+/// Linux's own where the new backend cannot serve its member (its `serves_kernel`, or a choice
+/// Linux made at boot that it does not share: a lock protocol, say); so do the `pv_ops` members
+/// pvops serves, the kernel's clocks and its IPIs. All of it in the stop_machine that switches
+/// pvops's own sites ([`AlsoSwitched`]): checked first, all or nothing. A switch serves at most
+/// what boot took: members, clocks and IPIs Linux kept at boot stay Linux's.
+pub(crate) struct KernelSwitch {
+    /// The new backend.
+    to: Chosen,
+    /// Its ops.
+    ops: BackendOps,
+    /// Per member (as in the census): why the new backend leaves it to Linux, if it does.
+    given: KVec<Option<&'static str>>,
+    /// Per site pvops wrote (as in the census): the new bytes, and what they are (`None`:
+    /// Linux's).
+    bytes: KVec<([u8; linux::PV_SITE_LEN as usize], Option<KernelAction>)>,
+    /// Per clock: why the new backend leaves it to Linux, if it does.
+    clocks: [Option<&'static str>; 2],
+    /// Why the new backend leaves the IPIs to Linux, if it does.
+    ipis_given: Option<&'static str>,
+    /// The first page of the sites' text, and its writable alias (null: no site outlives boot).
+    page: usize,
+    /// See `page`.
+    alias: *mut u8,
+    /// The site that did not hold the running backend's bytes, found by the check.
+    refused: Option<(usize, [u8; linux::PV_SITE_LEN as usize])>,
+}
+
+/// Why a built-in switch cannot start, before anything is written.
+pub(crate) struct NotSwitched(pub(crate) Error, pub(crate) &'static str);
+
+/// Prepare the kernel's share of a live switch to `to` (started, with `ops`): `None` when pvops
+/// holds nothing of the kernel (pvops.kernel=off, or boot refused), so only pvops's own sites
+/// change.
+///
+/// # Safety
+///
+/// The caller holds the shim's holder lock (no hand-back runs) and the switch's lock; init is
+/// over.
+pub(crate) unsafe fn prepare_switch(
+    to: Chosen,
+    ops: BackendOps,
+) -> Result<Option<KernelSwitch>, NotSwitched> {
+    // SAFETY: the caller's locks; the reference ends with this function.
+    let c = unsafe { census() };
+    let (true, None, Some(choices)) = (c.late, c.refused, c.linux) else {
+        return Ok(None);
+    };
+    if c.holder == Holder::Linux {
+        return Err(NotSwitched(
+            EBUSY,
+            "the kernel's sites are Linux's (/sys/kernel/pvops/kernel_holder): take them back first",
+        ));
+    }
+    // SAFETY: reads the kernel's preemption model.
+    if unsafe { shim::pvops_shim_preemptible() } != 0 {
+        return Err(NotSwitched(
+            Error::from_errno(-(kernel::bindings::EOPNOTSUPP as c_int)),
+            "this kernel preempts kernel code: a task may be stopped between two instructions \
+             of a kernel site, whose bytes a switch changes",
+        ));
+    }
+    // SAFETY: reads the shim's count.
+    let late = unsafe { shim::pvops_shim_late_modules() };
+    if late != 0 {
+        pr_err!("kernel: {late} modules loaded after boot (-1: not counted)\n");
+        return Err(NotSwitched(
+            EBUSY,
+            "a module loaded after boot holds direct calls to the running \
+             backend's functions, which Linux's loader wrote from pv_ops: unload it first",
+        ));
+    }
+    let mut given =
+        KVec::with_capacity(c.n, GFP_KERNEL).map_err(|_| NotSwitched(ENOMEM, "no memory"))?;
+    for m in c.members() {
+        let why = match m.served {
+            Served::Yes { op, .. } => may_serve(to.backend, &ops, &choices, op).err(),
+            Served::No(_) => None,
+        };
+        given
+            .push(why, GFP_KERNEL)
+            .map_err(|_| NotSwitched(ENOMEM, "no memory"))?;
+    }
+    let mut bytes = KVec::with_capacity(c.written.len(), GFP_KERNEL)
+        .map_err(|_| NotSwitched(ENOMEM, "no memory for the new bytes of the kernel's sites"))?;
+    for w in c.written.iter() {
+        let m = &c.members[w.member as usize];
+        let planned = match (m.served, given[w.member as usize]) {
+            (Served::Yes { op, conv, via }, None) => {
+                linux::plan(w.addr, op, conv, via, pvops_function(op, via, &ops), &ops)
+            }
+            _ => None,
+        };
+        let b = match planned {
+            Some((action, b)) => (b, Some(action)),
+            None => (w.linux, None),
+        };
+        bytes
+            .push(b, GFP_KERNEL)
+            .map_err(|_| NotSwitched(ENOMEM, "no memory"))?;
+    }
+    let sched = (c.clocks[KernelClock::Sched as usize].linux_fn != 0)
+        .then(|| to.backend.serves_kernel(Op::SchedClock).err())
+        .flatten();
+    let steal_hold = c.clocks[KernelClock::Steal as usize];
+    let steal = (steal_hold.linux_fn != 0)
+        .then(|| {
+            to.backend.serves_kernel(Op::StealClock).err().or_else(|| {
+                pvops_backends::refresh_cpus(to.selection.backend, &KernelPlatform);
+                steal_agrees(steal_hold.linux_fn, ops.target(Op::StealClock))
+                    .err()
+                    .map(|_| "the backend's steal clock disagrees with Linux's")
+            })
+        })
+        .flatten();
+    let ipis_given = (c.ipis.is_ok() && !to.backend.sends_ipis())
+        .then_some("the backend sends no IPIs of its own: Linux's APIC driver does");
+    let (mut page, mut alias) = (0, core::ptr::null_mut());
+    if let (Some(start), Some(last)) = (
+        lasting(c).map(|w| w.addr).min(),
+        lasting(c).map(|w| w.addr).max(),
+    ) {
+        // SAFETY: [start, end) is kernel text holding the sites; unaliased on drop.
+        alias = unsafe { shim::pvops_shim_alias_text(start, last + linux::PV_SITE_LEN as usize) }
+            .cast::<u8>();
+        if alias.is_null() {
+            return Err(NotSwitched(ENOMEM, "cannot map the kernel's text writable"));
+        }
+        page = start & !0xfff;
+    }
+    Ok(Some(KernelSwitch {
+        to,
+        ops,
+        given,
+        bytes,
+        clocks: [sched, steal],
+        ipis_given,
+        page,
+        alias,
+        refused: None,
+    }))
+}
+
+impl AlsoSwitched for KernelSwitch {
+    fn check(&mut self) -> bool {
+        // SAFETY: under stop_machine, the caller holding the holder lock: the census's only
+        // reader; the reference ends here.
+        let c = unsafe { census() };
+        // every site must hold the running backend's bytes
+        self.refused = lasting(c).find_map(|w| {
+            let mut found = [0u8; linux::PV_SITE_LEN as usize];
+            ReadOnlyText.read(w.addr, &mut found);
+            (found != w.pvops).then_some((w.addr, found))
+        });
+        self.refused.is_none()
+    }
+
+    fn write(&mut self) {
+        // SAFETY: as in `check`.
+        let c = unsafe { census() };
+        for (w, (bytes, _)) in c.written.iter().zip(self.bytes.iter()) {
+            if w.init {
+                continue;
+            }
+            // SAFETY: the alias maps every page from `page` to the last site writable; no
+            // other CPU runs kernel code (stop_machine) and this one runs none of the sites
+            // while it writes.
+            unsafe {
+                core::ptr::copy_nonoverlapping(
+                    bytes.as_ptr(),
+                    self.alias.add(w.addr - self.page),
+                    bytes.len(),
+                )
+            };
+        }
+        for (m, given) in c.members().iter().zip(self.given.iter()) {
+            if let Served::Yes { op, via, .. } = m.served {
+                let f = match given {
+                    Some(_) => m.linux_fn,
+                    None => pvops_function(op, via, &self.ops),
+                };
+                // SAFETY: one pointer of pv_ops, Linux's own function for the member or the
+                // new backend's of its type and convention; no other CPU runs.
+                unsafe { shim::pvops_shim_set_pv_op(m.offset, f as _) };
+            }
+        }
+        if c.ipis.is_ok() {
+            // SAFETY: a flag the shim's APIC callbacks read; no other CPU runs.
+            unsafe { shim::pvops_shim_ipi_to_linux(c_int::from(self.ipis_given.is_some())) };
+        }
+        if c.clocks[KernelClock::Sched as usize].linux_fn != 0 && self.clocks[0].is_none() {
+            // the new backend's clock, carried on from the old one's (the caller moved the
+            // switch base just now), under the same offset to Linux's
+            SCHED_FN.store(self.ops.target(Op::SchedClock), Ordering::Relaxed);
+        }
+    }
+}
+
+impl KernelSwitch {
+    /// Say why the check refused the switch (nothing was written).
+    pub(crate) fn refusal(&self) {
+        if let Some((addr, found)) = self.refused {
+            pr_err!(
+                "kernel: site {:#x} holds {:02x?}, not the running backend's bytes (another \
+                 patcher, or a probe, changed it)\n",
+                addr,
+                found
+            );
+        }
+    }
+
+    /// After the stop_machine that wrote it: the census becomes the new backend's, the
+    /// kernel's clocks change hands where they must (static calls: not under stop_machine),
+    /// everything is read back and the census republished. The old backend still runs (the
+    /// clocks read it until here). Returns how many things do not read back as written.
+    ///
+    /// # Safety
+    ///
+    /// As for [`prepare_switch`], after the switch's stop_machine wrote it.
+    pub(crate) unsafe fn finish(mut self) -> u32 {
+        // SAFETY: the caller's locks; the reference ends with this function.
+        let c = unsafe { census() };
+        for (w, (bytes, _)) in c.written.iter_mut().zip(self.bytes.iter()) {
+            w.pvops = *bytes;
+        }
+        for m in c.members[..c.n].iter_mut() {
+            m.inline = 0;
+            m.direct = 0;
+        }
+        for (w, (_, action)) in c.written.iter().zip(self.bytes.iter()) {
+            let m = &mut c.members[w.member as usize];
+            match action {
+                Some(KernelAction::Inline) => m.inline += 1,
+                Some(KernelAction::Direct) => m.direct += 1,
+                None => {}
+            }
+        }
+        let n = c.n;
+        for (m, given) in c.members[..n].iter_mut().zip(self.given.iter()) {
+            m.given = *given;
+        }
+        c.chosen = Some(self.to);
+        c.ops = Some(self.ops);
+        c.ipis_given = self.ipis_given;
+        for k in KernelClock::ALL {
+            let hold = &mut c.clocks[k as usize];
+            let given = self.clocks[k as usize];
+            if hold.linux_fn == 0 {
+                continue;
+            }
+            let (was, now) = (
+                Holder::Pvops.unless(hold.given),
+                Holder::Pvops.unless(given),
+            );
+            hold.given = given;
+            if k == KernelClock::Steal && now == Holder::Pvops {
+                STEAL_FN.store(self.ops.target(Op::StealClock), Ordering::Relaxed);
+            }
+            // pv_sched_clock stays pvops's function while both backends serve it (the new
+            // one's clock is behind it since the stop_machine); the steal clock is the
+            // backend's own function
+            if was != now || k == KernelClock::Steal {
+                k.hand(now, hold.linux_fn);
+            }
+        }
+        c.switches += 1;
+        let bad = mismatches(c, lasting(c), Holder::Pvops) + others_mismatch(c, Holder::Pvops);
+        if bad > 0 {
+            pr_err!(
+                "kernel: {} sites and pv_ops members do not read back as written\n",
+                bad
+            );
+        } else {
+            let (_, i, d) = c.totals();
+            pr_info!(
+                "kernel: {} sites switched to {} ({} of pvops's, the rest Linux's), read back \
+                 byte for byte\n",
+                lasting(c).count(),
+                self.to.selection.backend,
+                i + d
+            );
+        }
+        if let Ok(text) = CString::try_from_fmt(format_args!("{}", Report(c, bad))) {
+            // SAFETY: a NUL-terminated string; the shim copies it.
+            unsafe { shim::pvops_shim_set_kernel_report(text.as_char_ptr()) };
+        }
+        publish_holder(c);
+        self.unalias();
+        bad
+    }
+
+    /// Drop the writable alias of the sites' text.
+    fn unalias(&mut self) {
+        if !self.alias.is_null() {
+            // SAFETY: the alias came from pvops_shim_alias_text and is no longer used.
+            unsafe { shim::pvops_shim_unalias_text(self.alias.cast()) };
+            self.alias = core::ptr::null_mut();
+        }
+    }
+}
+
+impl Drop for KernelSwitch {
+    fn drop(&mut self) {
+        self.unalias();
+    }
 }

@@ -457,10 +457,6 @@ unsafe fn switch(name: &[u8]) -> Result {
     let Some(old) = (unsafe { RUNNING.get() }) else {
         return Err(ENODEV);
     };
-    if cfg!(not(MODULE)) {
-        pr_err!("switch: built in, the backend cannot be switched live yet; nothing changed\n");
-        return Err(Error::from_errno(-(kernel::bindings::EOPNOTSUPP as c_int)));
-    }
     if !old.patched {
         pr_err!(
             "switch: the sites stayed indirect at load (patching was refused); nothing changed\n"
@@ -496,11 +492,30 @@ unsafe fn switch(name: &[u8]) -> Result {
         refuse(&"the site records do not fit the new backend");
         return Err(ENOEXEC);
     };
+    // built in, the kernel's own sites, pv_ops, clocks and IPIs switch with pvops's own
+    // SAFETY: the caller holds the switch's lock and the holder lock; init is over.
+    #[cfg(not(MODULE))]
+    let mut kernel = match unsafe { builtin::prepare_switch(chosen, new.ops) } {
+        Ok(k) => k,
+        Err(builtin::NotSwitched(e, why)) => {
+            refuse(&why);
+            return Err(e);
+        }
+    };
+    #[cfg(not(MODULE))]
+    let also = kernel.as_mut().map(|k| k as &mut dyn text::AlsoSwitched);
+    #[cfg(MODULE)]
+    let also = None;
     let old_patcher = old.patcher();
+    let table = new.ops.table();
     let t1 = pvops::arch::rdtsc_ordered();
-    let clock = match switch_sites(&patcher, &old_patcher, &new.ops.table()) {
+    let clock = match switch_sites(&patcher, &old_patcher, &table, also) {
         Ok((_, clock)) => clock,
         Err(e) => {
+            #[cfg(not(MODULE))]
+            if let Some(k) = &kernel {
+                k.refusal();
+            }
             refuse(&e);
             return Err(EIO);
         }
@@ -508,6 +523,9 @@ unsafe fn switch(name: &[u8]) -> Result {
     let t2 = pvops::arch::rdtsc_ordered();
     let report = patcher.plan();
     let verified = patcher.verify(&ReadOnlyText, true).is_ok();
+    // SAFETY: as above, after the stop_machine that wrote the kernel's share.
+    #[cfg(not(MODULE))]
+    let verified = verified & kernel.map_or(true, |k| unsafe { k.finish() } == 0);
     // SAFETY: the caller excludes every other access.
     unsafe { RUNNING.set(Some(new)) };
     // The old backend's functions are out of the table and of every site, and nothing of this

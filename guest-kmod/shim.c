@@ -172,6 +172,14 @@ void pvops_shim_sync_core(void)
  * live switch (a write to /sys/kernel/pvops/backend) each hold it throughout.
  */
 static DEFINE_MUTEX(bench_lock);
+#ifndef MODULE
+/*
+ * Built in: the lock over the kernel's sites, pv_ops and the census (builtin.rs): a hand-back
+ * (/sys/kernel/pvops/kernel_holder) and a live switch hold it throughout, a read of the census
+ * or the counters while it reads. Taken after bench_lock.
+ */
+static DEFINE_MUTEX(holder_lock);
+#endif
 
 /*
  * The report under /sys/kernel/pvops/: filled by Rust before the files appear, and again by a
@@ -224,7 +232,13 @@ static ssize_t backend_store(struct kobject *k, struct kobj_attribute *a, const 
 		pr_warn("pvops_guest: switch: a benchmark or another switch is running; nothing changed\n");
 		return -EBUSY;
 	}
+#ifndef MODULE
+	mutex_lock(&holder_lock);
+#endif
 	err = pvops_switch_backend(buf, count);
+#ifndef MODULE
+	mutex_unlock(&holder_lock);
+#endif
 	mutex_unlock(&bench_lock);
 	return err ? err : count;
 }
@@ -244,7 +258,12 @@ static char report_kernel[4 * PAGE_SIZE];
 static ssize_t kernel_report_read(struct file *f, struct kobject *k, struct bin_attribute *a, char *buf,
 				  loff_t off, size_t count)
 {
-	return memory_read_from_buffer(buf, count, &off, report_kernel, strlen(report_kernel));
+	ssize_t n;
+
+	mutex_lock(&holder_lock);
+	n = memory_read_from_buffer(buf, count, &off, report_kernel, strlen(report_kernel));
+	mutex_unlock(&holder_lock);
+	return n;
 }
 static struct bin_attribute bin_attr_kernel =
 	__BIN_ATTR(kernel, 0444, kernel_report_read, NULL, sizeof(report_kernel));
@@ -254,9 +273,8 @@ static struct bin_attribute *pvops_bin_attrs[] = { &bin_attr_kernel, NULL };
  * Built in: /sys/kernel/pvops/kernel_holder, who holds the kernel's pv sites: "pvops" or
  * "linux", with the hand-backs and take-backs done so far. Root writes "linux" to hand every
  * site (and pv_ops) back to what Linux's own pv layer would hold, "pvops" to take them back
- * (pvops_kernel_hand(), builtin.rs). One write at a time.
+ * (pvops_kernel_hand(), builtin.rs). One write at a time (holder_lock).
  */
-static DEFINE_MUTEX(holder_lock);
 /* builtin.rs: hand the kernel's sites to Linux (to_linux) or take them back; 0 or -errno */
 int pvops_kernel_hand(int to_linux);
 static char report_holder[128];
@@ -565,6 +583,30 @@ int pvops_shim_preemptible(void)
 {
 	return preempt_model_preemptible();
 }
+
+/*
+ * Modules loaded after boot and still loaded: Linux's loader turned their pv calls into direct
+ * calls to what pv_ops held then, the running backend's functions, which a live switch would
+ * stop (builtin.rs, prepare_switch). Counted from the initcall on: no module loads before it.
+ */
+static atomic_t late_modules = ATOMIC_INIT(0);
+static bool late_modules_counted;
+
+static int late_module_event(struct notifier_block *nb, unsigned long state, void *data)
+{
+	if (state == MODULE_STATE_COMING)
+		atomic_inc(&late_modules);
+	else if (state == MODULE_STATE_GOING)
+		atomic_dec(&late_modules);
+	return NOTIFY_DONE;
+}
+static struct notifier_block late_module_nb = { .notifier_call = late_module_event };
+
+/* How many; -1 if they are not counted (the notifier was refused: no switch then). */
+int pvops_shim_late_modules(void)
+{
+	return late_modules_counted ? atomic_read(&late_modules) : -1;
+}
 #endif
 
 static struct attribute *pvops_attrs[] = {
@@ -595,8 +637,13 @@ int pvops_shim_sysfs_create(void)
 	if (err) {
 		kobject_put(pvops_kobj);
 		pvops_kobj = NULL;
+		return err;
 	}
-	return err;
+#ifndef MODULE
+	/* built in, the sysfs files live as long as the kernel: so does the notifier */
+	late_modules_counted = register_module_notifier(&late_module_nb) == 0;
+#endif
+	return 0;
 }
 
 void pvops_shim_sysfs_remove(void)

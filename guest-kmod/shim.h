@@ -187,6 +187,7 @@ void pvops_shim_poke_early(unsigned long addr, const u8 *bytes, unsigned int len
 void pvops_shim_set_kernel_report(const char *text);
 void pvops_shim_set_kernel_holder(const char *text);
 int pvops_shim_preemptible(void);
+int pvops_shim_late_modules(void);
 int pvops_shim_is_init_text(unsigned long addr);
 unsigned long pvops_shim_sched_clock_fn(void);
 u64 pvops_shim_sched_clock(void);

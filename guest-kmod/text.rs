@@ -4,7 +4,8 @@
 //! ([`ReadOnlyText`]) and written through a temporary writable alias of their pages
 //! ([`AliasText`]) while `stop_machine` parks the other CPUs: patched or reverted
 //! ([`transition`]), or switched from one backend's bytes and table to another's
-//! ([`switch_sites`]).
+//! ([`switch_sites`]), with more text switched in the same stop_machine where the caller has
+//! some ([`AlsoSwitched`]: built in, the kernel's own sites).
 
 use core::ffi::{c_int, c_void};
 
@@ -73,6 +74,17 @@ impl pvops::Text for AliasText {
     }
 }
 
+/// More of a live switch, done in the same stop_machine as this module's sites: built in, the
+/// kernel's own sites, `pv_ops` and the kernel's clocks (`builtin::KernelSwitch`).
+pub(crate) trait AlsoSwitched {
+    /// Whether everything it writes holds what it should now; runs first, writes nothing, and
+    /// a `false` refuses the whole switch.
+    fn check(&mut self) -> bool;
+    /// Write it: after this module's sites were switched and the new table installed, with
+    /// every other CPU parked.
+    fn write(&mut self);
+}
+
 /// What a [`Job`] does to the sites.
 enum Kind<'a> {
     /// Original bytes to the patcher's.
@@ -86,6 +98,8 @@ enum Kind<'a> {
         from: &'a Patcher<'a>,
         /// The new backend's table.
         table: &'a PvOps,
+        /// What else the switch writes.
+        also: Option<&'a mut dyn AlsoSwitched>,
     },
 }
 
@@ -101,6 +115,8 @@ struct Job<'a> {
     result: Option<Result<PatchReport, PatchError>>,
     /// A switch: the old backend's clock at the switch.
     clock: u64,
+    /// A switch: whether [`AlsoSwitched::check`] refused it.
+    also_refused: bool,
 }
 
 /// stop_machine callback.
@@ -123,10 +139,14 @@ unsafe extern "C" fn run_job(data: *mut c_void) -> c_int {
         }
         _ => None,
     };
-    job.result = Some(match job.kind {
-        Kind::Apply => job.patcher.apply(&mut job.text),
-        Kind::Revert => job.patcher.revert(&mut job.text),
-        Kind::Switch { from, table } => {
+    job.result = match &mut job.kind {
+        Kind::Apply => Some(job.patcher.apply(&mut job.text)),
+        Kind::Revert => Some(job.patcher.revert(&mut job.text)),
+        Kind::Switch { from, table, also } => 'switch: {
+            if also.as_deref_mut().is_some_and(|a| !a.check()) {
+                job.also_refused = true;
+                break 'switch None;
+            }
             // SAFETY: sched_clock has no precondition; the old table is still installed.
             let old = unsafe { (PV_OPS.get().timer.sched_clock)() };
             let r = job.patcher.switch_from(from, &mut job.text);
@@ -138,10 +158,13 @@ unsafe extern "C" fn run_job(data: *mut c_void) -> c_int {
                 let new = unsafe { (table.timer.sched_clock)() };
                 pvops_backends::time::continue_clock(old, new);
                 job.clock = old;
+                if let Some(also) = also {
+                    also.write();
+                }
             }
-            r
+            Some(r)
         }
-    });
+    };
     if let Some((addr, byte)) = tampered {
         // SAFETY: as above; the engine refused the set, so the site holds the changed byte.
         unsafe { pvops::Text::write(&mut job.text, addr, &[byte]) };
@@ -160,6 +183,8 @@ pub(crate) enum TransitionError {
     NoAlias,
     /// stop_machine failed.
     StopMachine(c_int),
+    /// A switch's [`AlsoSwitched::check`] refused (it says why).
+    Also,
 }
 
 impl core::fmt::Display for TransitionError {
@@ -168,6 +193,9 @@ impl core::fmt::Display for TransitionError {
             TransitionError::Patch(e) => write!(f, "{e}"),
             TransitionError::NoAlias => f.write_str("cannot map the call sites' text writable"),
             TransitionError::StopMachine(rc) => write!(f, "stop_machine failed ({rc})"),
+            TransitionError::Also => {
+                f.write_str("a kernel site does not hold the running backend's bytes")
+            }
         }
     }
 }
@@ -182,15 +210,16 @@ pub(crate) fn transition(
 }
 
 /// A live switch, all or nothing, with the other CPUs parked: every site from `from`'s bytes
-/// to `to`'s, and `table` (`to`'s backend's) installed, the clock carried on across. Returns
-/// what `to` patched and the clock's reading at the switch. On error nothing was written and
-/// the old table is still installed.
-pub(crate) fn switch_sites(
-    to: &Patcher<'_>,
-    from: &Patcher<'_>,
-    table: &PvOps,
+/// to `to`'s, and `table` (`to`'s backend's) installed, the clock carried on across, then
+/// `also` written. Returns what `to` patched and the clock's reading at the switch. On error
+/// nothing was written and the old table is still installed.
+pub(crate) fn switch_sites<'a>(
+    to: &'a Patcher<'a>,
+    from: &'a Patcher<'a>,
+    table: &'a PvOps,
+    also: Option<&'a mut dyn AlsoSwitched>,
 ) -> Result<(PatchReport, u64), TransitionError> {
-    run(to, Kind::Switch { from, table })
+    run(to, Kind::Switch { from, table, also })
 }
 
 /// Run `kind` on `patcher`'s sites through a writable alias, under stop_machine.
@@ -220,6 +249,7 @@ fn run<'a>(
         kind,
         result: None,
         clock: 0,
+        also_refused: false,
     };
     let rc = if faults::hit(Step::StopMachine, "stop_machine") {
         -(kernel::bindings::ENOMEM as c_int)
@@ -231,6 +261,7 @@ fn run<'a>(
     unsafe { shim::pvops_shim_unalias_text(alias) };
     match job.result {
         Some(r) => r.map(|r| (r, job.clock)).map_err(TransitionError::Patch),
+        None if job.also_refused => Err(TransitionError::Also),
         None => Err(TransitionError::StopMachine(rc)),
     }
 }

@@ -431,16 +431,105 @@ report() { # read /sys/kernel/pvops and check it: the expected backend, every si
 	fi
 }
 
+# Live switching, the helpers (the checks follow the report, built in and as a module, 3b)
+switch_to() { # NAME [nobody]: write NAME (as user nobody: su); sw_rc, sw_out (the error text)
+	if [ "${2:-}" = nobody ]; then
+		if ! grep -q '^nobody:' /etc/passwd 2>/dev/null; then
+			mkdir -p /etc
+			echo 'nobody:x:65534:65534:nobody:/:/bin/sh' >> /etc/passwd
+			echo 'nogroup:x:65534:' >> /etc/group
+		fi
+		sw_out=$(su -s /bin/sh -c "echo '$1' > /sys/kernel/pvops/backend" nobody 2>&1); sw_rc=$?
+	else
+		sw_out=$( (echo "$1" > /sys/kernel/pvops/backend) 2>&1); sw_rc=$?
+	fi
+}
+sw_state() { echo "$(cat /sys/kernel/pvops/backend) $(cat /sys/kernel/pvops/sites) $(dmesg | grep -c 'pvops_guest: switch: .* -> ')"; }
+switch_refused() { # WHAT ERROR STATE-BEFORE: the write failed with ERROR and changed nothing
+	if [ "$sw_rc" != 0 ] && has "$sw_out" "$2" && [ "$(sw_state)" = "$3" ]; then
+		sr_detail="$sr_detail $1:refused"
+	else
+		sr_ok=0 sr_detail="$sr_detail [$1: rc=$sw_rc $sw_out; $(last_dmesg)]"
+	fi
+}
+clock_carried() { # FROM TO: the last switch line says FROM -> TO and its clock carried on
+	sw_line=$(dmesg | grep "pvops_guest: switch: $1 -> $2:" | tail -1)
+	echo "$sw_line" | sed -n 's/.*clock \([0-9]*\) ns at the switch, \([0-9]*\) ns after it.*/\1 \2/p' |
+		awk '{ exit !(NF == 2 && $2 >= $1 && $2 - $1 < 1000000000) }'
+}
+switched() { # FROM TO: the write held, sysfs names TO, every site patched, the self-test passed
+	[ "$sw_rc" = 0 ] && [ "$(cat /sys/kernel/pvops/backend)" = "$2" ] &&
+		all_patched "$(cut -d/ -f1 /sys/kernel/pvops/sites)" "$t" &&
+		has "$(cat /sys/kernel/pvops/selftest)" '^ok bytes=verified' && clock_carried "$1" "$2"
+}
+switch_refusals() { # BACKENDS: the writes that must change nothing (sr_ok, sr_detail)
+	sr_ok=1 sr_detail="" before=$(sw_state)
+	switch_to bogus; switch_refused bogus 'Invalid argument' "$before"
+	switch_to ''; switch_refused empty 'Invalid argument' "$before"
+	switch_to "$(head -c 300 /dev/zero | tr '\0' k)"; switch_refused 300-chars 'Invalid argument' "$before"
+	switch_to 'native kvm'; switch_refused two-names 'Invalid argument' "$before"
+	switch_to "$expect" nobody
+	switch_refused non-root 'Permission denied' "$before"
+	[ "$(stat -c %a /sys/kernel/pvops/backend)" = 644 ] || { sr_ok=0 sr_detail="$sr_detail [mode $(stat -c %a /sys/kernel/pvops/backend)]"; }
+	[ -n "$1" ] || { sr_ok=0 sr_detail="$sr_detail [no list of backends]"; }
+	for b in $1; do
+		case "$b" in "$expect" | "$(arg rig_switch)") continue ;; native) [ -n "$(arg rig_pv)" ] || continue ;; esac
+		switch_to "$b"; switch_refused "$b" 'No such device' "$before"
+	done
+	switch_to "$expect"
+	if [ "$sw_rc" = 0 ] && [ "$(sw_state)" = "$before" ] && last_dmesg | grep -q "switch: $expect is already the backend"; then
+		sr_detail="$sr_detail $expect:already"
+	else
+		sr_ok=0 sr_detail="$sr_detail [$expect again: rc=$sw_rc $sw_out; $(last_dmesg)]"
+	fi
+}
+# Built in, a live switch (rig_switch) moves the kernel's own sites with pvops's: to the other
+# backend and back, each time every kernel site pvops wrote rewritten in the same stop_machine
+# (to Linux's own bytes where the new backend cannot serve the site's member), with pv_ops, the
+# kernel's clocks and IPIs, and read back (the census: readback-mismatch=0, its backend and
+# switch count; one "sites switched to" line each); the self-test passes and the clock carries
+# on as for the module, and back on the boot's backend the census patches what boot patched. The
+# workload, the TLB test, the clocks and the hand-back that follow run on the kernel switched
+# twice.
+bs_census() { grep '^total ' /sys/kernel/pvops/kernel 2>/dev/null; }
+bs_kernel_ok() { # CENSUS BACKEND SWITCHES
+	has "$1" " readback-mismatch=0 backend=$2 switches=$3\$" &&
+		[ "$(dmesg | grep -c 'pvops_guest: kernel: [0-9]* sites switched to ')" = "$3" ] &&
+		dmesg | grep 'pvops_guest: kernel: [0-9]* sites switched to ' | tail -1 | grep -q " to $2 ("
+}
+builtin_switch() {
+	other=$(arg rig_switch)
+	switch_to "$other"
+	k1=$(bs_census)
+	bs_detail="$(dmesg | grep -E 'pvops_guest: (kernel: [0-9]* sites switched|switch: )' | tail -2 | tr '\n' ' '); $(cat /sys/kernel/pvops/selftest); $k1"
+	switched "$expect" "$other" && bs_kernel_ok "$k1" "$other" 1 && ok1=1 || ok1=0
+	switch_to "$expect"
+	k2=$(bs_census)
+	bs_detail="$bs_detail; $(dmesg | grep -E 'pvops_guest: (kernel: [0-9]* sites switched|switch: )' | tail -2 | tr '\n' ' '); $(cat /sys/kernel/pvops/selftest); $k2"
+	switched "$other" "$expect" && bs_kernel_ok "$k2" "$expect" 2 && has "$k2" " patched=$kp " && ok2=1 || ok2=0
+	check switch-live "$bs_detail" -- [ "$ok1$ok2" = 11 ]
+}
+# and refused, changing nothing, with a module loaded after boot (Linux's loader made its pv
+# calls direct calls to the running backend's functions) and while Linux holds the kernel's
+# sites (kernel_holder)
+builtin_switch_refusals() {
+	before=$(sw_state)
+	switch_to "$(arg rig_switch)"; switch_refused module-loaded 'resource busy' "$before"
+	last_dmesg 3 | grep -q 'modules loaded after boot' || { sr_ok=0 sr_detail="$sr_detail [module-loaded: no message]"; }
+	if echo linux > /sys/kernel/pvops/kernel_holder 2>/dev/null; then
+		before=$(sw_state)
+		switch_to "$(arg rig_switch)"; switch_refused holder-linux 'resource busy' "$before"
+		echo pvops > /sys/kernel/pvops/kernel_holder || { sr_ok=0 sr_detail="$sr_detail [kernel_holder: not taken back]"; }
+	fi
+}
+
 if grep -q 'rig_mode=builtin' /proc/cmdline; then
 	# Built into the kernel: the report was made at boot.
 	check no-module-file "" -- [ ! -e $ko ]
 	report
-	# built in, a live switch is refused (not built): nothing changes
-	sw_before="$(cat /sys/kernel/pvops/backend) $(cat /sys/kernel/pvops/sites)"
-	sw_out=$( (echo native > /sys/kernel/pvops/backend) 2>&1); sw_rc=$?
-	check switch-refused "rc=$sw_rc $sw_out; $(last_dmesg)" -- [ "$sw_rc" != 0 -a \
-		"$(has "$sw_out" 'not supported' && echo 1)" = 1 -a \
-		"$(cat /sys/kernel/pvops/backend) $(cat /sys/kernel/pvops/sites)" = "$sw_before" ]
+	# the refusals (the backends from the unknown name's message: no module file to ask)
+	switch_to bogus
+	switch_refusals "$(last_dmesg 3 | sed -n 's/.*one of: \([^)]*\)).*/\1/p' | tail -1 | tr -d ',')"
 	# the kernel's own pv call sites (pvops.kernel=on): the census pvops took at boot, and the
 	# sites it wrote (native backend) read back against its plan; every member with its counts
 	kernel_total=$(grep '^total ' /sys/kernel/pvops/kernel 2>/dev/null)
@@ -449,6 +538,7 @@ if grep -q 'rig_mode=builtin' /proc/cmdline; then
 	kv() { echo "$kernel_total" | tr ' ' '\n' | sed -n "s/^$1=//p"; }
 	kt=$(kv sites) kp=$(kv patched)
 	check kernel-sites "$kernel_total" -- kernel_sites_ok "$kt" "$kp" "$(kv odd)" "$(kv readback-mismatch)"
+	[ -z "$(arg rig_switch)" ] || builtin_switch
 	# a module loaded now: its pv sites that Linux's loader made calls call what pv_ops holds,
 	# pvops's functions when pvops patched the kernel, Linux's otherwise
 	insmod /pvops_probe.ko 2>&1
@@ -466,6 +556,8 @@ if grep -q 'rig_mode=builtin' /proc/cmdline; then
 	check sched-clock "$clock_detail" -- sched_clock_ok
 	handback
 	check handback "$hb_detail" -- handback_ok "$kp"
+	[ -z "$(arg rig_switch)" ] || builtin_switch_refusals
+	check switch-refused "$sr_detail" -- [ $sr_ok = 1 ]
 	steal1=$(steal_ticks) su1=$(cut -d' ' -f1 /proc/uptime)
 	steal_line=$(grep '^pv_steal_clock ' /sys/kernel/pvops/kernel 2>/dev/null)
 	if has "$steal_line" '^pv_steal_clock linux'; then
@@ -551,54 +643,7 @@ report
 #     time every site rewritten in one stop_machine, the self-test passing on the new backend
 #     and the clock carrying on (after the switch not behind its reading at it, and less than a
 #     second ahead); a write during a benchmark is refused with -EBUSY.
-switch_to() { # NAME [nobody]: write NAME (as user nobody: su); sw_rc, sw_out (the error text)
-	if [ "${2:-}" = nobody ]; then
-		if ! grep -q '^nobody:' /etc/passwd 2>/dev/null; then
-			mkdir -p /etc
-			echo 'nobody:x:65534:65534:nobody:/:/bin/sh' >> /etc/passwd
-			echo 'nogroup:x:65534:' >> /etc/group
-		fi
-		sw_out=$(su -s /bin/sh -c "echo '$1' > /sys/kernel/pvops/backend" nobody 2>&1); sw_rc=$?
-	else
-		sw_out=$( (echo "$1" > /sys/kernel/pvops/backend) 2>&1); sw_rc=$?
-	fi
-}
-sw_state() { echo "$(cat /sys/kernel/pvops/backend) $(cat /sys/kernel/pvops/sites) $(dmesg | grep -c 'pvops_guest: switch: .* -> ')"; }
-switch_refused() { # WHAT ERROR STATE-BEFORE: the write failed with ERROR and changed nothing
-	if [ "$sw_rc" != 0 ] && has "$sw_out" "$2" && [ "$(sw_state)" = "$3" ]; then
-		sr_detail="$sr_detail $1:refused"
-	else
-		sr_ok=0 sr_detail="$sr_detail [$1: rc=$sw_rc $sw_out; $(last_dmesg)]"
-	fi
-}
-clock_carried() { # FROM TO: the last switch line says FROM -> TO and its clock carried on
-	sw_line=$(dmesg | grep "pvops_guest: switch: $1 -> $2:" | tail -1)
-	echo "$sw_line" | sed -n 's/.*clock \([0-9]*\) ns at the switch, \([0-9]*\) ns after it.*/\1 \2/p' |
-		awk '{ exit !(NF == 2 && $2 >= $1 && $2 - $1 < 1000000000) }'
-}
-switched() { # FROM TO: the write held, sysfs names TO, every site patched, the self-test passed
-	[ "$sw_rc" = 0 ] && [ "$(cat /sys/kernel/pvops/backend)" = "$2" ] &&
-		all_patched "$(cut -d/ -f1 /sys/kernel/pvops/sites)" "$t" &&
-		has "$(cat /sys/kernel/pvops/selftest)" '^ok bytes=verified' && clock_carried "$1" "$2"
-}
-sr_ok=1 sr_detail="" before=$(sw_state)
-switch_to bogus; switch_refused bogus 'Invalid argument' "$before"
-switch_to ''; switch_refused empty 'Invalid argument' "$before"
-switch_to "$(head -c 300 /dev/zero | tr '\0' k)"; switch_refused 300-chars 'Invalid argument' "$before"
-switch_to 'native kvm'; switch_refused two-names 'Invalid argument' "$before"
-switch_to "$expect" nobody
-switch_refused non-root 'Permission denied' "$before"
-[ "$(stat -c %a /sys/kernel/pvops/backend)" = 644 ] || { sr_ok=0 sr_detail="$sr_detail [mode $(stat -c %a /sys/kernel/pvops/backend)]"; }
-for b in $(modinfo -F backends $ko | head -1); do
-	case "$b" in "$expect" | "$(arg rig_switch)") continue ;; native) [ -n "$(arg rig_pv)" ] || continue ;; esac
-	switch_to "$b"; switch_refused "$b" 'No such device' "$before"
-done
-switch_to "$expect"
-if [ "$sw_rc" = 0 ] && [ "$(sw_state)" = "$before" ] && last_dmesg | grep -q "switch: $expect is already the backend"; then
-	sr_detail="$sr_detail $expect:already"
-else
-	sr_ok=0 sr_detail="$sr_detail [$expect again: rc=$sw_rc $sw_out; $(last_dmesg)]"
-fi
+switch_refusals "$(modinfo -F backends $ko | head -1)"
 check switch-refused "$sr_detail" -- [ $sr_ok = 1 ]
 if [ -n "$(arg rig_switch)" ]; then
 	other=$(arg rig_switch)
