@@ -1485,13 +1485,22 @@ impl KernelSwitch {
                 bad
             );
         } else {
-            let (_, i, d) = c.totals();
+            let (pvops, linux) = c
+                .written
+                .iter()
+                .zip(self.bytes.iter())
+                .filter(|(w, _)| !w.init)
+                .fold((0, 0), |(p, l), (_, (_, action))| match action {
+                    Some(_) => (p + 1, l),
+                    None => (p, l + 1),
+                });
             pr_info!(
-                "kernel: {} sites switched to {} ({} of pvops's, the rest Linux's), read back \
-                 byte for byte\n",
-                lasting(c).count(),
+                "kernel: {} sites switched to {} ({} of its bytes, {} Linux's), read back byte \
+                 for byte\n",
+                pvops + linux,
                 self.to.selection.backend,
-                i + d
+                pvops,
+                linux
             );
         }
         if let Ok(text) = CString::try_from_fmt(format_args!("{}", Report(c, bad))) {
