@@ -1284,6 +1284,15 @@ pub(crate) unsafe fn prepare_switch(
              backend's functions, which Linux's loader wrote from pv_ops: unload it first",
         ));
     }
+    if crate::faults::hit(
+        crate::faults::Step::Alloc,
+        "an allocation of the switch's new bytes",
+    ) {
+        return Err(NotSwitched(
+            ENOMEM,
+            "no memory for the new bytes of the kernel's sites",
+        ));
+    }
     let mut given =
         KVec::with_capacity(c.n, GFP_KERNEL).map_err(|_| NotSwitched(ENOMEM, "no memory"))?;
     for m in c.members() {
@@ -1360,12 +1369,32 @@ impl AlsoSwitched for KernelSwitch {
         // SAFETY: under stop_machine, the caller holding the holder lock: the census's only
         // reader; the reference ends here.
         let c = unsafe { census() };
+        // fault=kernel-site: one byte of the first site changed under the check, put back after
+        let tampered = match lasting(c).next() {
+            Some(w)
+                if crate::faults::hit(
+                    crate::faults::Step::KernelSite,
+                    "a kernel site changed under the switch",
+                ) =>
+            {
+                let at = w.addr - self.page;
+                // SAFETY: a byte of a site, through the alias (every other CPU is parked); put
+                // back below before any CPU can run it.
+                unsafe { *self.alias.add(at) ^= 0xff };
+                Some(at)
+            }
+            _ => None,
+        };
         // every site must hold the running backend's bytes
         self.refused = lasting(c).find_map(|w| {
             let mut found = [0u8; linux::PV_SITE_LEN as usize];
             ReadOnlyText.read(w.addr, &mut found);
             (found != w.pvops).then_some((w.addr, found))
         });
+        if let Some(at) = tampered {
+            // SAFETY: as above: the byte changed just now, put back.
+            unsafe { *self.alias.add(at) ^= 0xff };
+        }
         self.refused.is_none()
     }
 

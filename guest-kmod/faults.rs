@@ -11,7 +11,8 @@
 //! | `alias` | the writable alias of the sites' text cannot be mapped | nothing written: a load keeps the sites indirect, a switch is refused |
 //! | `stop-machine` | `stop_machine` fails | the same |
 //! | `site` | a site holds other bytes than the engine expects when it comes to write (one byte changed under `stop_machine`, put back after) | the same |
-//! | `alloc` | an allocation of the report (load only) | the load ends with -ENOMEM, everything undone |
+//! | `kernel-site` | built in, a switch only: one of the kernel's sites pvops wrote holds other bytes when the switch checks them (one byte changed under `stop_machine`, put back after) | the switch is refused, nothing written |
+//! | `alloc` | an allocation of the report (a load), of the kernel sites' new bytes (a switch, built in) | the load ends with -ENOMEM, everything undone; the switch is refused |
 //!
 //! Empty (the default): nothing fails. An unknown value refuses the load (-EINVAL) or the switch.
 //!
@@ -37,8 +38,10 @@ pub(crate) enum Step {
     StopMachine,
     /// A site changed under the engine.
     Site,
-    /// An allocation of the report.
+    /// An allocation of the report, or of a built-in switch's list of new bytes.
     Alloc,
+    /// A kernel site changed under a built-in switch.
+    KernelSite,
 }
 
 /// The armed step.
@@ -67,11 +70,12 @@ pub(crate) fn arm(load: bool) -> Result<(), Unknown> {
         "stop-machine" => (Step::StopMachine, 0),
         "site" => (Step::Site, 0),
         "alloc" => (Step::Alloc, 0),
+        "kernel-site" => (Step::KernelSite, 0),
         v => match v.strip_prefix("platform:").map(str::parse::<u32>) {
             Some(Ok(n)) if n > 0 => (Step::Platform, n),
             _ => {
                 pr_err!(
-                    "fault={}: not platform:N (N from 1), alias, stop-machine, site, alloc or empty; {} refused\n",
+                    "fault={}: not platform:N (N from 1), alias, stop-machine, site, kernel-site, alloc or empty; {} refused\n",
                     value,
                     what
                 );
@@ -79,8 +83,18 @@ pub(crate) fn arm(load: bool) -> Result<(), Unknown> {
             }
         },
     };
-    if step == Step::Alloc && !load {
-        pr_info!("fault injection: alloc applies to a load only; nothing armed for this switch\n");
+    // (a module's switch allocates nothing that can fail; a load has no kernel sites to switch)
+    let applies = match step {
+        Step::Alloc => load || cfg!(not(MODULE)),
+        Step::KernelSite => !load && cfg!(not(MODULE)),
+        _ => true,
+    };
+    if !applies {
+        pr_info!(
+            "fault injection: {} does not apply to this {}; nothing armed\n",
+            value,
+            what
+        );
         STEP.store(Step::Nothing as u8, Ordering::Relaxed);
         return Ok(());
     }

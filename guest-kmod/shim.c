@@ -68,7 +68,7 @@ const char *pvops_shim_backend_param(void)
  */
 static char fault[32];
 module_param_string(fault, fault, sizeof(fault), 0644);
-MODULE_PARM_DESC(fault, "debug: make one step fail: platform:N (a backend's N-th fallible call of the kernel), alias, stop-machine, site, alloc (load only); empty: nothing");
+MODULE_PARM_DESC(fault, "debug: make one step fail: platform:N (a backend's N-th fallible call of the kernel), alias, stop-machine, site, kernel-site (built in, a switch), alloc; empty: nothing");
 
 /* A copy of fault= (at most len - 1 bytes and a NUL), taken under the parameters' lock. */
 void pvops_shim_fault_param(char *buf, size_t len)

@@ -508,6 +508,18 @@ builtin_switch() {
 	bs_detail="$bs_detail; $(dmesg | grep -E 'pvops_guest: (kernel: [0-9]* sites switched|switch: )' | tail -2 | tr '\n' ' '); $(cat /sys/kernel/pvops/selftest); $k2"
 	switched "$other" "$expect" && bs_kernel_ok "$k2" "$expect" 2 && has "$k2" " patched=$kp " && ok2=1 || ok2=0
 	check switch-live "$bs_detail" -- [ "$ok1$ok2" = 11 ]
+	# each step of the switch made to fail (fault=, faults.rs): refused, nothing changed, the
+	# kernel's census as it was (into the switch-refused check)
+	for f in alias stop-machine site kernel-site alloc; do
+		before="$(sw_state) $(bs_census)"
+		echo $f > /sys/module/pvops_guest/parameters/fault; switch_to "$other"
+		echo > /sys/module/pvops_guest/parameters/fault
+		if [ "$sw_rc" != 0 ] && [ "$(sw_state) $(bs_census)" = "$before" ] && last_dmesg | grep -q 'refused:.*runs on, every byte as it was'; then
+			sr_detail="$sr_detail fault-$f:refused"
+		else
+			sr_ok=0 sr_detail="$sr_detail [fault-$f: rc=$sw_rc $sw_out; $(last_dmesg 2 | tr '\n' ' ')]"
+		fi
+	done
 }
 # and refused, changing nothing, with a module loaded after boot (Linux's loader made its pv
 # calls direct calls to the running backend's functions) and while Linux holds the kernel's
