@@ -1277,7 +1277,10 @@ pub(crate) unsafe fn prepare_switch(
     // SAFETY: reads the shim's count.
     let late = unsafe { shim::pvops_shim_late_modules() };
     if late != 0 {
-        pr_err!("kernel: {late} modules loaded after boot (-1: not counted)\n");
+        match late {
+            -1 => pr_err!("kernel: the modules loaded after boot are not counted here\n"),
+            n => pr_err!("kernel: {n} modules loaded after boot are still loaded (lsmod)\n"),
+        }
         return Err(NotSwitched(
             EBUSY,
             "a module loaded after boot holds direct calls to the running \
