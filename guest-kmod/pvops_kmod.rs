@@ -523,9 +523,12 @@ unsafe fn switch(name: &[u8]) -> Result {
     let t2 = pvops::arch::rdtsc_ordered();
     let report = patcher.plan();
     let verified = patcher.verify(&ReadOnlyText, true).is_ok();
+    // (the kernel's share is finished whatever the module's sites read back)
     // SAFETY: as above, after the stop_machine that wrote the kernel's share.
     #[cfg(not(MODULE))]
-    let verified = verified & kernel.map_or(true, |k| unsafe { k.finish() } == 0);
+    let kernel_mismatches = kernel.map_or(0, |k| unsafe { k.finish() });
+    #[cfg(not(MODULE))]
+    let verified = verified && kernel_mismatches == 0;
     // SAFETY: the caller excludes every other access.
     unsafe { RUNNING.set(Some(new)) };
     // The old backend's functions are out of the table and of every site, and nothing of this
