@@ -1055,10 +1055,8 @@ struct Hand<'a> {
     c: &'a Census,
     /// Who takes the sites.
     to: Holder,
-    /// The first page of the sites' text, and its writable alias.
-    page: usize,
-    /// See `page`.
-    alias: *mut u8,
+    /// The sites' text, writable (`None`: no site outlives boot).
+    text: Option<SitesText>,
     /// The site that did not hold what it should before anything was written.
     refused: Option<(usize, [u8; linux::PV_SITE_LEN as usize])>,
     /// Whether the callback ran.
@@ -1075,43 +1073,120 @@ unsafe extern "C" fn run_hand(data: *mut c_void) -> c_int {
     let h = unsafe { &mut *data.cast::<Hand<'_>>() };
     h.ran = true;
     // all or nothing: every site must hold what the other holder left there
-    for w in lasting(h.c) {
-        let mut found = [0u8; linux::PV_SITE_LEN as usize];
-        ReadOnlyText.read(w.addr, &mut found);
-        if found != w.bytes(h.to.other()) {
-            h.refused = Some((w.addr, found));
-            return 0;
+    h.refused = first_differing(h.c, |w| w.bytes(h.to.other()));
+    if h.refused.is_some() {
+        return 0;
+    }
+    if let Some(text) = &h.text {
+        for w in lasting(h.c) {
+            // SAFETY: a site that outlives boot; no other CPU runs kernel code (they wait in
+            // the shim's callback) and this one runs none of the sites while it writes.
+            unsafe { text.write(w.addr, &w.bytes(h.to)) };
         }
     }
-    for w in lasting(h.c) {
-        let bytes = w.bytes(h.to);
-        // SAFETY: the alias maps every page from `page` to the last site writable; no other
-        // CPU runs kernel code (they wait in the shim's callback) and this one runs none of
-        // the sites while it writes.
+    // SAFETY: no other CPU runs.
+    unsafe { set_ipi_holder(h.c, h.to.unless(h.c.ipis_given)) };
+    if let Some(ops) = h.c.ops {
+        // SAFETY: no other CPU runs.
+        unsafe { set_pv_ops(h.c.members().iter().copied(), h.to, &ops) };
+    }
+    0
+}
+
+/// A writable alias of the kernel text from the first site pvops wrote that outlives boot to
+/// the last: what a hand-back or a switch writes the sites through. Unmapped when dropped.
+struct SitesText {
+    /// The first page of the aliased text.
+    page: usize,
+    /// Its writable alias.
+    alias: *mut u8,
+}
+
+impl SitesText {
+    /// Map the sites' text: `Ok(None)` when no site outlives boot, `Err` when the kernel
+    /// cannot map its text writable.
+    fn map(c: &Census) -> Result<Option<SitesText>, ()> {
+        let (Some(start), Some(last)) = (
+            lasting(c).map(|w| w.addr).min(),
+            lasting(c).map(|w| w.addr).max(),
+        ) else {
+            return Ok(None);
+        };
+        // SAFETY: [start, last + PV_SITE_LEN) is kernel text holding the sites; unmapped on
+        // drop.
+        let alias =
+            unsafe { shim::pvops_shim_alias_text(start, last + linux::PV_SITE_LEN as usize) };
+        if alias.is_null() {
+            return Err(());
+        }
+        Ok(Some(SitesText {
+            page: start & !0xfff,
+            alias: alias.cast(),
+        }))
+    }
+
+    /// Write `bytes` at `addr`, in the mapped text.
+    ///
+    /// # Safety
+    ///
+    /// `addr..addr + bytes.len()` is inside a site that outlives boot, and no CPU runs it.
+    unsafe fn write(&self, addr: usize, bytes: &[u8]) {
+        // SAFETY: the alias maps every page from `page` to the last site writable; the
+        // caller's contract.
         unsafe {
             core::ptr::copy_nonoverlapping(
                 bytes.as_ptr(),
-                h.alias.add(w.addr - h.page),
+                self.alias.add(addr - self.page),
                 bytes.len(),
             )
         };
     }
-    if h.c.ipis.is_ok() {
-        let to = h.to.unless(h.c.ipis_given);
-        // SAFETY: a flag the shim's APIC callbacks read; no other CPU runs.
+}
+
+impl Drop for SitesText {
+    fn drop(&mut self) {
+        // SAFETY: the alias came from pvops_shim_alias_text and is no longer used.
+        unsafe { shim::pvops_shim_unalias_text(self.alias.cast()) };
+    }
+}
+
+/// The first site that outlives boot and does not hold `want` of it: its address and bytes.
+fn first_differing(
+    c: &Census,
+    want: impl Fn(&Written) -> [u8; linux::PV_SITE_LEN as usize],
+) -> Option<(usize, [u8; linux::PV_SITE_LEN as usize])> {
+    lasting(c).find_map(|w| {
+        let mut found = [0u8; linux::PV_SITE_LEN as usize];
+        ReadOnlyText.read(w.addr, &mut found);
+        (found != want(w)).then_some((w.addr, found))
+    })
+}
+
+/// Point the `pv_ops` slot of each member pvops serves at what `holder` gives it (`ops`: the
+/// running backend's).
+///
+/// # Safety
+///
+/// No other CPU runs (stop_machine).
+unsafe fn set_pv_ops(members: impl Iterator<Item = Member>, holder: Holder, ops: &BackendOps) {
+    for m in members.filter(|m| matches!(m.served, Served::Yes { .. })) {
+        let f = m.function(holder, ops);
+        // SAFETY: one pointer of pv_ops, Linux's own function for the member or pvops's of
+        // the member's type and convention; the caller's contract.
+        unsafe { shim::pvops_shim_set_pv_op(m.offset, f as _) };
+    }
+}
+
+/// Send the kernel's IPIs through `to`, where pvops took them at the initcall.
+///
+/// # Safety
+///
+/// No other CPU runs (stop_machine).
+unsafe fn set_ipi_holder(c: &Census, to: Holder) {
+    if c.ipis.is_ok() {
+        // SAFETY: a flag the shim's APIC callbacks read; the caller's contract.
         unsafe { shim::pvops_shim_ipi_to_linux(c_int::from(to == Holder::Linux)) };
     }
-    if let Some(ops) = h.c.ops {
-        for m in h.c.members() {
-            if let Served::Yes { .. } = m.served {
-                let f = m.function(h.to, &ops);
-                // SAFETY: one pointer of pv_ops, Linux's own function for the member or
-                // pvops's of the member's type and convention; no other CPU runs.
-                unsafe { shim::pvops_shim_set_pv_op(m.offset, f as _) };
-            }
-        }
-    }
-    0
 }
 
 /// Root wrote `linux` (`to_linux`) or `pvops` to `/sys/kernel/pvops/kernel_holder`: every
@@ -1143,28 +1218,23 @@ pub(crate) extern "C" fn pvops_kernel_hand(to_linux: c_int) -> c_int {
         pr_info!("kernel: the sites are {}'s already\n", to.name());
         return 0;
     }
-    let start = lasting(c).map(|w| w.addr).min().unwrap_or(0);
-    let end = lasting(c).map(|w| w.addr).max().unwrap_or(0) + linux::PV_SITE_LEN as usize;
-    // SAFETY: [start, end) is kernel text holding the sites; the alias is dropped below.
-    let alias = unsafe { shim::pvops_shim_alias_text(start, end) };
-    if alias.is_null() {
+    let Ok(text) = SitesText::map(c) else {
         pr_err!("kernel: not handed over: cannot map the kernel's text writable\n");
         return ENOMEM.to_errno();
-    }
+    };
     let mut h = Hand {
         c,
         to,
-        page: start & !0xfff,
-        alias: alias.cast(),
+        text,
         refused: None,
         ran: false,
     };
     // SAFETY: `h` outlives the call; run_hand is the matching callback.
     let rc =
         unsafe { shim::pvops_shim_stop_machine(Some(run_hand), core::ptr::addr_of_mut!(h).cast()) };
-    // SAFETY: the alias came from pvops_shim_alias_text and is no longer used.
-    unsafe { shim::pvops_shim_unalias_text(alias) };
     let (ran, refused) = (h.ran, h.refused);
+    // (the alias is unmapped here)
+    drop(h);
     if !ran {
         pr_err!("kernel: not handed over: stop_machine failed ({rc})\n");
         return EBUSY.to_errno();
@@ -1232,10 +1302,8 @@ pub(crate) struct KernelSwitch {
     clocks: [Option<&'static str>; 2],
     /// Why the new backend leaves the IPIs to Linux, if it does.
     ipis_given: Option<&'static str>,
-    /// The first page of the sites' text, and its writable alias (null: no site outlives boot).
-    page: usize,
-    /// See `page`.
-    alias: *mut u8,
+    /// The sites' text, writable (`None`: no site outlives boot).
+    text: Option<SitesText>,
     /// The site that did not hold the running backend's bytes, found by the check.
     refused: Option<(usize, [u8; linux::PV_SITE_LEN as usize])>,
 }
@@ -1341,19 +1409,8 @@ pub(crate) unsafe fn prepare_switch(
         .flatten();
     let ipis_given = (c.ipis.is_ok() && !to.backend.sends_ipis())
         .then_some("the backend sends no IPIs of its own: Linux's APIC driver does");
-    let (mut page, mut alias) = (0, core::ptr::null_mut());
-    if let (Some(start), Some(last)) = (
-        lasting(c).map(|w| w.addr).min(),
-        lasting(c).map(|w| w.addr).max(),
-    ) {
-        // SAFETY: [start, end) is kernel text holding the sites; unaliased on drop.
-        alias = unsafe { shim::pvops_shim_alias_text(start, last + linux::PV_SITE_LEN as usize) }
-            .cast::<u8>();
-        if alias.is_null() {
-            return Err(NotSwitched(ENOMEM, "cannot map the kernel's text writable"));
-        }
-        page = start & !0xfff;
-    }
+    let text = SitesText::map(c)
+        .map_err(|()| NotSwitched(ENOMEM, "cannot map the kernel's text writable"))?;
     Ok(Some(KernelSwitch {
         to,
         ops,
@@ -1361,8 +1418,7 @@ pub(crate) unsafe fn prepare_switch(
         bytes,
         clocks: [sched, steal],
         ipis_given,
-        page,
-        alias,
+        text,
         refused: None,
     }))
 }
@@ -1373,30 +1429,27 @@ impl AlsoSwitched for KernelSwitch {
         // reader; the reference ends here.
         let c = unsafe { census() };
         // fault=kernel-site: one byte of the first site changed under the check, put back after
-        let tampered = match lasting(c).next() {
-            Some(w)
+        let tampered = match (lasting(c).next(), &self.text) {
+            (Some(w), Some(text))
                 if crate::faults::hit(
                     crate::faults::Step::KernelSite,
                     "a kernel site changed under the switch",
                 ) =>
             {
-                let at = w.addr - self.page;
-                // SAFETY: a byte of a site, through the alias (every other CPU is parked); put
-                // back below before any CPU can run it.
-                unsafe { *self.alias.add(at) ^= 0xff };
-                Some(at)
+                let mut b = [0u8];
+                ReadOnlyText.read(w.addr, &mut b);
+                // SAFETY: a byte of a site (every other CPU is parked); put back below before
+                // any CPU can run it.
+                unsafe { text.write(w.addr, &[b[0] ^ 0xff]) };
+                Some((text, w.addr, b[0]))
             }
             _ => None,
         };
         // every site must hold the running backend's bytes
-        self.refused = lasting(c).find_map(|w| {
-            let mut found = [0u8; linux::PV_SITE_LEN as usize];
-            ReadOnlyText.read(w.addr, &mut found);
-            (found != w.pvops).then_some((w.addr, found))
-        });
-        if let Some(at) = tampered {
+        self.refused = first_differing(c, |w| w.pvops);
+        if let Some((text, addr, byte)) = tampered {
             // SAFETY: as above: the byte changed just now, put back.
-            unsafe { *self.alias.add(at) ^= 0xff };
+            unsafe { text.write(addr, &[byte]) };
         }
         self.refused.is_none()
     }
@@ -1404,35 +1457,25 @@ impl AlsoSwitched for KernelSwitch {
     fn write(&mut self) {
         // SAFETY: as in `check`.
         let c = unsafe { census() };
-        for (w, (bytes, _)) in c.written.iter().zip(self.bytes.iter()) {
-            if w.init {
-                continue;
-            }
-            // SAFETY: the alias maps every page from `page` to the last site writable; no
-            // other CPU runs kernel code (stop_machine) and this one runs none of the sites
-            // while it writes.
-            unsafe {
-                core::ptr::copy_nonoverlapping(
-                    bytes.as_ptr(),
-                    self.alias.add(w.addr - self.page),
-                    bytes.len(),
-                )
-            };
-        }
-        for (m, given) in c.members().iter().zip(self.given.iter()) {
-            if let Served::Yes { op, via, .. } = m.served {
-                let f = match given {
-                    Some(_) => m.linux_fn,
-                    None => pvops_function(op, via, &self.ops),
-                };
-                // SAFETY: one pointer of pv_ops, Linux's own function for the member or the
-                // new backend's of its type and convention; no other CPU runs.
-                unsafe { shim::pvops_shim_set_pv_op(m.offset, f as _) };
+        if let Some(text) = &self.text {
+            for (w, (bytes, _)) in c.written.iter().zip(self.bytes.iter()) {
+                if !w.init {
+                    // SAFETY: a site that outlives boot; no other CPU runs kernel code
+                    // (stop_machine) and this one runs none of the sites while it writes.
+                    unsafe { text.write(w.addr, bytes) };
+                }
             }
         }
-        if c.ipis.is_ok() {
-            // SAFETY: a flag the shim's APIC callbacks read; no other CPU runs.
-            unsafe { shim::pvops_shim_ipi_to_linux(c_int::from(self.ipis_given.is_some())) };
+        // the members as the new backend serves them
+        let members = c
+            .members()
+            .iter()
+            .zip(self.given.iter())
+            .map(|(m, &given)| Member { given, ..*m });
+        // SAFETY: no other CPU runs (stop_machine).
+        unsafe {
+            set_pv_ops(members, Holder::Pvops, &self.ops);
+            set_ipi_holder(c, Holder::Pvops.unless(self.ipis_given));
         }
         if c.clocks[KernelClock::Sched as usize].linux_fn != 0 && self.clocks[0].is_none() {
             // the new backend's clock, carried on from the old one's (the caller moved the
@@ -1463,7 +1506,7 @@ impl KernelSwitch {
     /// # Safety
     ///
     /// As for [`prepare_switch`], after the switch's stop_machine wrote it.
-    pub(crate) unsafe fn finish(mut self) -> u32 {
+    pub(crate) unsafe fn finish(self) -> u32 {
         // SAFETY: the caller's locks; the reference ends with this function.
         let c = unsafe { census() };
         for (w, (bytes, _)) in c.written.iter_mut().zip(self.bytes.iter()) {
@@ -1540,22 +1583,6 @@ impl KernelSwitch {
             unsafe { shim::pvops_shim_set_kernel_report(text.as_char_ptr()) };
         }
         publish_holder(c);
-        self.unalias();
         bad
-    }
-
-    /// Drop the writable alias of the sites' text.
-    fn unalias(&mut self) {
-        if !self.alias.is_null() {
-            // SAFETY: the alias came from pvops_shim_alias_text and is no longer used.
-            unsafe { shim::pvops_shim_unalias_text(self.alias.cast()) };
-            self.alias = core::ptr::null_mut();
-        }
-    }
-}
-
-impl Drop for KernelSwitch {
-    fn drop(&mut self) {
-        self.unalias();
     }
 }
