@@ -462,9 +462,11 @@ switched() { # FROM TO: the write held, sysfs names TO, every site patched, the 
 		all_patched "$(cut -d/ -f1 /sys/kernel/pvops/sites)" "$t" &&
 		has "$(cat /sys/kernel/pvops/selftest)" '^ok bytes=verified' && clock_carried "$1" "$2"
 }
-switch_refusals() { # BACKENDS: the writes that must change nothing (sr_ok, sr_detail)
+switch_refusals() { # [BACKENDS]: the writes that must change nothing (sr_ok, sr_detail); without
+	# BACKENDS (built in: no module file to ask), those the unknown name's refusal lists
 	sr_ok=1 sr_detail="" before=$(sw_state)
 	switch_to bogus; switch_refused bogus 'Invalid argument' "$before"
+	[ -n "${1:-}" ] || set -- "$(last_dmesg | sed -n 's/.*one of: \([^)]*\)).*/\1/p' | tr -d ',')"
 	switch_to ''; switch_refused empty 'Invalid argument' "$before"
 	switch_to "$(head -c 300 /dev/zero | tr '\0' k)"; switch_refused 300-chars 'Invalid argument' "$before"
 	switch_to 'native kvm'; switch_refused two-names 'Invalid argument' "$before"
@@ -483,6 +485,14 @@ switch_refusals() { # BACKENDS: the writes that must change nothing (sr_ok, sr_d
 		sr_ok=0 sr_detail="$sr_detail [$expect again: rc=$sw_rc $sw_out; $(last_dmesg)]"
 	fi
 }
+fault_switch() { # STEP: a switch to rig_switch with fault=STEP is refused, with nothing changed
+	# (built in, not the kernel's census either) and the refusal's message
+	fs_before="$(sw_state) $(bs_census)"
+	echo "$1" > /sys/module/pvops_guest/parameters/fault; switch_to "$(arg rig_switch)"
+	echo > /sys/module/pvops_guest/parameters/fault
+	[ "$sw_rc" != 0 ] && [ "$(sw_state) $(bs_census)" = "$fs_before" ] &&
+		last_dmesg | grep -q 'refused:.*runs on, every byte as it was'
+}
 # Built in, a live switch (rig_switch) moves the kernel's own sites with pvops's: to the other
 # backend and back, each time every kernel site pvops wrote rewritten in the same stop_machine
 # (to Linux's own bytes where the new backend cannot serve the site's member), with pv_ops, the
@@ -492,6 +502,9 @@ switch_refusals() { # BACKENDS: the writes that must change nothing (sr_ok, sr_d
 # workload, the TLB test, the clocks and the hand-back that follow run on the kernel switched
 # twice.
 bs_census() { grep '^total ' /sys/kernel/pvops/kernel 2>/dev/null; }
+bs_step() { # CENSUS: what a switch said, the self-test after it and the census
+	echo "$(dmesg | grep -E 'pvops_guest: (kernel: [0-9]* sites switched|switch: )' | tail -2 | tr '\n' ' '); $(cat /sys/kernel/pvops/selftest); $1"
+}
 bs_kernel_ok() { # CENSUS BACKEND SWITCHES
 	has "$1" " readback-mismatch=0 backend=$2 switches=$3\$" &&
 		[ "$(dmesg | grep -c 'pvops_guest: kernel: [0-9]* sites switched to ')" = "$3" ] &&
@@ -501,20 +514,17 @@ builtin_switch() {
 	other=$(arg rig_switch)
 	switch_to "$other"
 	k1=$(bs_census)
-	bs_detail="$(dmesg | grep -E 'pvops_guest: (kernel: [0-9]* sites switched|switch: )' | tail -2 | tr '\n' ' '); $(cat /sys/kernel/pvops/selftest); $k1"
+	bs_detail=$(bs_step "$k1")
 	switched "$expect" "$other" && bs_kernel_ok "$k1" "$other" 1 && ok1=1 || ok1=0
 	switch_to "$expect"
 	k2=$(bs_census)
-	bs_detail="$bs_detail; $(dmesg | grep -E 'pvops_guest: (kernel: [0-9]* sites switched|switch: )' | tail -2 | tr '\n' ' '); $(cat /sys/kernel/pvops/selftest); $k2"
+	bs_detail="$bs_detail; $(bs_step "$k2")"
 	switched "$other" "$expect" && bs_kernel_ok "$k2" "$expect" 2 && has "$k2" " patched=$kp " && ok2=1 || ok2=0
 	check switch-live "$bs_detail" -- [ "$ok1$ok2" = 11 ]
 	# each step of the switch made to fail (fault=, faults.rs): refused, nothing changed, the
 	# kernel's census as it was (into the switch-refused check)
 	for f in alias stop-machine site kernel-site alloc; do
-		before="$(sw_state) $(bs_census)"
-		echo $f > /sys/module/pvops_guest/parameters/fault; switch_to "$other"
-		echo > /sys/module/pvops_guest/parameters/fault
-		if [ "$sw_rc" != 0 ] && [ "$(sw_state) $(bs_census)" = "$before" ] && last_dmesg | grep -q 'refused:.*runs on, every byte as it was'; then
+		if fault_switch $f; then
 			sr_detail="$sr_detail fault-$f:refused"
 		else
 			sr_ok=0 sr_detail="$sr_detail [fault-$f: rc=$sw_rc $sw_out; $(last_dmesg 2 | tr '\n' ' ')]"
@@ -539,9 +549,7 @@ if grep -q 'rig_mode=builtin' /proc/cmdline; then
 	# Built into the kernel: the report was made at boot.
 	check no-module-file "" -- [ ! -e $ko ]
 	report
-	# the refusals (the backends from the unknown name's message: no module file to ask)
-	switch_to bogus
-	switch_refusals "$(last_dmesg 3 | sed -n 's/.*one of: \([^)]*\)).*/\1/p' | tail -1 | tr -d ',')"
+	switch_refusals
 	# the kernel's own pv call sites (pvops.kernel=on): the census pvops took at boot, and the
 	# sites it wrote (native backend) read back against its plan; every member with its counts
 	kernel_total=$(grep '^total ' /sys/kernel/pvops/kernel 2>/dev/null)
@@ -788,9 +796,7 @@ if [ -n "$(arg rig_switch)" ]; then
 	param=/sys/module/pvops_guest/parameters/fault
 	insmod $ko
 	for f in alias stop-machine site; do
-		before=$(sw_state)
-		echo $f > $param; switch_to "$(arg rig_switch)"; echo > $param
-		if [ "$sw_rc" != 0 ] && [ "$(sw_state)" = "$before" ] && last_dmesg | grep -q 'refused:.*runs on, every byte as it was'; then
+		if fault_switch $f; then
 			fi_detail="$fi_detail switch-$f:refused"
 		else
 			fi_bad switch-$f "rc=$sw_rc $sw_out"
